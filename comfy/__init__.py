@@ -1,0 +1,1 @@
+"""Everything that talks to ComfyUI or decides where a job runs."""

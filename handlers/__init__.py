@@ -1,0 +1,1 @@
+"""HTTP and WebSocket edge of the bridge: one module per API area."""
