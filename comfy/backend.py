@@ -1,0 +1,304 @@
+"""One ComfyUI server: its HTTP calls, its persistent WebSocket, and the prompts it runs for us."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlencode
+
+from tornado import httpclient, websocket
+
+from .config import BackendConfig, Config
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[dict[str, Any]], None]
+
+
+class BackendError(Exception):
+    """A call to a ComfyUI server did not work."""
+
+
+class BackendUnavailable(BackendError):
+    """The server did not answer, or answered with a server error: try it (or another) later."""
+
+
+class BackendRejected(BackendError):
+    """The server refused the request (4xx, or node_errors): the job itself is at fault."""
+
+
+class Backend:
+    """Client for one ComfyUI server, with one persistent WebSocket under the bridge's own clientId."""
+
+    def __init__(self, cfg: BackendConfig, config: Config, client_id: str) -> None:
+        self.cfg = cfg
+        self.url = cfg.url
+        self.label = cfg.label
+        self.slots = cfg.slots
+        self.client_id = client_id
+        self.http = httpclient.AsyncHTTPClient(
+            force_instance=True,
+            defaults={"connect_timeout": config.connect_timeout, "request_timeout": config.request_timeout})
+        self._connect_timeout = config.connect_timeout
+        self._watchers: dict[str, Listener] = {}
+        self._ws: websocket.WebSocketClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+        self.connected = asyncio.Event()
+        self.on_state: Callable[[Backend], None] = lambda b: None
+        self.running: set[str] = set()
+        self.jobs_done = 0
+        self.failures = 0
+        self.last_error = ""
+        self.object_info: dict[str, Any] | None = None
+
+    @property
+    def up(self) -> bool:
+        """True while the WebSocket to the server is open."""
+        return self.connected.is_set()
+
+    @property
+    def free_slots(self) -> int:
+        """How many more jobs this server may take now."""
+        return self.slots - len(self.running)
+
+    async def start(self) -> None:
+        """Start the WebSocket reader (it connects, and reconnects with backoff)."""
+        self._reader = asyncio.create_task(self._read_loop(), name=f"ws-{self.label}")
+
+    async def stop(self) -> None:
+        """Close the WebSocket and the HTTP client."""
+        self._closing = True
+        if self._ws is not None:
+            self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self.http.close()
+
+    # WebSocket ----------------------------------------------------------------------------------
+    def watch(self, prompt_id: str, listener: Listener) -> None:
+        """Send every message about this prompt to listener (register before posting it)."""
+        self._watchers[prompt_id] = listener
+
+    def unwatch(self, prompt_id: str) -> None:
+        """Stop following a prompt."""
+        self._watchers.pop(prompt_id, None)
+
+    async def _read_loop(self) -> None:
+        attempt = 0
+        ws_url = self.url.replace("http", "ws", 1) + "/ws?" + urlencode({"clientId": self.client_id})
+        while not self._closing:
+            try:
+                self._ws = await websocket.websocket_connect(
+                    httpclient.HTTPRequest(ws_url, connect_timeout=self._connect_timeout),
+                    max_message_size=256 * 1024 * 1024)
+            except (OSError, httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
+                if attempt == 0 or attempt % 20 == 0:
+                    log.warning("backend %s: WebSocket connect failed: %s", self.label, exc)
+                self.last_error = f"connect: {exc}"
+                attempt += 1
+                # capped exponential backoff with full jitter
+                await asyncio.sleep(random.uniform(0, min(10.0, 0.25 * 2 ** min(attempt, 6))))
+                continue
+            attempt = 0
+            log.info("backend %s: connected", self.label)
+            self.connected.set()
+            self._notify_all({"type": "bridge_reconnected"})
+            self.on_state(self)
+            while True:
+                msg = await self._ws.read_message()
+                if msg is None:
+                    break
+                if isinstance(msg, str):
+                    self._dispatch(msg)
+            self.connected.clear()
+            self._ws = None
+            if not self._closing:
+                log.warning("backend %s: WebSocket closed", self.label)
+                self.last_error = "websocket closed"
+                self._notify_all({"type": "bridge_disconnected"})
+                self.on_state(self)
+
+    def _dispatch(self, text: str) -> None:
+        try:
+            msg = json.loads(text)
+            prompt_id = msg["data"].get("prompt_id")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return
+        if prompt_id is not None:
+            listener = self._watchers.get(prompt_id)
+            if listener is not None:
+                listener(msg)
+
+    def _notify_all(self, msg: dict[str, Any]) -> None:
+        for listener in list(self._watchers.values()):
+            listener(msg)
+
+    # HTTP ---------------------------------------------------------------------------------------
+    async def _call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+                    headers: dict[str, str] | None = None, **kw: Any) -> httpclient.HTTPResponse:
+        if body is not None:
+            raw = json.dumps(body).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        try:
+            return await self.http.fetch(self.url + path, method=method, body=raw, headers=headers,
+                                         raise_error=False, **kw)
+        except (OSError, httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
+            raise BackendUnavailable(f"{self.label}: {method} {path}: {exc}") from None
+
+    @staticmethod
+    def _check(resp: httpclient.HTTPResponse, what: str) -> None:
+        if resp.code == 599 or resp.code >= 500:
+            raise BackendUnavailable(f"{what}: HTTP {resp.code} {_short(resp)}")
+        if resp.code >= 400:
+            raise BackendRejected(f"{what}: HTTP {resp.code} {_short(resp)}")
+
+    async def post_prompt(self, graph: dict[str, Any], prompt_id: str) -> None:
+        """Queue a prompt under our clientId; raise BackendRejected with ComfyUI's reason if it refuses."""
+        resp = await self._call("POST", "/prompt",
+                                {"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id})
+        if 400 <= resp.code < 500:
+            raise BackendRejected(describe_prompt_error(_json(resp)) or f"rejected: HTTP {resp.code}")
+        self._check(resp, "POST /prompt")
+        body = _json(resp)
+        if isinstance(body, dict) and body.get("node_errors"):
+            # 200 with node_errors: ComfyUI queued only the valid outputs. Not what the caller asked for.
+            await self.delete_queued([prompt_id])
+            await self.interrupt(prompt_id)
+            raise BackendRejected(describe_prompt_error(body))
+
+    async def upload(self, path: Path, name: str) -> str:
+        """Send an input file to the server's input folder; returns the name to use in the graph."""
+        boundary = uuid.uuid4().hex
+        data = path.read_bytes()
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        tail = (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\ninput"
+                f"\r\n--{boundary}--\r\n").encode()
+        resp = await self._call("POST", "/upload/image", raw=head + data + tail,
+                                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        self._check(resp, "POST /upload/image")
+        body = _json(resp)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            raise BackendUnavailable(f"{self.label}: upload answered {_short(resp)}")
+        sub = body.get("subfolder") or ""
+        return f"{sub}/{body['name']}" if sub else body["name"]
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The finished prompt's history entry, or None while ComfyUI has not written it."""
+        resp = await self._call("GET", f"/history/{prompt_id}")
+        self._check(resp, "GET /history")
+        body = _json(resp)
+        entry = body.get(prompt_id) if isinstance(body, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+    async def delete_history(self, prompt_ids: list[str]) -> None:
+        """Forget finished prompts on the server."""
+        self._check(await self._call("POST", "/history", {"delete": prompt_ids}), "POST /history")
+
+    async def queue(self) -> dict[str, list[str]]:
+        """The server's running and pending prompt ids."""
+        resp = await self._call("GET", "/queue")
+        self._check(resp, "GET /queue")
+        body = _json(resp) or {}
+        return {k: [item[1] for item in body.get(k, []) if isinstance(item, list) and len(item) > 1]
+                for k in ("queue_running", "queue_pending")}
+
+    async def delete_queued(self, prompt_ids: list[str]) -> None:
+        """Remove pending prompts (a no-op for a running or unknown one)."""
+        self._check(await self._call("POST", "/queue", {"delete": prompt_ids}), "POST /queue")
+
+    async def interrupt(self, prompt_id: str) -> None:
+        """Interrupt this prompt only if it is the one running (the targeted form, never global)."""
+        self._check(await self._call("POST", "/interrupt", {"prompt_id": prompt_id}), "POST /interrupt")
+
+    async def free(self) -> None:
+        """Ask the server to unload models and free memory."""
+        self._check(await self._call("POST", "/free", {"unload_models": True, "free_memory": True}), "POST /free")
+
+    async def fetch_object_info(self, classes: set[str]) -> dict[str, Any]:
+        """Node definitions for these classes (unknown classes are left out)."""
+        out: dict[str, Any] = {}
+        for cls in sorted(classes):
+            resp = await self._call("GET", f"/object_info/{cls}")
+            self._check(resp, "GET /object_info")
+            body = _json(resp)
+            if isinstance(body, dict) and isinstance(body.get(cls), dict):
+                out[cls] = body[cls]
+        return out
+
+    async def download(self, item: dict[str, Any], dest: Path) -> tuple[int, str]:
+        """Stream one output file through /view to dest (temp name, fsync, rename); returns size and type."""
+        query = urlencode({"filename": item.get("filename", ""), "subfolder": item.get("subfolder", ""),
+                           "type": item.get("type", "output")})
+        tmp = dest.with_name(dest.name + ".part")
+        size = 0
+        fh = open(tmp, "wb")
+        try:
+            def on_chunk(chunk: bytes) -> None:
+                nonlocal size
+                size += len(chunk)
+                fh.write(chunk)
+            resp = await self._call("GET", f"/view?{query}", streaming_callback=on_chunk)
+            self._check(resp, "GET /view")
+            fh.flush()
+            os.fsync(fh.fileno())
+        except BaseException:
+            fh.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        fh.close()
+        os.replace(tmp, dest)
+        ctype = resp.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
+        return size, ctype
+
+
+def describe_prompt_error(body: Any) -> str:
+    """One readable line from ComfyUI's /prompt error answer (its useful part is often in node_errors)."""
+    if not isinstance(body, dict):
+        return ""
+    parts = []
+    err = body.get("error")
+    if isinstance(err, dict):
+        parts.append(str(err.get("message", "")).strip())
+        if err.get("details"):
+            parts.append(str(err["details"]).strip())
+    for node_id, node in (body.get("node_errors") or {}).items():
+        for e in (node or {}).get("errors", []):
+            parts.append(f"node {node_id} ({node.get('class_type', '?')}): {e.get('message', '')}"
+                         + (f": {e['details']}" if e.get("details") else ""))
+    return "; ".join(p for p in parts if p) or "prompt rejected"
+
+
+def _json(resp: httpclient.HTTPResponse) -> Any:
+    try:
+        return json.loads(resp.body or b"null")
+    except ValueError:
+        return None
+
+
+def _short(resp: httpclient.HTTPResponse) -> str:
+    try:
+        return (resp.body or b"")[:200].decode("utf-8", "replace")
+    except Exception:  # body unavailable with streaming_callback
+        return ""
+
+
+def new_client_id() -> str:
+    """A fresh unique clientId for one backend connection."""
+    return f"comfy-bridge-{uuid.uuid4().hex}"
+
+
+def now() -> float:
+    """Monotonic seconds (one place, so tests and code agree)."""
+    return time.monotonic()

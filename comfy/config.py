@@ -1,0 +1,212 @@
+"""Settings: one frozen dataclass, loaded once from settings.yaml, .env and the environment."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+from dotenv import dotenv_values
+
+HERE = Path(__file__).resolve().parent.parent
+DEFAULT_SETTINGS = HERE / "settings.yaml"
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One ComfyUI server the bridge may send jobs to."""
+
+    url: str
+    slots: int = 1
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name used in logs and listings: never includes credentials from the URL."""
+        if self.name:
+            return self.name
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the bridge is told by its operator. Tests build it directly."""
+
+    backends: tuple[BackendConfig, ...] = (BackendConfig("http://127.0.0.1:8188"),)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workflows_dir: Path = HERE / "workflows"
+    data_dir: Path = HERE / "data"
+    # jobs
+    job_timeout: float = 60.0
+    max_queue: int = 1000
+    history_poll_interval: float = 2.0
+    interrupt_wait: float = 10.0
+    # client sockets
+    keepalive_interval: float = 5.0
+    progress_interval: float = 0.1
+    disconnect_grace: float = 5.0
+    allowed_origins: tuple[str, ...] = ()
+    # limits
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_upload_files: int = 16
+    max_body_bytes: int = 1024 * 1024
+    max_string_length: int = 10_000
+    # backend connections
+    connect_timeout: float = 5.0
+    request_timeout: float = 30.0
+    # auth
+    api_key: str = field(default="", repr=False)
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Where uploaded input files are kept."""
+        return self.data_dir / "uploads"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where job outputs are kept until the caller takes them."""
+        return self.data_dir / "results"
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some settings changed."""
+        return dataclasses.replace(self, **changes)
+
+
+# settings.yaml section/key -> Config field
+_SECTIONS: dict[str, dict[str, str]] = {
+    "server": {"host": "host", "port": "port"},
+    "jobs": {"timeout": "job_timeout", "max_queue": "max_queue",
+             "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait"},
+    "clients": {"keepalive_interval": "keepalive_interval", "progress_interval": "progress_interval",
+                "disconnect_grace": "disconnect_grace", "allowed_origins": "allowed_origins"},
+    "limits": {"max_upload_bytes": "max_upload_bytes", "max_upload_files": "max_upload_files",
+               "max_body_bytes": "max_body_bytes", "max_string_length": "max_string_length"},
+    "backend_connection": {"connect_timeout": "connect_timeout", "request_timeout": "request_timeout"},
+    "auth": {"api_key": "api_key"},
+}
+_TOP_LEVEL = {"backends", "workflows_dir", "data_dir", *_SECTIONS}
+_ENV = {"BRIDGE_HOST": "host", "BRIDGE_PORT": "port", "BRIDGE_BACKENDS": "backends",
+        "BRIDGE_WORKFLOWS_DIR": "workflows_dir", "BRIDGE_DATA_DIR": "data_dir", "BRIDGE_API_KEY": "api_key"}
+_POSITIVE = {"port", "max_queue", "max_upload_bytes", "max_upload_files", "max_body_bytes",
+             "max_string_length", "job_timeout", "history_poll_interval", "interrupt_wait",
+             "keepalive_interval", "progress_interval", "connect_timeout", "request_timeout"}
+
+
+def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read settings.yaml, then .env beside it, then the environment, then explicit overrides."""
+    path = Path(path) if path else DEFAULT_SETTINGS
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"settings file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of settings")
+    base = path.resolve().parent
+    values: dict[str, Any] = {}
+    for key, val in raw.items():
+        if key not in _TOP_LEVEL:
+            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(_TOP_LEVEL))})")
+        if key in _SECTIONS:
+            if val is None:
+                continue
+            if not isinstance(val, dict):
+                raise ConfigError(f"{key}: must be a mapping")
+            for sub, sval in val.items():
+                if sub not in _SECTIONS[key]:
+                    raise ConfigError(f"{key}.{sub}: unknown setting")
+                values[_SECTIONS[key][sub]] = (f"{key}.{sub}", sval)
+        else:
+            values[key] = (key, val)
+    env = {**dotenv_values(base / ".env"), **(os.environ if environ is None else environ)}
+    for name, fld in _ENV.items():
+        if env.get(name):
+            values[fld] = (name, env[name])
+    for fld, val in (overrides or {}).items():
+        if val is not None:
+            values[fld] = (f"--{fld.replace('_', '-')}", val)
+    return _build(values, base)
+
+
+def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
+    """Check and convert every value; the first bad one stops the start with its key named."""
+    defaults = Config()
+    # Paths not given are relative to the settings file too.
+    kwargs: dict[str, Any] = {"workflows_dir": base / "workflows", "data_dir": base / "data"}
+    for fld, (key, val) in values.items():
+        default = getattr(defaults, fld)
+        if fld == "backends":
+            kwargs[fld] = _backends(key, val)
+        elif fld in ("workflows_dir", "data_dir"):
+            if not isinstance(val, str) or not val:
+                raise ConfigError(f"{key}: must be a path")
+            p = Path(val).expanduser()
+            kwargs[fld] = p if p.is_absolute() else (base / p)
+        elif fld == "allowed_origins":
+            if isinstance(val, str):
+                val = [v.strip() for v in val.split(",") if v.strip()]
+            if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+                raise ConfigError(f"{key}: must be a list of origins")
+            kwargs[fld] = tuple(val)
+        elif isinstance(default, str):
+            kwargs[fld] = "" if val is None else str(val)
+        else:
+            kwargs[fld] = _number(key, val, type(default), fld in _POSITIVE)
+    if "port" in kwargs and kwargs["port"] > 65535:
+        raise ConfigError("port: must be at most 65535")
+    return Config(**kwargs)
+
+
+def _number(key: str, val: Any, kind: type, positive: bool) -> int | float:
+    if isinstance(val, bool):
+        raise ConfigError(f"{key}: must be a number, got {val!r}")
+    try:
+        num = kind(val) if not isinstance(val, str) or kind is float else int(val, 10)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: must be a{'n integer' if kind is int else ' number'}, got {val!r}") from None
+    if kind is int and isinstance(val, float) and val != num:
+        raise ConfigError(f"{key}: must be an integer, got {val!r}")
+    if num < 0 or (positive and num == 0):
+        raise ConfigError(f"{key}: must be {'greater than 0' if positive else 'at least 0'}, got {val!r}")
+    return num
+
+
+def _backends(key: str, val: Any) -> tuple[BackendConfig, ...]:
+    if isinstance(val, str):
+        val = [{"url": u.strip()} for u in val.split(",") if u.strip()]
+    if not isinstance(val, list) or not val:
+        raise ConfigError(f"{key}: must list at least one ComfyUI server")
+    out: list[BackendConfig] = []
+    for i, item in enumerate(val):
+        where = f"{key}[{i}]"
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: must be a URL or a mapping with url")
+        unknown = set(item) - {"url", "slots", "name"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
+        url = item.get("url")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.url: must be an http(s) URL, got {url!r}")
+        slots = _number(f"{where}.slots", item.get("slots", 1), int, True)
+        name = item.get("name") or ""
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.name: must be a string")
+        out.append(BackendConfig(url=url.rstrip("/"), slots=int(slots), name=name))
+    urls = [b.url for b in out]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"{key}: the same URL is listed twice")
+    return tuple(out)

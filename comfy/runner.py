@@ -1,0 +1,246 @@
+"""Running one job on one ComfyUI server: send its files, post it, follow it, collect its outputs."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from .backend import Backend, BackendRejected, BackendUnavailable
+from .config import Config
+from .jobs import Job, Output
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+FILE_KEYS = ("images", "gifs", "video", "videos", "audio", "files", "3d")
+
+
+class Requeue(Exception):
+    """The backend could not take or finish the job through no fault of the job: run it elsewhere."""
+
+
+class Progress:
+    """Overall progress of one prompt: nodes done plus the current node's fraction, never going back."""
+
+    def __init__(self, graph: dict[str, Any]) -> None:
+        self.total = max(1, len(graph))
+        self.done: set[str] = set()
+        self.current: str | None = None
+        self.fraction = 0.0
+        self.value = 0.0
+
+    def feed(self, kind: str, data: dict[str, Any]) -> bool:
+        """Take one WebSocket message; True when the overall value moved."""
+        if kind == "execution_cached":
+            self.done.update(str(n) for n in data.get("nodes") or [])
+        elif kind == "executing" and data.get("node") is not None:
+            if self.current is not None:
+                self.done.add(self.current)
+            self.current, self.fraction = str(data["node"]), 0.0
+        elif kind == "progress":
+            node = str(data.get("node")) if data.get("node") is not None else self.current
+            if node != self.current:
+                if self.current is not None:
+                    self.done.add(self.current)
+                self.current = node
+            try:
+                self.fraction = max(0.0, min(1.0, float(data["value"]) / float(data["max"])))
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                return False
+        elif kind == "executed" and data.get("node") is not None:
+            self.done.add(str(data["node"]))
+        else:
+            return False
+        partial = self.fraction if self.current is not None and self.current not in self.done else 0.0
+        value = min(0.99, (len(self.done) + partial) / self.total)
+        if value > self.value:
+            self.value = value
+            return True
+        return False
+
+
+class Runner:
+    """Carries a job through one attempt on one backend."""
+
+    def __init__(self, config: Config, store: Store, announce: Callable[[Job], None],
+                 started: Callable[[Job], None]) -> None:
+        self.config = config
+        self.store = store
+        self.announce = announce
+        self.started = started
+        self.cancels: dict[str, asyncio.Event] = {}
+        # (backend url, sha256) -> the name that file has in that backend's input folder
+        self.remote_files: dict[tuple[str, str], str] = {}
+
+    async def run(self, job: Job, backend: Backend) -> dict[str, Any]:
+        """Run the job; returns the history entry of the finished prompt. Raises Requeue or BackendError."""
+        graph = await self._send_files(job, backend)
+        prompt_id = str(uuid.uuid4())
+        job.prompt_id = prompt_id
+        self.store.save_job(job)
+        done = asyncio.Event()
+        poke = asyncio.Event()
+        progress = Progress(graph)
+        ended: dict[str, Any] = {}
+
+        def on_message(msg: dict[str, Any]) -> None:
+            kind, data = msg.get("type"), msg.get("data") or {}
+            if kind in ("bridge_reconnected", "bridge_disconnected"):
+                poke.set()
+            elif kind == "executing" and data.get("node") is None:
+                done.set()
+            elif kind in ("execution_error", "execution_interrupted", "execution_success"):
+                ended[kind] = data
+            elif progress.feed(kind, data):
+                job.progress = progress.value
+                self.announce(job)
+
+        backend.watch(prompt_id, on_message)
+        try:
+            try:
+                await backend.post_prompt(graph, prompt_id)
+            except BackendUnavailable as exc:
+                raise Requeue(str(exc)) from None
+            self.started(job)
+            return await self._follow(job, backend, done, poke)
+        finally:
+            backend.unwatch(prompt_id)
+
+    async def _follow(self, job: Job, backend: Backend, done: asyncio.Event,
+                      poke: asyncio.Event) -> dict[str, Any]:
+        """Wait for the end signal (or find it by polling history); enforce the timeout and cancels."""
+        assert job.prompt_id is not None
+        cancel = self.cancels.setdefault(job.id, asyncio.Event())
+        deadline = time.monotonic() + job.timeout
+        poll = self.config.history_poll_interval
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                job.cancel_reason = f"time out error: exceed {job.timeout:g}s"
+                return await self._stop(job, backend, done)
+            if cancel.is_set():
+                return await self._stop(job, backend, done)
+            waiters = [asyncio.ensure_future(e.wait()) for e in (done, poke, cancel)]
+            await asyncio.wait(waiters, timeout=min(poll, remaining), return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+            poke.clear()
+            if cancel.is_set():
+                continue
+            try:
+                entry = await self._history(backend, job.prompt_id, patient=done.is_set())
+            except BackendUnavailable as exc:
+                log.warning("job %s: backend %s unavailable while running: %s", job.id, backend.label, exc)
+                continue
+            if entry is not None:
+                return entry
+
+    async def _stop(self, job: Job, backend: Backend, done: asyncio.Event) -> dict[str, Any]:
+        """Stop our prompt on the backend (never anyone else's) and wait, bounded, for it to end."""
+        assert job.prompt_id is not None
+        try:
+            await backend.delete_queued([job.prompt_id])
+            await backend.interrupt(job.prompt_id)
+        except BackendUnavailable as exc:
+            log.warning("job %s: could not interrupt on %s: %s", job.id, backend.label, exc)
+            return {}
+        try:
+            await asyncio.wait_for(done.wait(), self.config.interrupt_wait)
+        except asyncio.TimeoutError:
+            log.warning("job %s: backend %s did not confirm the interrupt", job.id, backend.label)
+        try:
+            return await self._history(backend, job.prompt_id, patient=True) or {}
+        except BackendUnavailable:
+            return {}
+
+    async def _history(self, backend: Backend, prompt_id: str, patient: bool) -> dict[str, Any] | None:
+        """History entry; when the end signal came, wait briefly for ComfyUI to write it."""
+        delay = 0.005
+        for _ in range(12 if patient else 1):
+            entry = await backend.history(prompt_id)
+            if entry is not None and entry.get("status", {}).get("completed") is not None:
+                return entry
+            if not patient:
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        return None
+
+    async def _send_files(self, job: Job, backend: Backend) -> dict[str, Any]:
+        """Copy the job's input files to this backend (once per content) and name them in the graph."""
+        graph = job.prompt
+        if not job.files:
+            return graph
+        graph = {nid: {**node, "inputs": dict(node["inputs"])} for nid, node in graph.items()}
+        for key, ref in job.files.items():
+            if not ref.get("path"):
+                continue  # the workflow's own default, expected to be on the backend already
+            digest = ref["sha256"]
+            remote = self.remote_files.get((backend.url, digest))
+            if remote is None:
+                try:
+                    remote = await backend.upload(Path(ref["path"]), ref["name"])
+                except BackendUnavailable as exc:
+                    raise Requeue(str(exc)) from None
+                self.remote_files[(backend.url, digest)] = remote
+            node_id, input_name = key.split("/", 1)
+            graph[node_id]["inputs"][input_name] = remote
+        return graph
+
+    async def collect(self, job: Job, backend: Backend, entry: dict[str, Any]) -> list[Output]:
+        """Download every output of the finished prompt into the result store."""
+        outputs: list[Output] = []
+        folder = self.config.results_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        for node_id, node_out in (entry.get("outputs") or {}).items():
+            if not isinstance(node_out, dict):
+                continue
+            for key in FILE_KEYS:
+                for item in node_out.get(key) or []:
+                    if not isinstance(item, dict) or not item.get("filename"):
+                        continue
+                    name = _safe_name(str(item["filename"]))
+                    dest = folder / f"{job.id}-{len(outputs)}{Path(name).suffix}"
+                    size, ctype = await backend.download(item, dest)
+                    outputs.append(Output(str(node_id), name, ctype, dest.name, size))
+            for i, text in enumerate(node_out.get("text") or []):
+                dest = folder / f"{job.id}-{len(outputs)}.txt"
+                data = str(text).encode("utf-8")
+                _write_file(dest, data)
+                outputs.append(Output(str(node_id), f"node{node_id}_text{i}.txt", "text/plain", dest.name,
+                                      len(data)))
+        return outputs
+
+
+def error_text(entry: dict[str, Any]) -> tuple[str, str]:
+    """("error" | "interrupted" | "success", message) from a history entry's status."""
+    status = entry.get("status") or {}
+    if status.get("status_str") == "success":
+        return "success", ""
+    for kind, data in reversed(status.get("messages") or []):
+        if kind == "execution_interrupted":
+            return "interrupted", "interrupted"
+        if kind == "execution_error" and isinstance(data, dict):
+            msg = str(data.get("exception_message") or "execution error").strip()
+            return "error", f"{data.get('node_type', 'node')} failed: {msg.splitlines()[0] if msg else msg}"
+    return "error", "the backend reported an error"
+
+
+def _safe_name(name: str) -> str:
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9._ ()-]", "_", name).strip(" .")
+    return name[:120] or "output"
+
+
+def _write_file(dest: Path, data: bytes) -> None:
+    tmp = dest.with_name(dest.name + ".part")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, dest)

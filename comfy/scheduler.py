@@ -1,0 +1,307 @@
+"""The job engine: the bridge-owned queue, dispatch to free backends, outcomes, and per-client views."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .backend import Backend, BackendError, BackendRejected, BackendUnavailable
+from .catalog import Catalog, InputError, Workflow
+from .config import Config
+from .fairqueue import FairQueue
+from .jobs import Job, State
+from .runner import Requeue, Runner, error_text
+from .store import GenerationCounter, Store
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+class QueueFull(Exception):
+    """The bridge's queue is at max_queue; the caller should retry later."""
+
+
+class Scheduler:
+    """Owns every job from submit to outcome; the only code that changes a job's state."""
+
+    def __init__(self, config: Config, catalog: Catalog, store: Store, counter: GenerationCounter,
+                 backends: list[Backend]) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.store = store
+        self.counter = counter
+        self.backends = backends
+        self.queue = FairQueue()
+        self.jobs: dict[str, Job] = {}
+        self.clients: dict[str, list[Job]] = {}
+        self.listeners: list[Callable[[Job], None]] = []
+        self.runner = Runner(config, store, self._announce, self._started)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._asset_digests: dict[tuple[str, float], str] = {}
+        for b in backends:
+            b.on_state = self._backend_state
+
+    # lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load what the store remembers, connect to every backend, start dispatching."""
+        for job in self.store.latest_per_client():
+            self._remember(job)
+        for job in self.store.unfetched_jobs():
+            self._remember(job)
+        for job in self.store.unfinished_jobs():
+            # A job interrupted by a restart runs again; the result of the old attempt, if any, is dropped.
+            job.state, job.backend, job.prompt_id, job.progress = State.QUEUED, None, None, 0.0
+            self.store.save_job(job)
+            self._remember(job)
+            self.queue.push(job)
+        for b in self.backends:
+            await b.start()
+        self._pump()
+
+    async def stop(self) -> None:
+        """Stop following jobs and close backend connections (queued jobs stay in the store)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for b in self.backends:
+            await b.stop()
+
+    # submit -------------------------------------------------------------------------------------
+    def submit(self, client_id: str, body: dict[str, Any]) -> Job:
+        """Validate a caller's request, record it and queue it. Raises InputError or QueueFull."""
+        workflow = self.catalog.get(body.get("workflow"))
+        if workflow is None:
+            name = body.get("workflow")
+            if name is None:
+                raise InputError("'workflow' is required")
+            raise InputError(f"unknown workflow {name!r} (see /workflow-list)")
+        values = workflow.validate(body, self.config.max_string_length)
+        files = self._resolve_files(workflow, values)
+        if len(self.queue) >= self.config.max_queue:
+            raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); try again later")
+        job = Job(client_id=client_id, workflow=workflow.alias, inputs=values, prompt=workflow.build(values),
+                  files=files, timeout=workflow.timeout)
+        self.store.add_job(job)
+        self._remember(job)
+        self.queue.push(job)
+        log.info("job %s: queued (workflow %s, client %s…)", job.id, job.workflow, client_id[:8])
+        self._announce(job)
+        self._pump()
+        return job
+
+    def _resolve_files(self, workflow: Workflow, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Each file input -> the local file to send: a caller's upload, or an asset in workflows_dir."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, name in workflow.file_inputs(values).items():
+            row = self.store.upload(name) if isinstance(name, str) else None
+            if row is not None:
+                out[key] = {"name": name, "path": str(self.config.uploads_dir / name), "sha256": row["sha256"]}
+                continue
+            asset = self.catalog.root / name if isinstance(name, str) and "/" not in name else None
+            if asset is not None and asset.is_file():
+                out[key] = {"name": name, "path": str(asset), "sha256": self._asset_digest(asset)}
+            elif key in values and values[key] != workflow.inputs[key].default:
+                raise InputError(f"{key}: no uploaded file named {name!r} (upload it with POST /upload first)")
+            else:
+                out[key] = {"name": name, "path": None, "sha256": None}
+        return out
+
+    def _asset_digest(self, path: Path) -> str:
+        key = (str(path), path.stat().st_mtime)
+        if key not in self._asset_digests:
+            self._asset_digests[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return self._asset_digests[key]
+
+    # dispatch -----------------------------------------------------------------------------------
+    def _pick_backend(self) -> Backend | None:
+        ready = [b for b in self.backends if b.up and b.free_slots > 0]
+        if not ready:
+            return None
+        # most free capacity first; ties go to the least recently used box, so work spreads
+        return max(ready, key=lambda b: (b.free_slots / b.slots, -getattr(b, "_last_pick", 0.0)))
+
+    def _pump(self) -> None:
+        """Give waiting jobs to backends with free slots."""
+        while len(self.queue):
+            backend = self._pick_backend()
+            if backend is None:
+                return
+            job = self.queue.pop()
+            if job is None:
+                return
+            backend._last_pick = time.monotonic()  # type: ignore[attr-defined]
+            backend.running.add(job.id)
+            task = asyncio.create_task(self._attempt(job, backend), name=f"job-{job.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _backend_state(self, backend: Backend) -> None:
+        if backend.up:
+            asyncio.ensure_future(self._enrich_catalog(backend))
+            self._pump()
+
+    async def _enrich_catalog(self, backend: Backend) -> None:
+        """Learn input bounds and choices from the first backend that answers."""
+        if backend.object_info is not None:
+            return
+        try:
+            backend.object_info = await backend.fetch_object_info(self.catalog.classes())
+        except BackendError as exc:
+            log.warning("backend %s: /object_info unavailable: %s", backend.label, exc)
+            return
+        self.catalog.enrich(backend.object_info)
+
+    async def _attempt(self, job: Job, backend: Backend) -> None:
+        """One attempt of a job on a backend, ending in an outcome or a re-queue."""
+        try:
+            job.state, job.backend, job.attempts = State.DISPATCHING, backend.label, job.attempts + 1
+            job.progress = 0.0
+            self.store.save_job(job)
+            self._announce(job)
+            if job.cancel_reason:
+                return self._finish(job, State.CANCELLED, job.cancel_reason)
+            entry = await self.runner.run(job, backend)
+            await self._conclude(job, backend, entry)
+        except Requeue as exc:
+            backend.failures += 1
+            backend.last_error = str(exc)
+            if job.attempts >= MAX_ATTEMPTS:
+                self._finish(job, State.FAILED, f"backend unavailable: {exc}")
+            else:
+                log.warning("job %s: re-queued after backend %s failed: %s", job.id, backend.label, exc)
+                job.state, job.backend, job.prompt_id, job.progress = State.QUEUED, None, None, 0.0
+                self.store.save_job(job)
+                self.queue.push(job, front=True)
+                self._announce(job)
+        except BackendRejected as exc:
+            self._finish(job, State.FAILED, str(exc))
+        except BackendUnavailable as exc:
+            backend.failures += 1
+            backend.last_error = str(exc)
+            self._finish(job, State.FAILED, f"backend unavailable: {exc}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must fail the one job, never the bridge
+            log.exception("job %s: unexpected error", job.id)
+            self._finish(job, State.FAILED, f"internal error: {type(exc).__name__}")
+        finally:
+            backend.running.discard(job.id)
+            self.runner.cancels.pop(job.id, None)
+            if job.prompt_id and not job.state.active:
+                asyncio.ensure_future(self._forget_on_backend(backend, job.prompt_id))
+            self._pump()
+
+    async def _conclude(self, job: Job, backend: Backend, entry: dict[str, Any]) -> None:
+        if job.cancel_reason:
+            state = State.FAILED if job.cancel_reason.startswith("time out") else State.CANCELLED
+            return self._finish(job, state, job.cancel_reason)
+        outcome, message = error_text(entry) if entry else ("error", "the backend did not report an outcome")
+        if outcome != "success":
+            backend.failures += 1
+            return self._finish(job, State.FAILED, message)
+        job.outputs = await self.runner.collect(job, backend, entry)
+        backend.jobs_done += 1
+        self._finish(job, State.COMPLETED, None)
+
+    async def _forget_on_backend(self, backend: Backend, prompt_id: str) -> None:
+        try:
+            await backend.delete_history([prompt_id])
+        except BackendError as exc:
+            log.debug("backend %s: could not delete history of %s: %s", backend.label, prompt_id, exc)
+
+    def _started(self, job: Job) -> None:
+        job.state, job.started_at = State.RUNNING, job.started_at or time.time()
+        if not job.counted:
+            job.counted = True
+            self.counter.increment()
+        self.store.save_job(job)
+        log.info("job %s: running on %s (attempt %d)", job.id, job.backend, job.attempts)
+        self._announce(job)
+
+    def _finish(self, job: Job, state: State, error: str | None) -> None:
+        job.state, job.error, job.finished_at = state, error, time.time()
+        if state is State.COMPLETED:
+            job.progress = 1.0
+            self.store.complete_job(job)
+        else:
+            self.store.save_job(job)
+        took = job.finished_at - (job.started_at or job.created_at)
+        log.info("job %s: %s after %.2fs on %s%s", job.id, state.value, took, job.backend or "-",
+                 f": {error}" if error else "")
+        self._announce(job)
+
+    # cancel -------------------------------------------------------------------------------------
+    def cancel_client(self, client_id: str, reason: str) -> int:
+        """Cancel every waiting or running job of a client; returns how many."""
+        count = 0
+        for job in self.client_jobs(client_id):
+            if not job.state.active or job.cancel_reason:
+                continue
+            count += 1
+            job.cancel_reason = reason
+            if job.state is State.QUEUED and self.queue.remove(job):
+                self._finish(job, State.CANCELLED, reason)
+            else:
+                self.runner.cancels.setdefault(job.id, asyncio.Event()).set()
+        return count
+
+    # client views -------------------------------------------------------------------------------
+    def _remember(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        jobs = self.clients.setdefault(job.client_id, [])
+        if job not in jobs:
+            jobs.append(job)
+            jobs.sort(key=lambda j: j.seq)
+
+    def known_client(self, client_id: str) -> bool:
+        """True if this clientId ever submitted a job."""
+        return client_id in self.clients
+
+    def client_jobs(self, client_id: str) -> list[Job]:
+        """The client's jobs the bridge still holds, oldest first."""
+        return list(self.clients.get(client_id, ()))
+
+    def status_job(self, client_id: str) -> Job | None:
+        """The job whose state the client sees: its latest active job, else its latest job."""
+        jobs = self.clients.get(client_id) or []
+        active = [j for j in jobs if j.state.active]
+        return (active or jobs or [None])[-1]
+
+    def position(self, job: Job) -> int | None:
+        """Place in the bridge's queue of a waiting job."""
+        return self.queue.position(job) if job.state is State.QUEUED else None
+
+    def unfetched(self, client_id: str) -> list[Job]:
+        """Completed jobs of the client whose outputs were not taken yet."""
+        return [j for j in self.clients.get(client_id, ()) if j.state is State.COMPLETED and not j.fetched]
+
+    def mark_fetched(self, jobs: list[Job]) -> None:
+        """The caller has received these outputs: delete them and forget the jobs (but the newest)."""
+        self.store.mark_fetched([j.id for j in jobs])
+        for job in jobs:
+            job.fetched = True
+            for out in job.outputs:
+                (self.config.results_dir / out.path).unlink(missing_ok=True)
+            job.outputs = []
+            mine = self.clients.get(job.client_id, [])
+            if mine and mine[-1] is not job:
+                mine.remove(job)
+                self.jobs.pop(job.id, None)
+
+    def backend_for(self, client_id: str) -> Backend | None:
+        """The backend the client's latest job was assigned to."""
+        for job in reversed(self.clients.get(client_id, [])):
+            if job.backend:
+                return next((b for b in self.backends if b.label == job.backend), None)
+        return None
+
+    def _announce(self, job: Job) -> None:
+        for listener in self.listeners:
+            try:
+                listener(job)
+            except Exception:
+                log.exception("listener failed for job %s", job.id)

@@ -1,0 +1,108 @@
+"""Submitting and steering jobs: generate, execution-info, interrupt, free, generation-count."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tornado import web
+
+from comfy.backend import BackendError
+from comfy.catalog import InputError
+from comfy.scheduler import QueueFull
+from comfy.services import Services
+
+from .base import BaseHandler
+
+
+class GenerateHandler(BaseHandler):
+    """POST /generate-based-workflow?clientId=ID: queue a job."""
+
+    def post(self) -> None:
+        """Validate the body against the workflow's inputs and queue it."""
+        client_id = self.client_id()
+        body = self.json_body()
+        try:
+            job = self.services.scheduler.submit(client_id, body)
+        except InputError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        except QueueFull as exc:
+            self.set_header("Retry-After", "5")
+            raise web.HTTPError(429, str(exc)) from None
+        waiting = len(self.services.scheduler.queue)
+        answer: dict[str, Any] = {"detail": f"queued / {max(waiting, 1)}", "job_id": job.id}
+        pos = self.services.scheduler.position(job)
+        if pos is not None:
+            answer["queue_position"] = pos
+        self.write_json(answer)
+
+
+class ExecutionInfoHandler(BaseHandler):
+    """GET /execution-info?clientId=ID: the client's status, for polling."""
+
+    def get(self) -> None:
+        """The latest active job's state, else the latest job's outcome."""
+        client_id = self.known_client_id()
+        scheduler = self.services.scheduler
+        job = scheduler.status_job(client_id)
+        assert job is not None
+        status, text = job.client_status()
+        answer: dict[str, Any] = {"status": status, "details": text, "detail": text, "job_id": job.id,
+                                  "state": job.state.value}
+        pos = scheduler.position(job)
+        if pos is not None:
+            answer["queue_position"] = pos
+        self.write_json(answer)
+
+
+class InterruptHandler(BaseHandler):
+    """POST /interrupt?clientId=ID: cancel the client's queued and running work."""
+
+    def post(self) -> None:
+        """Drop queued jobs; interrupt a running one on its backend (only that prompt)."""
+        client_id = self.known_client_id()
+        count = self.services.scheduler.cancel_client(client_id, "interrupted by the client")
+        self.write_json({"detail": f"interrupted that clientId will be ignored. / {client_id}",
+                         "cancelled": count})
+
+
+class FreeHandler(BaseHandler):
+    """POST /free[?clientId=ID]: ask backends to unload models and free memory."""
+
+    async def post(self) -> None:
+        """Free every backend, or the one the client's job was assigned to."""
+        if self.get_query_argument("clientId", None) is None:
+            backends = [b for b in self.services.backends if b.up]
+            target = "ALL"
+        else:
+            target = self.known_client_id()
+            backend = self.services.scheduler.backend_for(target)
+            if backend is None:
+                raise web.HTTPError(400, f"no backend has been assigned to that client yet / {target}")
+            backends = [backend]
+        if not backends:
+            raise web.HTTPError(503, "no backend is reachable right now")
+        results = await asyncio.gather(*(b.free() for b in backends), return_exceptions=True)
+        failed = [b.label for b, r in zip(backends, results) if isinstance(r, BackendError)]
+        if len(failed) == len(backends):
+            raise web.HTTPError(503, f"the backend did not answer: {', '.join(failed)}")
+        self.write_json({"detail": f"server memory free now / {target}", "freed": len(backends) - len(failed)})
+
+
+class GenerationCountHandler(BaseHandler):
+    """GET /generation-count: how many jobs have run, across restarts."""
+
+    def get(self) -> None:
+        """The persistent job counter as a bare number."""
+        self.write_json(self.services.counter.value)
+
+
+def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+    """URL table of this module."""
+    kw = {"services": services}
+    return [
+        (r"/generate-based-workflow", GenerateHandler, kw),
+        (r"/execution-info", ExecutionInfoHandler, kw),
+        (r"/interrupt", InterruptHandler, kw),
+        (r"/free", FreeHandler, kw),
+        (r"/generation-count", GenerationCountHandler, kw),
+    ]

@@ -1,0 +1,217 @@
+"""POST /upload: multipart files streamed to disk under names the bridge makes up."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from tornado import web
+
+from comfy.services import Services
+
+from .base import BaseHandler, authorized
+
+log = logging.getLogger(__name__)
+
+IDENTIFIER = re.compile(r"^[A-Za-z0-9._/ -]{1,128}$")
+MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", 0, ".png", "image/png"),
+    (b"\xff\xd8\xff", 0, ".jpg", "image/jpeg"),
+    (b"GIF87a", 0, ".gif", "image/gif"),
+    (b"GIF89a", 0, ".gif", "image/gif"),
+    (b"WEBP", 8, ".webp", "image/webp"),
+)
+MULTIPART_SLACK = 64 * 1024  # room for part headers and boundaries on top of the file bytes
+
+
+def sniff(head: bytes) -> tuple[str, str] | None:
+    """(extension, content type) of an image from its first bytes, or None."""
+    for magic, offset, ext, ctype in MAGIC:
+        if head[offset:offset + len(magic)] == magic and (offset == 0 or head[:4] == b"RIFF"):
+            return ext, ctype
+    return None
+
+
+class _Part:
+    """One file part being written to a temporary file."""
+
+    def __init__(self, field: str, filename: str, folder: Path) -> None:
+        self.field = field
+        self.filename = filename
+        self.tmp = folder / f".{uuid.uuid4().hex}.part"
+        self.fh: IO[bytes] | None = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.head = b""
+
+    def write(self, data: bytes) -> None:
+        assert self.fh is not None
+        if len(self.head) < 16:
+            self.head += data[:16 - len(self.head)]
+        self.sha.update(data)
+        self.size += len(data)
+        self.fh.write(data)
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            self.fh = None
+
+    def discard(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+        self.tmp.unlink(missing_ok=True)
+
+
+@web.stream_request_body
+class UploadHandler(BaseHandler):
+    """Parses the multipart body as it arrives; never holds a whole file in memory."""
+
+    def prepare(self) -> None:
+        """Check type and declared size before reading any of the body."""
+        config = self.services.config
+        self.parts: list[_Part] = []
+        self.current: _Part | None = None
+        self.error: web.HTTPError | None = None
+        self.parser: MultipartParser | None = None
+        if self.request.method != "POST":
+            return super().prepare()
+        if not authorized(config.api_key, self.request.headers):
+            raise web.HTTPError(401, "missing or wrong API key; send Authorization: Bearer <key>")
+        limit = config.max_upload_bytes * config.max_upload_files + MULTIPART_SLACK
+        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise web.HTTPError(413, f"the upload is larger than {config.max_upload_bytes} bytes")
+        ctype, params = parse_options_header(self.request.headers.get("Content-Type", ""))
+        if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+            raise web.HTTPError(415, "send files as multipart/form-data, e.g. curl -F \"file=@photo.png\"")
+        self._headers: dict[str, str] = {}
+        self._hname = self._hvalue = b""
+        callbacks: Any = {
+            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
+            "on_header_value": self._header_value, "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+        self.parser = MultipartParser(params[b"boundary"], callbacks)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Feed the parser; after the first error the rest is read and dropped."""
+        if self.parser is None or self.error is not None:
+            return
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError:
+            self._fail(400, "the multipart body is malformed")
+        except web.HTTPError as exc:
+            self._fail(exc.status_code, exc.get_message() or "bad upload")
+
+    async def post(self) -> None:
+        """Answer {identifier: saved name} once every part is on disk and recorded."""
+        try:
+            if self.parser is not None and self.error is None:
+                self.parser.finalize()
+        except MultipartParseError:
+            self._fail(400, "the multipart body is malformed")
+        if self.error is None and self.current is not None:
+            self._fail(400, "the multipart body ended in the middle of a file")
+        if self.error is None and not self.parts:
+            self._fail(400, "no file in the upload; send at least one part with a filename")
+        if self.error is not None:
+            raise self.error
+        saved = {}
+        store = self.services.store
+        for part in self.parts:
+            found = sniff(part.head)
+            assert found is not None
+            ext, ctype = found
+            name = uuid.uuid4().hex + ext
+            os.replace(part.tmp, self.services.config.uploads_dir / name)
+            store.add_upload(name, part.sha.hexdigest(), part.size, ctype, part.filename)
+            saved[part.field] = name
+        log.info("stored %d upload(s): %s", len(saved), ", ".join(saved.values()))
+        self.write_json(saved)
+
+    def on_finish(self) -> None:
+        self._cleanup()
+
+    def on_connection_close(self) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for part in self.parts:
+            if part.tmp.exists():
+                part.discard()
+        if self.current is not None:
+            self.current.discard()
+            self.current = None
+
+    def _fail(self, code: int, detail: str) -> None:
+        if self.error is None:
+            self.error = web.HTTPError(code, detail)
+        self._cleanup()
+
+    # multipart callbacks ------------------------------------------------------------------------
+    def _part_begin(self) -> None:
+        self._headers = {}
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._hname += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._hvalue += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._hname.decode("latin-1").lower()] = self._hvalue.decode("utf-8", "replace")
+        self._hname = self._hvalue = b""
+
+    def _headers_finished(self) -> None:
+        config = self.services.config
+        _, params = parse_options_header(self._headers.get("content-disposition", ""))
+        field = params.get(b"name", b"").decode("utf-8", "replace")
+        filename = params.get(b"filename")
+        if filename is None:
+            raise web.HTTPError(400, f"part {field!r} is not a file; send files with a filename")
+        if not IDENTIFIER.match(field):
+            raise web.HTTPError(400, "each part needs a field name (its identifier) of 1-128 letters, "
+                                     "digits and . _ / - or space")
+        if any(p.field == field for p in self.parts):
+            raise web.HTTPError(400, f"identifier {field!r} is used twice")
+        if len(self.parts) >= config.max_upload_files:
+            raise web.HTTPError(400, f"at most {config.max_upload_files} files per upload")
+        self.current = _Part(field, filename.decode("utf-8", "replace")[:255], config.uploads_dir)
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.current
+        if part is None:
+            return
+        part.write(data[start:end])
+        if part.size > self.services.config.max_upload_bytes:
+            raise web.HTTPError(413, f"{part.field!r} is larger than {self.services.config.max_upload_bytes} bytes")
+        if len(part.head) >= 12 and sniff(part.head) is None:
+            raise web.HTTPError(415, f"{part.field!r} is not a PNG, JPEG, WebP or GIF image")
+
+    def _part_end(self) -> None:
+        part, self.current = self.current, None
+        if part is None:
+            return
+        if sniff(part.head) is None:
+            part.discard()
+            raise web.HTTPError(415, f"{part.field!r} is not a PNG, JPEG, WebP or GIF image")
+        part.close()
+        self.parts.append(part)
+
+
+def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+    """URL table of this module."""
+    return [(r"/upload", UploadHandler, {"services": services})]
