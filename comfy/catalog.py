@@ -82,9 +82,12 @@ class InputSpec:
         else:
             if isinstance(value, str):
                 raise InputError(f"{self.key}: expected float, got str")
+            try:
+                value = float(value)
+            except OverflowError:
+                raise InputError(f"{self.key}: number too large") from None
             if not math.isfinite(value):
                 raise InputError(f"{self.key}: must be a finite number")
-            value = float(value)
         if self.min is not None and value < self.min:
             raise InputError(f"{self.key}: {value} is smaller than the minimum {self.min}")
         if self.max is not None and value > self.max:
@@ -155,6 +158,8 @@ class Catalog:
         claimed: set[str] = set()
         for alias, entry in manifest.items():
             fname = entry.get("file", f"{alias}.json")
+            if not isinstance(fname, str):
+                raise CatalogError(f"{MANIFEST}: {alias}.file: must be a file name")
             if fname not in graphs:
                 raise CatalogError(f"{MANIFEST}: {alias}.file: no such workflow file {fname!r} in {root}")
             claimed.add(fname)
@@ -273,6 +278,8 @@ def _spec(key: str, node_id: str, name: str, node: dict[str, Any], default: Any,
         v = over.get(bound)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise CatalogError(f"{where}: {key}: {bound} must be a number")
+        if v is not None and kind == "str":
+            raise CatalogError(f"{where}: {key}: {bound} applies to numbers, not a str input")
     choices = over.get("choices")
     if choices is not None and not isinstance(choices, list):
         raise CatalogError(f"{where}: {key}: choices must be a list")
@@ -304,6 +311,8 @@ def _enrich(spec: InputSpec, info: Any) -> InputSpec:
     elif raw[0] == "COMBO" and isinstance(opts.get("options"), list):
         changes["choices"] = tuple(opts["options"])
     elif raw[0] in ("INT", "FLOAT"):
+        if raw[0] == "FLOAT" and spec.type == "int":
+            changes["type"] = "float"  # exported by JavaScript, 8.0 arrives as 8
         for bound in ("min", "max", "step"):
             if isinstance(opts.get(bound), (int, float)) and not isinstance(opts.get(bound), bool):
                 changes[bound] = opts[bound]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,12 @@ def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | 
     except FileNotFoundError:
         raise ConfigError(f"settings file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of settings")
     base = path.resolve().parent
@@ -163,8 +169,8 @@ def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
             kwargs[fld] = "" if val is None else str(val)
         else:
             kwargs[fld] = _number(key, val, type(default), fld in _POSITIVE)
-    if "port" in kwargs and kwargs["port"] > 65535:
-        raise ConfigError("port: must be at most 65535")
+            if fld == "port" and kwargs[fld] > 65535:
+                raise ConfigError(f"{key}: must be at most 65535")
     return Config(**kwargs)
 
 
@@ -177,6 +183,8 @@ def _number(key: str, val: Any, kind: type, positive: bool) -> int | float:
         raise ConfigError(f"{key}: must be a{'n integer' if kind is int else ' number'}, got {val!r}") from None
     if kind is int and isinstance(val, float) and val != num:
         raise ConfigError(f"{key}: must be an integer, got {val!r}")
+    if not math.isfinite(num):
+        raise ConfigError(f"{key}: must be a finite number, got {val!r}")
     if num < 0 or (positive and num == 0):
         raise ConfigError(f"{key}: must be {'greater than 0' if positive else 'at least 0'}, got {val!r}")
     return num
@@ -201,6 +209,10 @@ def _backends(key: str, val: Any) -> tuple[BackendConfig, ...]:
         parts = urlsplit(url) if isinstance(url, str) else None
         if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{where}.url: must be an http(s) URL, got {url!r}")
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError(f"{where}.url: bad port in {url!r}") from None
         slots = _number(f"{where}.slots", item.get("slots", 1), int, True)
         name = item.get("name") or ""
         if not isinstance(name, str):
@@ -209,4 +221,8 @@ def _backends(key: str, val: Any) -> tuple[BackendConfig, ...]:
     urls = [b.url for b in out]
     if len(set(urls)) != len(urls):
         raise ConfigError(f"{key}: the same URL is listed twice")
+    labels = [b.label for b in out]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ConfigError(f"{key}: two servers share the label {label!r}; give them distinct names")
     return tuple(out)
