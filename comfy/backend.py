@@ -122,6 +122,7 @@ class Backend:
                 if isinstance(msg, str):
                     self._dispatch(msg)
             self.connected.clear()
+            self._ws.close()
             self._ws = None
             if not self._closing:
                 log.warning("backend %s: WebSocket closed", self.label)

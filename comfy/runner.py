@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .backend import Backend, BackendRejected, BackendUnavailable
+from .backend import Backend, BackendUnavailable
 from .config import Config
 from .jobs import Job, Output
 from .store import Store

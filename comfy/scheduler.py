@@ -135,13 +135,17 @@ class Scheduler:
                 return
             backend._last_pick = time.monotonic()  # type: ignore[attr-defined]
             backend.running.add(job.id)
-            task = asyncio.create_task(self._attempt(job, backend), name=f"job-{job.id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._attempt(job, backend))
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a background task that stop() will cancel and wait for."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _backend_state(self, backend: Backend) -> None:
         if backend.up:
-            asyncio.ensure_future(self._enrich_catalog(backend))
+            self._spawn(self._enrich_catalog(backend))
             self._pump()
 
     async def _enrich_catalog(self, backend: Backend) -> None:
@@ -192,7 +196,7 @@ class Scheduler:
             backend.running.discard(job.id)
             self.runner.cancels.pop(job.id, None)
             if job.prompt_id and not job.state.active:
-                asyncio.ensure_future(self._forget_on_backend(backend, job.prompt_id))
+                self._spawn(self._forget_on_backend(backend, job.prompt_id))
             self._pump()
 
     async def _conclude(self, job: Job, backend: Backend, entry: dict[str, Any]) -> None:

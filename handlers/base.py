@@ -16,6 +16,15 @@ log = logging.getLogger(__name__)
 CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def api_error(status: int, detail: str, headers: dict[str, str] | None = None,
+              **extra: Any) -> web.HTTPError:
+    """An HTTPError whose answer carries these headers and extra body keys besides the detail."""
+    err = web.HTTPError(status, "%s", detail)  # the text is an argument, never a format string
+    err.headers = headers or {}  # type: ignore[attr-defined]
+    err.extra = extra  # type: ignore[attr-defined]
+    return err
+
+
 def authorized(config_key: str, headers: Any, token: str | None = None) -> bool:
     """True when no API key is set, or the request carries it (Bearer header, or a token for sockets)."""
     if not config_key:
@@ -31,9 +40,9 @@ def authorized(config_key: str, headers: Any, token: str | None = None) -> bool:
 def check_client_id(value: str | None) -> str:
     """A usable clientId, or a 400 saying what is wrong."""
     if value is None or value == "":
-        raise web.HTTPError(400, "clientId is required, e.g. ?clientId=<uuid>")
+        raise api_error(400, "clientId is required, e.g. ?clientId=<uuid>")
     if not CLIENT_ID.match(value):
-        raise web.HTTPError(400, "clientId must be 1-128 characters of letters, digits and . _ : -")
+        raise api_error(400, "clientId must be 1-128 characters of letters, digits and . _ : -")
     return value
 
 
@@ -52,13 +61,13 @@ class BaseHandler(web.RequestHandler):
     def prepare(self) -> None:
         """Refuse a body over max_body_bytes before reading it (the body is streamed, so this runs first)."""
         if not authorized(self.services.config.api_key, self.request.headers):
-            raise web.HTTPError(401, "missing or wrong API key; send Authorization: Bearer <key>")
+            raise api_error(401, "missing or wrong API key; send Authorization: Bearer <key>")
         limit = self.services.config.max_body_bytes
         if self.request.connection is not None and hasattr(self.request.connection, "set_max_body_size"):
             self.request.connection.set_max_body_size(2 * limit + 1024)
         length = self.request.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
-            raise web.HTTPError(413, f"the body is larger than {limit} bytes")
+            raise api_error(413, f"the body is larger than {limit} bytes")
 
     def data_received(self, chunk: bytes) -> None:
         """Collect the body up to the limit; past it, remember that it was too big."""
@@ -81,6 +90,8 @@ class BaseHandler(web.RequestHandler):
         else:
             detail = self._reason
         self.set_header("Content-Type", "application/json; charset=utf-8")
+        for name, value in (getattr(exc, "headers", None) or {}).items():
+            self.set_header(name, value)
         body: dict[str, Any] = {"detail": detail}
         extra = getattr(exc, "extra", None)
         if isinstance(extra, dict):
@@ -96,15 +107,15 @@ class BaseHandler(web.RequestHandler):
         """The request body as a JSON object, or a 4xx saying why not."""
         ctype = self.request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
         if ctype not in ("application/json", "text/json", ""):
-            raise web.HTTPError(415, "send the body as application/json")
+            raise api_error(415, "send the body as application/json")
         if self._too_big:
-            raise web.HTTPError(413, f"the body is larger than {self.services.config.max_body_bytes} bytes")
+            raise api_error(413, f"the body is larger than {self.services.config.max_body_bytes} bytes")
         try:
             data = json.loads(bytes(self._body))
         except (ValueError, UnicodeDecodeError):
-            raise web.HTTPError(400, "the body is not valid JSON") from None
+            raise api_error(400, "the body is not valid JSON") from None
         if not isinstance(data, dict):
-            raise web.HTTPError(400, "the body must be a JSON object")
+            raise api_error(400, "the body must be a JSON object")
         return data
 
     def client_id(self) -> str:
@@ -115,7 +126,7 @@ class BaseHandler(web.RequestHandler):
         """A clientId that has submitted before, or 400."""
         client_id = self.client_id()
         if not self.services.scheduler.known_client(client_id):
-            raise web.HTTPError(400, f"The client ID has not been submitted to the server before. "
+            raise api_error(400, f"The client ID has not been submitted to the server before. "
                                      f"It is not recognized. / {client_id}")
         return client_id
 
@@ -124,4 +135,4 @@ class NotFoundHandler(BaseHandler):
     """Unknown paths answer 404 in the same JSON shape."""
 
     def prepare(self) -> None:
-        raise web.HTTPError(404, f"no such endpoint: {self.request.path}")
+        raise api_error(404, f"no such endpoint: {self.request.path}")

@@ -7,13 +7,12 @@ import uuid
 from typing import Any
 from urllib.parse import quote
 
-from tornado import web
 from tornado.iostream import StreamClosedError
 
 from comfy.jobs import Job, Output, State
 from comfy.services import Services
 
-from .base import BaseHandler, check_client_id
+from .base import BaseHandler, api_error, check_client_id
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ class HistoryHandler(BaseHandler):
         if self.get_query_argument("clientId", None) is not None:
             await self._results(check_client_id(self.get_query_argument("clientId")))
         else:
-            self._log()
+            self._generation_log()
 
     def _no_content(self, detail: str) -> None:
         # a 204 has no body on the wire, so the reason travels in a header (and the log)
@@ -85,7 +84,7 @@ class HistoryHandler(BaseHandler):
                 f"Content-Type: {out.content_type}\r\n"
                 f"Content-Length: {out.size}\r\n\r\n").encode("utf-8")
 
-    def _log(self) -> None:
+    def _generation_log(self) -> None:
         limit = self._int_arg("limit", 10, 1, MAX_PAGE)
         offset = self._int_arg("offset", 0, 0, None)
         rows, total = self.services.store.log_page(limit, offset)
@@ -117,9 +116,7 @@ class HistoryHandler(BaseHandler):
             value = None
         if value is None or value < low or (high is not None and value > high):
             bounds = f"{low}..{high}" if high is not None else f">= {low}"
-            err = web.HTTPError(400, f"{name} must be an integer {bounds}, got {raw!r}")
-            err.extra = {"error": f"invalid {name}"}  # type: ignore[attr-defined]
-            raise err
+            raise api_error(400, f"{name} must be an integer {bounds}, got {raw!r}", error=f"invalid {name}")
         return value
 
 

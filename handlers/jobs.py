@@ -4,14 +4,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tornado import web
 
 from comfy.backend import BackendError
 from comfy.catalog import InputError
 from comfy.scheduler import QueueFull
 from comfy.services import Services
 
-from .base import BaseHandler
+from .base import BaseHandler, api_error
 
 
 class GenerateHandler(BaseHandler):
@@ -24,10 +23,9 @@ class GenerateHandler(BaseHandler):
         try:
             job = self.services.scheduler.submit(client_id, body)
         except InputError as exc:
-            raise web.HTTPError(400, str(exc)) from None
+            raise api_error(400, str(exc)) from None
         except QueueFull as exc:
-            self.set_header("Retry-After", "5")
-            raise web.HTTPError(429, str(exc)) from None
+            raise api_error(429, str(exc), {"Retry-After": "5"}) from None
         waiting = len(self.services.scheduler.queue)
         answer: dict[str, Any] = {"detail": f"queued / {max(waiting, 1)}", "job_id": job.id}
         pos = self.services.scheduler.position(job)
@@ -77,14 +75,14 @@ class FreeHandler(BaseHandler):
             target = self.known_client_id()
             backend = self.services.scheduler.backend_for(target)
             if backend is None:
-                raise web.HTTPError(400, f"no backend has been assigned to that client yet / {target}")
+                raise api_error(400, f"no backend has been assigned to that client yet / {target}")
             backends = [backend]
         if not backends:
-            raise web.HTTPError(503, "no backend is reachable right now")
+            raise api_error(503, "no backend is reachable right now")
         results = await asyncio.gather(*(b.free() for b in backends), return_exceptions=True)
         failed = [b.label for b, r in zip(backends, results) if isinstance(r, BackendError)]
         if len(failed) == len(backends):
-            raise web.HTTPError(503, f"the backend did not answer: {', '.join(failed)}")
+            raise api_error(503, f"the backend did not answer: {', '.join(failed)}")
         self.write_json({"detail": f"server memory free now / {target}", "freed": len(backends) - len(failed)})
 
 

@@ -15,7 +15,7 @@ from tornado import web
 
 from comfy.services import Services
 
-from .base import BaseHandler, authorized
+from .base import BaseHandler, api_error, authorized
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,16 @@ class UploadHandler(BaseHandler):
         if self.request.method != "POST":
             return super().prepare()
         if not authorized(config.api_key, self.request.headers):
-            raise web.HTTPError(401, "missing or wrong API key; send Authorization: Bearer <key>")
+            raise api_error(401, "missing or wrong API key; send Authorization: Bearer <key>")
         limit = config.max_upload_bytes * config.max_upload_files + MULTIPART_SLACK
         self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise web.HTTPError(413, f"the upload is larger than {config.max_upload_bytes} bytes")
+            raise api_error(413, f"the upload is larger than {config.max_upload_bytes} bytes")
         ctype, params = parse_options_header(self.request.headers.get("Content-Type", ""))
         if ctype != b"multipart/form-data" or not params.get(b"boundary"):
-            raise web.HTTPError(415, "send files as multipart/form-data, e.g. curl -F \"file=@photo.png\"")
-        self._headers: dict[str, str] = {}
+            raise api_error(415, "send files as multipart/form-data, e.g. curl -F \"file=@photo.png\"")
+        self._part_headers: dict[str, bytes] = {}
         self._hname = self._hvalue = b""
         callbacks: Any = {
             "on_part_begin": self._part_begin, "on_header_field": self._header_field,
@@ -111,10 +111,10 @@ class UploadHandler(BaseHandler):
             return
         try:
             self.parser.write(chunk)
-        except MultipartParseError:
-            self._fail(400, "the multipart body is malformed")
         except web.HTTPError as exc:
             self._fail(exc.status_code, exc.get_message() or "bad upload")
+        except (MultipartParseError, ValueError):
+            self._fail(400, "the multipart body is malformed")
 
     async def post(self) -> None:
         """Answer {identifier: saved name} once every part is on disk and recorded."""
@@ -158,12 +158,12 @@ class UploadHandler(BaseHandler):
 
     def _fail(self, code: int, detail: str) -> None:
         if self.error is None:
-            self.error = web.HTTPError(code, detail)
+            self.error = api_error(code, detail)
         self._cleanup()
 
     # multipart callbacks ------------------------------------------------------------------------
     def _part_begin(self) -> None:
-        self._headers = {}
+        self._part_headers = {}
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._hname += data[start:end]
@@ -172,23 +172,23 @@ class UploadHandler(BaseHandler):
         self._hvalue += data[start:end]
 
     def _header_end(self) -> None:
-        self._headers[self._hname.decode("latin-1").lower()] = self._hvalue.decode("utf-8", "replace")
+        self._part_headers[self._hname.decode("latin-1").lower()] = self._hvalue
         self._hname = self._hvalue = b""
 
     def _headers_finished(self) -> None:
         config = self.services.config
-        _, params = parse_options_header(self._headers.get("content-disposition", ""))
+        _, params = parse_options_header(self._part_headers.get("content-disposition", b""))
         field = params.get(b"name", b"").decode("utf-8", "replace")
         filename = params.get(b"filename")
         if filename is None:
-            raise web.HTTPError(400, f"part {field!r} is not a file; send files with a filename")
+            raise api_error(400, f"part {field!r} is not a file; send files with a filename")
         if not IDENTIFIER.match(field):
-            raise web.HTTPError(400, "each part needs a field name (its identifier) of 1-128 letters, "
+            raise api_error(400, "each part needs a field name (its identifier) of 1-128 letters, "
                                      "digits and . _ / - or space")
         if any(p.field == field for p in self.parts):
-            raise web.HTTPError(400, f"identifier {field!r} is used twice")
+            raise api_error(400, f"identifier {field!r} is used twice")
         if len(self.parts) >= config.max_upload_files:
-            raise web.HTTPError(400, f"at most {config.max_upload_files} files per upload")
+            raise api_error(400, f"at most {config.max_upload_files} files per upload")
         self.current = _Part(field, filename.decode("utf-8", "replace")[:255], config.uploads_dir)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
@@ -197,9 +197,9 @@ class UploadHandler(BaseHandler):
             return
         part.write(data[start:end])
         if part.size > self.services.config.max_upload_bytes:
-            raise web.HTTPError(413, f"{part.field!r} is larger than {self.services.config.max_upload_bytes} bytes")
+            raise api_error(413, f"{part.field!r} is larger than {self.services.config.max_upload_bytes} bytes")
         if len(part.head) >= 12 and sniff(part.head) is None:
-            raise web.HTTPError(415, f"{part.field!r} is not a PNG, JPEG, WebP or GIF image")
+            raise api_error(415, f"{part.field!r} is not a PNG, JPEG, WebP or GIF image")
 
     def _part_end(self) -> None:
         part, self.current = self.current, None
@@ -207,7 +207,7 @@ class UploadHandler(BaseHandler):
             return
         if sniff(part.head) is None:
             part.discard()
-            raise web.HTTPError(415, f"{part.field!r} is not a PNG, JPEG, WebP or GIF image")
+            raise api_error(415, f"{part.field!r} is not a PNG, JPEG, WebP or GIF image")
         part.close()
         self.parts.append(part)
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tornado import web
 
 from comfy.services import Services
 
-from .base import BaseHandler
+from .base import BaseHandler, api_error
 
 
 class WorkflowListHandler(BaseHandler):
@@ -25,10 +24,10 @@ class WorkflowInfoHandler(BaseHandler):
         """Describe the settable inputs of one workflow."""
         alias = self.get_query_argument("workflow", None)
         if not alias:
-            raise web.HTTPError(400, "workflow is required, e.g. ?workflow=invert-image (see /workflow-list)")
+            raise api_error(400, "workflow is required, e.g. ?workflow=invert-image (see /workflow-list)")
         wf = self.services.catalog.get(alias)
         if wf is None:
-            raise web.HTTPError(400, f"unknown workflow {alias!r} (see /workflow-list)")
+            raise api_error(400, f"unknown workflow {alias!r} (see /workflow-list)")
         self.write_json({key: spec.info() for key, spec in wf.inputs.items()})
 
 

@@ -10,7 +10,7 @@ from tornado import web, websocket
 from comfy.clients import message
 from comfy.services import Services
 
-from .base import authorized, check_client_id
+from .base import api_error, authorized, check_client_id
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class StatusSocket(websocket.WebSocketHandler):
         try:
             if not authorized(self.services.config.api_key, self.request.headers,
                               self.get_query_argument("token", None)):
-                raise web.HTTPError(401, "missing or wrong API key; send ?token=<key> or a Bearer header")
+                raise api_error(401, "missing or wrong API key; send ?token=<key> or a Bearer header")
             self.client_id = check_client_id(self.get_query_argument("clientId", None))
         except web.HTTPError as exc:
             self.set_status(exc.status_code)

@@ -1,0 +1,229 @@
+"""Fixtures: fake ComfyUI servers, a bridge on a free port, and bounded HTTP/WS helpers."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+from tornado import httpclient, websocket
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from bridge import make_app
+from comfy.config import BackendConfig, Config
+from comfy.fake import FakeComfy
+from comfy.services import Services
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parent / "assets"
+TIMEOUT = 10.0
+
+
+def new_client_id() -> str:
+    """A fresh caller clientId."""
+    return uuid.uuid4().hex
+
+
+class Bridge:
+    """A running bridge and the client helpers tests use against it."""
+
+    def __init__(self, services: Services, server: HTTPServer, port: int) -> None:
+        self.services = services
+        self.server = server
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpclient.AsyncHTTPClient(force_instance=True)
+        self.sockets: list[websocket.WebSocketClientConnection] = []
+        self.fakes: list[FakeComfy] = []
+
+    @property
+    def config(self) -> Config:
+        return self.services.config
+
+    async def fetch(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+                    headers: dict[str, str] | None = None, **kw: Any) -> httpclient.HTTPResponse:
+        """One request, bounded in time; checks the invariants every answer must keep."""
+        if body is not None:
+            raw = json.dumps(body).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        if raw is None and method == "POST":
+            raw = b""
+        resp = await asyncio.wait_for(self.http.fetch(self.url + path, method=method, body=raw, headers=headers,
+                                                      raise_error=False, **kw), TIMEOUT)
+        check_invariants(resp)
+        return resp
+
+    async def get_json(self, path: str, status: int = 200) -> Any:
+        resp = await self.fetch("GET", path)
+        assert resp.code == status, (resp.code, resp.body)
+        return json.loads(resp.body)
+
+    async def post_json(self, path: str, body: Any, status: int = 200) -> Any:
+        resp = await self.fetch("POST", path, body)
+        assert resp.code == status, (resp.code, resp.body)
+        return json.loads(resp.body)
+
+    async def ws(self, client_id: str, **query: str) -> websocket.WebSocketClientConnection:
+        """Open /ws for a client (closed at teardown)."""
+        q = "&".join([f"clientId={client_id}"] + [f"{k}={v}" for k, v in query.items()])
+        conn = await asyncio.wait_for(websocket.websocket_connect(f"ws://127.0.0.1:{self.port}/ws?{q}"), TIMEOUT)
+        self.sockets.append(conn)
+        return conn
+
+    async def upload(self, files: dict[str, tuple[str, bytes]], status: int = 200) -> Any:
+        """POST /upload with {identifier: (filename, bytes)}."""
+        body, ctype = multipart(files)
+        resp = await self.fetch("POST", "/upload", raw=body, headers={"Content-Type": ctype})
+        assert resp.code == status, (resp.code, resp.body)
+        return json.loads(resp.body)
+
+    async def submit(self, client_id: str, body: dict[str, Any], status: int = 200) -> Any:
+        return await self.post_json(f"/generate-based-workflow?clientId={client_id}", body, status)
+
+    async def wait_state(self, client_id: str, statuses: set[str], timeout: float = TIMEOUT) -> dict[str, Any]:
+        """Poll /execution-info until the status is one of statuses."""
+        async def poll() -> dict[str, Any]:
+            while True:
+                info = await self.get_json(f"/execution-info?clientId={client_id}")
+                if info["status"] in statuses:
+                    return info
+                await asyncio.sleep(0.02)
+        return await asyncio.wait_for(poll(), timeout)
+
+
+def check_invariants(resp: httpclient.HTTPResponse) -> None:
+    """No answer carries a traceback; every error is JSON with a detail."""
+    body = resp.body or b""
+    assert b"Traceback" not in body
+    assert resp.code < 500 or resp.code == 503, (resp.code, body)
+    if resp.code >= 400 and resp.code != 599:
+        assert resp.headers.get("Content-Type", "").startswith("application/json"), resp.headers
+        assert isinstance(json.loads(body).get("detail"), str), body
+
+
+def multipart(files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    """Encode {field: (filename, bytes)} as multipart/form-data."""
+    boundary = uuid.uuid4().hex
+    out = b""
+    for field, (filename, data) in files.items():
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+def parse_multipart(resp: httpclient.HTTPResponse) -> list[tuple[dict[str, str], bytes]]:
+    """Split a multipart answer into (headers, body) parts."""
+    ctype = resp.headers["Content-Type"]
+    assert ctype.startswith("multipart/form-data; boundary=")
+    boundary = ctype.split("boundary=", 1)[1].encode()
+    chunks = resp.body.split(b"--" + boundary)
+    assert chunks[-1].strip() == b"--"
+    parts = []
+    for chunk in chunks[1:-1]:
+        head, _, data = chunk[2:].partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        parts.append((headers, data[:-2]))
+    return parts
+
+
+async def next_message(conn: websocket.WebSocketClientConnection, timeout: float = TIMEOUT) -> dict[str, Any] | None:
+    """The next status message (None when the socket closed)."""
+    msg = await asyncio.wait_for(conn.read_message(), timeout)
+    return None if msg is None else json.loads(msg)
+
+
+async def read_until_closed(conn: websocket.WebSocketClientConnection,
+                            timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+    """Every status message until the bridge closes the socket."""
+    out = []
+    while (msg := await next_message(conn, timeout)) is not None:
+        out.append(msg)
+    return out
+
+
+@pytest.fixture
+def png() -> bytes:
+    """A small real PNG."""
+    return (ROOT / "workflows" / "example.png").read_bytes()
+
+
+@pytest.fixture
+def workflows_dir(tmp_path: Path) -> Path:
+    """The shipped catalog plus test-only workflows (a run-time error)."""
+    folder = tmp_path / "workflows"
+    shutil.copytree(ROOT / "workflows", folder)
+    for extra in ASSETS.glob("*.json"):
+        shutil.copy(extra, folder)
+    return folder
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[Callable[..., Awaitable[FakeComfy]]]:
+    """Factory of started fake ComfyUI servers, stopped at teardown."""
+    started: list[FakeComfy] = []
+
+    async def make(**kw: Any) -> FakeComfy:
+        kw.setdefault("duration", 0.05)
+        fake = FakeComfy(**kw)
+        await fake.start()
+        started.append(fake)
+        return fake
+    yield make
+    for fake in started:
+        await fake.stop()
+
+
+@pytest.fixture
+async def bridge_factory(tmp_path: Path, workflows_dir: Path) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
+    """Factory of running bridges over given fakes; each is stopped at teardown."""
+    running: list[Bridge] = []
+
+    async def make(backends: list[FakeComfy], data_dir: Path | None = None, wait_up: bool = True,
+                   **settings: Any) -> Bridge:
+        config = Config(backends=tuple(BackendConfig(url=f.url, slots=1) for f in backends),
+                        workflows_dir=workflows_dir, data_dir=data_dir or tmp_path / "data",
+                        keepalive_interval=settings.pop("keepalive_interval", 30.0),
+                        disconnect_grace=settings.pop("disconnect_grace", 0.3),
+                        history_poll_interval=settings.pop("history_poll_interval", 0.5),
+                        **settings)
+        services = Services.build(config)
+        await services.start()
+        sock, port = bind_unused_port()
+        server = HTTPServer(make_app(config, services), max_body_size=config.max_body_bytes * 2 + 1024)
+        server.add_sockets([sock])
+        bridge = Bridge(services, server, port)
+        bridge.fakes = list(backends)
+        running.append(bridge)
+        if wait_up:
+            await asyncio.wait_for(asyncio.gather(*(b.connected.wait() for b in services.backends)), TIMEOUT)
+        return bridge
+    yield make
+    for bridge in running:
+        await stop_bridge(bridge)
+
+
+async def stop_bridge(bridge: Bridge) -> None:
+    """Stop a bridge the way bridge.main does."""
+    for conn in bridge.sockets:
+        conn.close()
+    bridge.server.stop()
+    await bridge.services.stop()
+    await bridge.server.close_all_connections()
+    bridge.http.close()
+
+
+@pytest.fixture
+async def fake(fakes: Callable[..., Awaitable[FakeComfy]]) -> FakeComfy:
+    """One fake ComfyUI."""
+    return await fakes()
+
+
+@pytest.fixture
+async def bridge(bridge_factory: Callable[..., Awaitable[Bridge]], fake: FakeComfy) -> Bridge:
+    """A bridge in front of one fake ComfyUI."""
+    return await bridge_factory([fake])
