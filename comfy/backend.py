@@ -47,6 +47,7 @@ class Backend:
             defaults={"connect_timeout": config.connect_timeout, "request_timeout": config.request_timeout})
         self._connect_timeout = config.connect_timeout
         self._watchers: dict[str, Listener] = {}
+        self._inflight: set[asyncio.Future[httpclient.HTTPResponse]] = set()
         self._ws: websocket.WebSocketClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -83,6 +84,8 @@ class Backend:
                 await self._reader
             except asyncio.CancelledError:
                 pass
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=self._connect_timeout)
         self.http.close()
 
     # WebSocket ----------------------------------------------------------------------------------
@@ -98,10 +101,15 @@ class Backend:
         attempt = 0
         ws_url = self.url.replace("http", "ws", 1) + "/ws?" + urlencode({"clientId": self.client_id})
         while not self._closing:
+            pending = websocket.websocket_connect(
+                httpclient.HTTPRequest(ws_url, connect_timeout=self._connect_timeout),
+                max_message_size=256 * 1024 * 1024)
             try:
-                self._ws = await websocket.websocket_connect(
-                    httpclient.HTTPRequest(ws_url, connect_timeout=self._connect_timeout),
-                    max_message_size=256 * 1024 * 1024)
+                # shielded: a stop() during the handshake must not orphan a half-open socket
+                self._ws = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                pending.add_done_callback(_close_if_connected)
+                raise
             except (OSError, httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
                 if attempt == 0 or attempt % 20 == 0:
                     log.warning("backend %s: WebSocket connect failed: %s", self.label, exc)
@@ -151,9 +159,13 @@ class Backend:
         if body is not None:
             raw = json.dumps(body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
+        pending = self.http.fetch(self.url + path, method=method, body=raw, headers=headers,
+                                  raise_error=False, **kw)
+        self._inflight.add(pending)
+        pending.add_done_callback(self._inflight.discard)
         try:
-            return await self.http.fetch(self.url + path, method=method, body=raw, headers=headers,
-                                         raise_error=False, **kw)
+            # shielded: a cancelled caller lets the request finish and close its socket cleanly
+            return await asyncio.shield(pending)
         except (OSError, httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
             raise BackendUnavailable(f"{self.label}: {method} {path}: {exc}") from None
 
@@ -262,6 +274,11 @@ class Backend:
         os.replace(tmp, dest)
         ctype = resp.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
         return size, ctype
+
+
+def _close_if_connected(fut: asyncio.Future[websocket.WebSocketClientConnection]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()
 
 
 def describe_prompt_error(body: Any) -> str:

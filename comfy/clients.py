@@ -38,7 +38,7 @@ class ClientHub:
         self.scheduler = scheduler
         self.sockets: dict[str, set[ClientSocket]] = {}
         self._pending: dict[str, Job] = {}          # clientId -> job with a progress update not yet sent
-        self._last_sent: dict[str, str] = {}        # clientId -> last progress text sent
+        self._last_sent: dict[str, str] = {}        # clientId -> last state or progress text sent
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._keepalive = PeriodicCallback(self._send_keepalive, config.keepalive_interval * 1000, jitter=0.1)
         self._flusher = PeriodicCallback(self._flush_progress, config.progress_interval * 1000)
@@ -118,12 +118,18 @@ class ClientHub:
             return
         self._pending.pop(cid, None)
         if job.state.active:
+            if self._last_sent.get(cid) == f"{job.id}:{job.state.value}":
+                return  # queued -> dispatching reads the same to a caller
+            self._last_sent[cid] = f"{job.id}:{job.state.value}"
             for sock in list(self.sockets.get(cid, ())):
                 self._send_state(sock, job)
             return
+        self._last_sent.pop(cid, None)
         status, details = job.client_status()
         done = not self._active(cid)
         for sock in list(self.sockets.get(cid, ())):
+            if job.state is State.COMPLETED:
+                sock.send("progress", job.percent, job_id=job.id)  # the bar ends at 100.00%
             sock.send(status, details, job_id=job.id)
             if done:
                 sock.close(1000, "work finished")
@@ -135,8 +141,6 @@ class ClientHub:
         if pos is not None:
             extra["queue_position"] = pos
         sock.send(status, details, **extra)
-        if status == "progress":
-            self._last_sent[job.client_id] = details
 
     def _flush_progress(self) -> None:
         pending, self._pending = self._pending, {}

@@ -179,8 +179,9 @@ async def fakes() -> AsyncIterator[Callable[..., Awaitable[FakeComfy]]]:
 
 
 @pytest.fixture
-async def bridge_factory(tmp_path: Path, workflows_dir: Path) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
-    """Factory of running bridges over given fakes; each is stopped at teardown."""
+async def bridge_factory(tmp_path: Path, workflows_dir: Path,
+                         fakes: Callable[..., Awaitable[FakeComfy]]) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
+    """Factory of running bridges over given fakes; each is stopped at teardown, before the fakes."""
     running: list[Bridge] = []
 
     async def make(backends: list[FakeComfy], data_dir: Path | None = None, wait_up: bool = True,
@@ -207,10 +208,19 @@ async def bridge_factory(tmp_path: Path, workflows_dir: Path) -> AsyncIterator[C
         await stop_bridge(bridge)
 
 
+async def close_ws(conn: websocket.WebSocketClientConnection) -> None:
+    """Close a client socket now, so no socket outlives the test's event loop."""
+    protocol = conn.protocol
+    conn.close()
+    if protocol is not None:
+        # tornado's client waits up to 5 s for the server's FIN after the closing handshake
+        protocol._abort()
+
+
 async def stop_bridge(bridge: Bridge) -> None:
     """Stop a bridge the way bridge.main does."""
     for conn in bridge.sockets:
-        conn.close()
+        await close_ws(conn)
     bridge.server.stop()
     await bridge.services.stop()
     await bridge.server.close_all_connections()
@@ -227,3 +237,10 @@ async def fake(fakes: Callable[..., Awaitable[FakeComfy]]) -> FakeComfy:
 async def bridge(bridge_factory: Callable[..., Awaitable[Bridge]], fake: FakeComfy) -> Bridge:
     """A bridge in front of one fake ComfyUI."""
     return await bridge_factory([fake])
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    yield
+    import gc
+    gc.collect()

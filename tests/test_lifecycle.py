@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import (Bridge, new_client_id, next_message, parse_multipart, read_until_closed)
+from conftest import Bridge, close_ws, new_client_id, next_message, parse_multipart, read_until_closed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,7 +45,7 @@ async def test_ws_life_cycle(bridge_factory, fake, png: bytes) -> None:  # type:
     progress = [float(m["details"].rstrip("%")) for m in messages if m["status"] == "progress"]
     assert statuses[-1] == "closed" and messages[-1]["details"] == "Execution is done"
     assert len(progress) >= 3, messages
-    assert progress == sorted(progress) and progress[-1] < 100
+    assert progress == sorted(progress) and progress[-1] == 100.0 and progress[-2] < 100
     assert all(m["details"].endswith("%") and len(m["details"].split(".")[1]) == 3
                for m in messages if m["status"] == "progress")
     resp = await bridge.fetch("GET", f"/history?clientId={cid}")
@@ -137,7 +137,7 @@ async def test_disconnect_cancels_after_grace(bridge: Bridge) -> None:
     await next_message(conn)
     await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 3.0})
     await bridge.wait_state(cid, {"progress"})
-    conn.close()
+    await close_ws(conn)
     info = await bridge.wait_state(cid, {"error", "closed"}, timeout=5)
     assert info["status"] == "error" and "disconnected" in info["details"]
     assert [i["prompt_id"] for i in fake.interrupts] == list(fake.prompts)
@@ -150,7 +150,7 @@ async def test_reconnect_within_grace_keeps_the_job(bridge_factory, fake) -> Non
     await next_message(conn)
     await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 1.0})
     await bridge.wait_state(cid, {"progress"})
-    conn.close()
+    await close_ws(conn)
     await asyncio.sleep(0.2)
     again = await bridge.ws(cid)
     messages = await read_until_closed(again)
