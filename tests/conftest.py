@@ -169,6 +169,7 @@ async def fakes() -> AsyncIterator[Callable[..., Awaitable[FakeComfy]]]:
 
     async def make(**kw: Any) -> FakeComfy:
         kw.setdefault("duration", 0.05)
+        kw.setdefault("history_lag", 0.02)  # ComfyUI writes history after execution_success
         fake = FakeComfy(**kw)
         await fake.start()
         started.append(fake)
