@@ -15,7 +15,7 @@ from tornado.httpserver import HTTPServer
 from comfy.catalog import CatalogError
 from comfy.config import BackendConfig, Config, ConfigError, load_config
 from comfy.services import Services
-from handlers import history, jobs, upload, workflows, ws
+from handlers import backends, history, jobs, upload, workflows, ws
 from handlers.base import NotFoundHandler
 
 log = logging.getLogger("bridge")
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 def make_app(config: Config, services: Services) -> web.Application:
     """The Tornado application: every module's URL table, static files last."""
     table: list[Any] = []
-    for module in (workflows, upload, jobs, history, ws):
+    for module in (workflows, upload, jobs, history, ws, backends):
         table += module.routes(services)
     static = HERE / "static"
     if (static / "index.html").exists():

@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from tornado import httpclient, websocket
 
@@ -58,6 +58,15 @@ class Backend:
         self.failures = 0
         self.last_error = ""
         self.object_info: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The public view of this backend (its URL without any credentials)."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        url = f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        return {"name": self.label, "url": url, "state": "up" if self.up else "down", "slots": self.slots,
+                "running": len(self.running), "jobs_done": self.jobs_done, "failures": self.failures,
+                "last_error": self.last_error or None}
 
     @property
     def up(self) -> bool:

@@ -197,3 +197,32 @@ async def test_api_key(bridge_factory, fake) -> None:  # type: ignore[no-untyped
     assert err.value.code == 401
     conn = await bridge.ws(new_client_id(), token="s3cret")
     assert (await next_message(conn))["status"] == "connected"
+
+
+async def test_backends_listing(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    one, two = await fakes(), await fakes()
+    bridge = await bridge_factory([one, two])
+    listing = await bridge.get_json("/backends")
+    assert listing["up"] == 2 and listing["total"] == 2 and listing["queue_length"] == 0
+    assert {b["url"] for b in listing["backends"]} == {one.url, two.url}
+    assert all(b["state"] == "up" and b["slots"] == 1 and b["running"] == 0 for b in listing["backends"])
+    await two.go_down()
+
+    async def down() -> dict:
+        while True:
+            listing = await bridge.get_json("/backends")
+            if listing["up"] == 1:
+                return listing
+            await asyncio.sleep(0.02)
+    listing = await asyncio.wait_for(down(), 5)
+    states = {b["url"]: b["state"] for b in listing["backends"]}
+    assert states == {one.url: "up", two.url: "down"}
+
+
+def test_backend_listing_never_shows_credentials() -> None:
+    from comfy.backend import Backend
+    from comfy.config import BackendConfig, Config
+    b = Backend(BackendConfig(url="http://user:secret@gpu-box:8188"), Config(), "cid")
+    shown = b.describe()
+    assert "secret" not in str(shown) and shown["url"] == "http://gpu-box:8188"
+    b.http.close()
