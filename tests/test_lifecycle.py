@@ -188,3 +188,33 @@ async def test_generation_count_survives_restart(bridge_factory, fake, tmp_path)
     # results not taken before the restart are still there
     resp = await second.fetch("GET", f"/history?clientId={cid}")
     assert resp.code == 200 and len(parse_multipart(resp)) == 2
+
+
+async def test_partial_validation_is_a_failure(bridge: Bridge, workflows_dir) -> None:  # type: ignore[no-untyped-def]
+    # ComfyUI answers 200 with node_errors when some outputs are valid: it would run only part of the graph
+    import json as _json
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "missing-on-backend.png"}},
+             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+             "3": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+             "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "y"}}}
+    (workflows_dir / "half_valid.json").write_text(_json.dumps(graph))
+    from comfy.catalog import Catalog
+    bridge.services.catalog.workflows.update(Catalog.load(workflows_dir).workflows)
+    cid = new_client_id()
+    await bridge.submit(cid, {"workflow": "half_valid"})
+    info = await bridge.wait_state(cid, {"closed", "error"})
+    assert info["status"] == "error" and "Invalid image file" in info["details"]
+    assert (await bridge.fetch("GET", f"/history?clientId={cid}")).code == 204
+
+
+async def test_progress_is_throttled(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes(tick=0.002)
+    bridge = await bridge_factory([fake], progress_interval=0.1)
+    cid = new_client_id()
+    conn = await bridge.ws(cid)
+    await next_message(conn)
+    await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 1.0})
+    messages = await read_until_closed(conn)
+    progress = [m for m in messages if m["status"] == "progress"]
+    # about 500 progress ticks from the backend; at most ~10 a second reach the caller
+    assert 5 <= len(progress) <= 14, len(progress)
