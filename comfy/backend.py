@@ -58,20 +58,46 @@ class Backend:
         self.failures = 0
         self.last_error = ""
         self.object_info: dict[str, Any] | None = None
+        # health, kept by HealthMonitor: None until the first probe
+        self.healthy: bool | None = None
+        self.down_since: float | None = None
+        self.probe_failures = 0
+        self.probe_successes = 0
+        self.probe_latency_ms: float | None = None
+        self.draining = False
+        self.orphans: set[str] = set()  # our prompts abandoned here while it was down; stopped when it is back
 
     def describe(self) -> dict[str, Any]:
         """The public view of this backend (its URL without any credentials)."""
         parts = urlsplit(self.url)
         host = parts.hostname or ""
         url = f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
-        return {"name": self.label, "url": url, "state": "up" if self.up else "down", "slots": self.slots,
+        return {"name": self.label, "url": url, "state": self.state, "slots": self.slots,
                 "running": len(self.running), "jobs_done": self.jobs_done, "failures": self.failures,
-                "last_error": self.last_error or None}
+                "last_error": self.last_error or None, "weight": self.cfg.weight,
+                "workflows": list(self.cfg.workflows) if self.cfg.workflows is not None else None,
+                "probe_latency_ms": round(self.probe_latency_ms, 2) if self.probe_latency_ms is not None else None}
 
     @property
     def up(self) -> bool:
-        """True while the WebSocket to the server is open."""
-        return self.connected.is_set()
+        """True while probes pass and the WebSocket to the server is open."""
+        return bool(self.healthy) and self.connected.is_set()
+
+    @property
+    def state(self) -> str:
+        """"up", "down" or "draining" (finishing its jobs, taking no new ones)."""
+        if self.draining:
+            return "draining"
+        return "up" if self.up else "down"
+
+    @property
+    def available(self) -> bool:
+        """True if new jobs may be sent here now."""
+        return self.up and not self.draining and self.free_slots > 0
+
+    async def probe(self, timeout: float) -> None:
+        """The cheap health check: GET /queue (not /system_stats, which is ~50x slower)."""
+        self._check(await self._call("GET", "/queue", request_timeout=timeout), "GET /queue")
 
     @property
     def free_slots(self) -> int:
@@ -85,8 +111,10 @@ class Backend:
     async def stop(self) -> None:
         """Close the WebSocket and the HTTP client."""
         self._closing = True
-        if self._ws is not None:
+        if self._ws is not None and self._reader is not None:
             self._ws.close()
+            # let the closing handshake finish (the reader sees the end), so no socket is left half-open
+            await asyncio.wait([self._reader], timeout=1.0)
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -139,7 +167,8 @@ class Backend:
                 if isinstance(msg, str):
                     self._dispatch(msg)
             self.connected.clear()
-            self._ws.close()
+            if self._ws is not None:
+                self._ws.close()
             self._ws = None
             if not self._closing:
                 log.warning("backend %s: WebSocket closed", self.label)

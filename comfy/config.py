@@ -27,6 +27,12 @@ class BackendConfig:
     url: str
     slots: int = 1
     name: str = ""
+    weight: float = 1.0
+    workflows: tuple[str, ...] | None = None  # None: every workflow
+
+    def accepts(self, alias: str) -> bool:
+        """True if this server may run the workflow (its allow-list, when it has one, names it)."""
+        return self.workflows is None or alias in self.workflows
 
     @property
     def label(self) -> str:
@@ -51,6 +57,12 @@ class Config:
     max_queue: int = 1000
     history_poll_interval: float = 2.0
     interrupt_wait: float = 10.0
+    max_attempts: int = 3
+    # backend health
+    probe_interval: float = 2.0
+    down_after: int = 3
+    up_after: int = 2
+    failover_grace: float = 20.0
     # client sockets
     keepalive_interval: float = 5.0
     progress_interval: float = 0.1
@@ -86,7 +98,10 @@ class Config:
 _SECTIONS: dict[str, dict[str, str]] = {
     "server": {"host": "host", "port": "port"},
     "jobs": {"timeout": "job_timeout", "max_queue": "max_queue",
-             "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait"},
+             "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait",
+             "max_attempts": "max_attempts"},
+    "health": {"probe_interval": "probe_interval", "down_after": "down_after", "up_after": "up_after",
+               "failover_grace": "failover_grace"},
     "clients": {"keepalive_interval": "keepalive_interval", "progress_interval": "progress_interval",
                 "disconnect_grace": "disconnect_grace", "allowed_origins": "allowed_origins"},
     "limits": {"max_upload_bytes": "max_upload_bytes", "max_upload_files": "max_upload_files",
@@ -99,7 +114,8 @@ _ENV = {"BRIDGE_HOST": "host", "BRIDGE_PORT": "port", "BRIDGE_BACKENDS": "backen
         "BRIDGE_WORKFLOWS_DIR": "workflows_dir", "BRIDGE_DATA_DIR": "data_dir", "BRIDGE_API_KEY": "api_key"}
 _POSITIVE = {"port", "max_queue", "max_upload_bytes", "max_upload_files", "max_body_bytes",
              "max_string_length", "job_timeout", "history_poll_interval", "interrupt_wait",
-             "keepalive_interval", "progress_interval", "connect_timeout", "request_timeout"}
+             "keepalive_interval", "progress_interval", "connect_timeout", "request_timeout",
+             "max_attempts", "probe_interval", "down_after", "up_after"}
 
 
 def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,
@@ -202,7 +218,7 @@ def _backends(key: str, val: Any) -> tuple[BackendConfig, ...]:
             item = {"url": item}
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: must be a URL or a mapping with url")
-        unknown = set(item) - {"url", "slots", "name"}
+        unknown = set(item) - {"url", "slots", "name", "weight", "workflows"}
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
         url = item.get("url")
@@ -217,7 +233,13 @@ def _backends(key: str, val: Any) -> tuple[BackendConfig, ...]:
         name = item.get("name") or ""
         if not isinstance(name, str):
             raise ConfigError(f"{where}.name: must be a string")
-        out.append(BackendConfig(url=url.rstrip("/"), slots=int(slots), name=name))
+        weight = _number(f"{where}.weight", item.get("weight", 1.0), float, True)
+        allowed = item.get("workflows")
+        if allowed is not None and (not isinstance(allowed, list) or not allowed
+                                    or not all(isinstance(a, str) for a in allowed)):
+            raise ConfigError(f"{where}.workflows: must be a non-empty list of workflow aliases")
+        out.append(BackendConfig(url=url.rstrip("/"), slots=int(slots), name=name, weight=float(weight),
+                                 workflows=tuple(allowed) if allowed is not None else None))
     urls = [b.url for b in out]
     if len(set(urls)) != len(urls):
         raise ConfigError(f"{key}: the same URL is listed twice")

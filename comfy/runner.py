@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .backend import Backend, BackendUnavailable
+from .backend import Backend, BackendRejected, BackendUnavailable
 from .config import Config
 from .jobs import Job, Output
 from .store import Store
@@ -88,9 +88,12 @@ class Runner:
         progress = Progress(graph)
         ended: dict[str, Any] = {}
 
+        reconnected = {"flag": False}
+
         def on_message(msg: dict[str, Any]) -> None:
             kind, data = msg.get("type"), msg.get("data") or {}
             if kind in ("bridge_reconnected", "bridge_disconnected"):
+                reconnected["flag"] = reconnected["flag"] or kind == "bridge_reconnected"
                 poke.set()
             elif kind == "executing" and data.get("node") is None:
                 done.set()
@@ -103,42 +106,78 @@ class Runner:
         backend.watch(prompt_id, on_message)
         try:
             try:
-                await backend.post_prompt(graph, prompt_id)
+                try:
+                    await backend.post_prompt(graph, prompt_id)
+                except BackendRejected as exc:
+                    if not (job.files and "Invalid image file" in str(exc)):
+                        raise
+                    # the server lost files we sent it before (a wiped input folder): send them again
+                    self.forget_files(backend)
+                    await backend.post_prompt(await self._send_files(job, backend), prompt_id)
             except BackendUnavailable as exc:
                 raise Requeue(str(exc)) from None
             self.started(job)
-            return await self._follow(job, backend, done, poke)
+            try:
+                return await self._follow(job, backend, done, poke, reconnected)
+            except Requeue:
+                backend.orphans.add(prompt_id)  # stop it there if that server comes back
+                raise
         finally:
             backend.unwatch(prompt_id)
 
-    async def _follow(self, job: Job, backend: Backend, done: asyncio.Event,
-                      poke: asyncio.Event) -> dict[str, Any]:
-        """Wait for the end signal (or find it by polling history); enforce the timeout and cancels."""
+    async def _follow(self, job: Job, backend: Backend, done: asyncio.Event, poke: asyncio.Event,
+                      reconnected: dict[str, bool]) -> dict[str, Any]:
+        """Wait for the end signal (or find it by polling history); enforce timeout, cancels and failover."""
         assert job.prompt_id is not None
         cancel = self.cancels.setdefault(job.id, asyncio.Event())
         deadline = time.monotonic() + job.timeout
         poll = self.config.history_poll_interval
+        grace = self.config.failover_grace
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 job.cancel_reason = f"time out error: exceed {job.timeout:g}s"
                 return await self._stop(job, backend, done)
             if cancel.is_set():
                 return await self._stop(job, backend, done)
+            wait = min(poll, remaining)
+            if backend.healthy is False:
+                down_for = now - (backend.down_since or now)
+                if down_for >= grace:
+                    raise Requeue(f"backend {backend.label} down for {down_for:.1f}s")
+                wait = min(wait, grace - down_for)
             waiters = [asyncio.ensure_future(e.wait()) for e in (done, poke, cancel)]
-            await asyncio.wait(waiters, timeout=min(poll, remaining), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:
                 w.cancel()
             poke.clear()
-            if cancel.is_set():
+            if cancel.is_set() or backend.healthy is False:
                 continue
             try:
                 entry = await self._history(backend, job.prompt_id, patient=done.is_set())
+                if entry is not None:
+                    return entry
+                if reconnected["flag"] and not done.is_set():
+                    reconnected["flag"] = False
+                    entry = await self._still_known(job, backend)
+                    if entry is not None:
+                        return entry
             except BackendUnavailable as exc:
                 log.warning("job %s: backend %s unavailable while running: %s", job.id, backend.label, exc)
-                continue
-            if entry is not None:
-                return entry
+
+    async def _still_known(self, job: Job, backend: Backend) -> dict[str, Any] | None:
+        """After a reconnect: is our prompt still queued or running there? A restarted ComfyUI forgets it."""
+        assert job.prompt_id is not None
+        queue = await backend.queue()
+        if job.prompt_id in queue["queue_running"] or job.prompt_id in queue["queue_pending"]:
+            log.info("job %s: re-attached to %s after its reconnect", job.id, backend.label)
+            return None
+        # checked after the queue: ComfyUI moves a prompt from the queue to history atomically
+        entry = await backend.history(job.prompt_id)
+        if entry is not None:
+            return entry
+        raise Requeue(f"backend {backend.label} no longer knows the prompt (restarted?)")
 
     async def _stop(self, job: Job, backend: Backend, done: asyncio.Event) -> dict[str, Any]:
         """Stop our prompt on the backend (never anyone else's) and wait, bounded, for it to end."""
@@ -191,6 +230,11 @@ class Runner:
             node_id, input_name = key.split("/", 1)
             graph[node_id]["inputs"][input_name] = remote
         return graph
+
+    def forget_files(self, backend: Backend) -> None:
+        """Assume this backend has none of the files sent to it before."""
+        for key in [k for k in self.remote_files if k[0] == backend.url]:
+            del self.remote_files[key]
 
     async def collect(self, job: Job, backend: Backend, entry: dict[str, Any]) -> list[Output]:
         """Download every output of the finished prompt into the result store."""

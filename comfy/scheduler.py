@@ -12,14 +12,12 @@ from .backend import Backend, BackendError, BackendRejected, BackendUnavailable
 from .catalog import Catalog, InputError, Workflow
 from .config import Config
 from .fairqueue import FairQueue
+from .health import HealthMonitor
 from .jobs import Job, State
 from .runner import Requeue, Runner, error_text
 from .store import GenerationCounter, Store
 
 log = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 3
-
 
 class QueueFull(Exception):
     """The bridge's queue is at max_queue; the caller should retry later."""
@@ -42,6 +40,8 @@ class Scheduler:
         self.runner = Runner(config, store, self._announce, self._started)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._asset_digests: dict[tuple[str, float], str] = {}
+        self._last_pick: dict[str, float] = {}
+        self.health = HealthMonitor(config, backends, self._backend_state)
         for b in backends:
             b.on_state = self._backend_state
 
@@ -60,10 +60,12 @@ class Scheduler:
             self.queue.push(job)
         for b in self.backends:
             await b.start()
+        await self.health.start()
         self._pump()
 
     async def stop(self) -> None:
         """Stop following jobs and close backend connections (queued jobs stay in the store)."""
+        await self.health.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -79,6 +81,8 @@ class Scheduler:
             if name is None:
                 raise InputError("'workflow' is required")
             raise InputError(f"unknown workflow {name!r} (see /workflow-list)")
+        if not any(b.cfg.accepts(workflow.alias) for b in self.backends):
+            raise InputError(f"no backend is configured to run workflow {workflow.alias!r}")
         values = workflow.validate(body, self.config.max_string_length)
         files = self._resolve_files(workflow, values)
         if len(self.queue) >= self.config.max_queue:
@@ -117,23 +121,21 @@ class Scheduler:
         return self._asset_digests[key]
 
     # dispatch -----------------------------------------------------------------------------------
-    def _pick_backend(self) -> Backend | None:
-        ready = [b for b in self.backends if b.up and b.free_slots > 0]
-        if not ready:
-            return None
-        # most free capacity first; ties go to the least recently used box, so work spreads
-        return max(ready, key=lambda b: (b.free_slots / b.slots, -getattr(b, "_last_pick", 0.0)))
-
     def _pump(self) -> None:
-        """Give waiting jobs to backends with free slots."""
+        """Give waiting jobs to backends with free slots (late binding: only now is a backend chosen)."""
         while len(self.queue):
-            backend = self._pick_backend()
-            if backend is None:
+            free = [b for b in self.backends if b.available]
+            if not free:
                 return
-            job = self.queue.pop()
-            if job is None:
-                return
-            backend._last_pick = time.monotonic()  # type: ignore[attr-defined]
+            # most free capacity first, then weight; ties go to the least recently used box, so work spreads
+            free.sort(key=lambda b: (-b.free_slots / b.slots, -b.cfg.weight, self._last_pick.get(b.url, 0.0)))
+            for backend in free:
+                job = self.queue.pop(lambda j, b=backend: b.cfg.accepts(j.workflow))
+                if job is not None:
+                    break
+            else:
+                return  # the waiting jobs are all for backends that are busy or down
+            self._last_pick[backend.url] = time.monotonic()
             backend.running.add(job.id)
             self._spawn(self._attempt(job, backend))
 
@@ -146,7 +148,21 @@ class Scheduler:
     def _backend_state(self, backend: Backend) -> None:
         if backend.up:
             self._spawn(self._enrich_catalog(backend))
+            if backend.orphans:
+                self._spawn(self._stop_orphans(backend))
             self._pump()
+
+    async def _stop_orphans(self, backend: Backend) -> None:
+        """Prompts we gave up on while this backend was away must not run (or linger) there now."""
+        orphans, backend.orphans = list(backend.orphans), set()
+        try:
+            await backend.delete_queued(orphans)
+            for prompt_id in orphans:
+                await backend.interrupt(prompt_id)
+            await backend.delete_history(orphans)
+            log.info("backend %s: stopped %d abandoned prompt(s)", backend.label, len(orphans))
+        except BackendError:
+            backend.orphans.update(orphans)
 
     async def _enrich_catalog(self, backend: Backend) -> None:
         """Learn input bounds and choices from the first backend that answers."""
@@ -173,7 +189,9 @@ class Scheduler:
         except Requeue as exc:
             backend.failures += 1
             backend.last_error = str(exc)
-            if job.attempts >= MAX_ATTEMPTS:
+            if backend.healthy:
+                self.health.mark_down(backend, str(exc))
+            if job.attempts >= self.config.max_attempts:
                 self._finish(job, State.FAILED, f"backend unavailable: {exc}")
             else:
                 log.warning("job %s: re-queued after backend %s failed: %s", job.id, backend.label, exc)
@@ -183,10 +201,6 @@ class Scheduler:
                 self._announce(job)
         except BackendRejected as exc:
             self._finish(job, State.FAILED, str(exc))
-        except BackendUnavailable as exc:
-            backend.failures += 1
-            backend.last_error = str(exc)
-            self._finish(job, State.FAILED, f"backend unavailable: {exc}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must fail the one job, never the bridge
@@ -207,7 +221,10 @@ class Scheduler:
         if outcome != "success":
             backend.failures += 1
             return self._finish(job, State.FAILED, message)
-        job.outputs = await self.runner.collect(job, backend, entry)
+        try:
+            job.outputs = await self.runner.collect(job, backend, entry)
+        except BackendUnavailable as exc:
+            raise Requeue(f"outputs could not be fetched: {exc}") from None
         backend.jobs_done += 1
         self._finish(job, State.COMPLETED, None)
 
@@ -297,7 +314,7 @@ class Scheduler:
                 self.jobs.pop(job.id, None)
 
     def backend_for(self, client_id: str) -> Backend | None:
-        """The backend the client's latest job was assigned to."""
+        """The backend the client's latest job is (or was last) assigned to."""
         for job in reversed(self.clients.get(client_id, [])):
             if job.backend:
                 return next((b for b in self.backends if b.label == job.backend), None)
