@@ -139,6 +139,10 @@ class Scheduler:
             backend.running.add(job.id)
             self._spawn(self._attempt(job, backend))
 
+    def wake(self) -> None:
+        """Something changed that may let waiting jobs run (a backend resumed)."""
+        self._pump()
+
     def _spawn(self, coro: Any) -> None:
         """Run a background task that stop() will cancel and wait for."""
         task = asyncio.create_task(coro)

@@ -95,6 +95,14 @@ class Bridge:
         return await asyncio.wait_for(poll(), timeout)
 
 
+async def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Wait until predicate() is true, bounded."""
+    async def loop() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(loop(), timeout)
+
+
 def check_invariants(resp: httpclient.HTTPResponse) -> None:
     """No answer carries a traceback; every error is JSON with a detail."""
     body = resp.body or b""
@@ -186,8 +194,9 @@ async def bridge_factory(tmp_path: Path, workflows_dir: Path,
     running: list[Bridge] = []
 
     async def make(backends: list[FakeComfy], data_dir: Path | None = None, wait_up: bool = True,
-                   **settings: Any) -> Bridge:
-        config = Config(backends=tuple(BackendConfig(url=f.url, slots=1) for f in backends),
+                   backend_opts: list[dict[str, Any]] | None = None, **settings: Any) -> Bridge:
+        opts = backend_opts or [{} for _ in backends]
+        config = Config(backends=tuple(BackendConfig(url=f.url, **o) for f, o in zip(backends, opts)),
                         workflows_dir=workflows_dir, data_dir=data_dir or tmp_path / "data",
                         keepalive_interval=settings.pop("keepalive_interval", 30.0),
                         disconnect_grace=settings.pop("disconnect_grace", 0.3),
@@ -202,7 +211,7 @@ async def bridge_factory(tmp_path: Path, workflows_dir: Path,
         bridge.fakes = list(backends)
         running.append(bridge)
         if wait_up:
-            await asyncio.wait_for(asyncio.gather(*(b.connected.wait() for b in services.backends)), TIMEOUT)
+            await wait_for(lambda: all(b.up for b in services.backends))
         return bridge
     yield make
     for bridge in running:

@@ -1,0 +1,175 @@
+"""Several backends: failover of a dead backend's jobs, recovery, fair scheduling, allow-lists, draining."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from conftest import Bridge, new_client_id, next_message, parse_multipart, read_until_closed, wait_for
+
+FAST_HEALTH = {"probe_interval": 0.05, "down_after": 2, "up_after": 2, "failover_grace": 0.3}
+
+
+def job_of(bridge: Bridge, job_id: str):  # type: ignore[no-untyped-def]
+    return bridge.services.scheduler.jobs[job_id]
+
+
+async def test_dead_backend_job_completes_elsewhere(bridge_factory, fakes, png: bytes) -> None:  # type: ignore[no-untyped-def]
+    one, two = await fakes(), await fakes()
+    bridge = await bridge_factory([one, two], **FAST_HEALTH)
+    saved = await bridge.upload({"f": ("in.png", png)})
+    cid = new_client_id()
+    conn = await bridge.ws(cid)
+    await next_message(conn)
+    answer = await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 1.0})
+    await bridge.wait_state(cid, {"progress"})
+    job = job_of(bridge, answer["job_id"])
+    first = one if one.prompts else two
+    other = two if first is one else one
+    await first.go_down()
+    messages = await read_until_closed(conn)
+    assert [m["status"] for m in messages].count("closed") == 1
+    assert messages[-1]["status"] == "closed"
+    assert job.attempts == 2 and len(other.prompts) == 1
+    resp = await bridge.fetch("GET", f"/history?clientId={cid}")
+    assert resp.code == 200 and len(parse_multipart(resp)) == 1
+    # the upload follows a job that moves: an invert-image job goes to the surviving box with its file
+    await bridge.submit(cid, {"workflow": "invert-image", "1/image": saved["f"]})
+    assert (await bridge.wait_state(cid, {"closed", "error"}))["status"] == "closed"
+    assert [u["name"] for u in other.uploads if u.get("status", 200) == 200] == [saved["f"]]
+    # /free?clientId acts on the backend the client's job is on now
+    await bridge.post_json(f"/free?clientId={cid}", {})
+    assert len(other.frees) == 1 and first.frees == []
+
+
+async def test_backend_that_comes_back_is_used_again(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    one, two = await fakes(), await fakes()
+    bridge = await bridge_factory([one, two], **FAST_HEALTH)
+    await two.go_down()
+    await wait_for(lambda: not bridge.services.backends[1].up)
+    listing = await bridge.get_json("/backends")
+    assert [b["state"] for b in listing["backends"]] == ["up", "down"]
+    await two.come_up()
+    await wait_for(lambda: bridge.services.backends[1].up)
+    one.hang = True
+    a, b = new_client_id(), new_client_id()
+    await bridge.submit(a, {"workflow": "blank-canvas"})
+    await bridge.submit(b, {"workflow": "blank-canvas"})
+    assert (await bridge.wait_state(b, {"closed", "error"}))["status"] == "closed"
+    assert len(two.prompts) == 1
+    await bridge.post_json(f"/interrupt?clientId={a}", {})
+
+
+async def test_restarted_backend_reruns_the_lost_prompt_at_once(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes()
+    bridge = await bridge_factory([fake], probe_interval=0.05, down_after=2, up_after=1, failover_grace=30)
+    cid = new_client_id()
+    answer = await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 0.5})
+    await bridge.wait_state(cid, {"progress"})
+    await fake.go_down()
+    await fake.come_up()  # a fresh ComfyUI has forgotten the prompt; waiting out the grace would be wasted time
+    info = await bridge.wait_state(cid, {"closed", "error"}, timeout=5)
+    assert info["status"] == "closed"
+    assert job_of(bridge, answer["job_id"]).attempts == 2
+
+
+async def test_attempts_are_bounded(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes()
+    bridge = await bridge_factory([fake], max_attempts=1, **FAST_HEALTH)
+    cid = new_client_id()
+    await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 2.0})
+    await bridge.wait_state(cid, {"progress"})
+    await fake.go_down()
+    info = await bridge.wait_state(cid, {"closed", "error"}, timeout=5)
+    assert info["status"] == "error" and "down for" in info["details"]
+
+
+async def test_jobs_wait_while_no_backend_is_up(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes()
+    bridge = await bridge_factory([fake], **FAST_HEALTH)
+    await fake.go_down()
+    await wait_for(lambda: not bridge.services.backends[0].up)
+    cid = new_client_id()
+    answer = await bridge.submit(cid, {"workflow": "blank-canvas"})
+    assert answer["detail"] == "queued / 1"
+    await asyncio.sleep(0.3)
+    assert (await bridge.get_json(f"/execution-info?clientId={cid}"))["status"] == "connected"
+    await fake.come_up()
+    assert (await bridge.wait_state(cid, {"closed", "error"}))["status"] == "closed"
+
+
+async def test_burst_does_not_starve_another_client(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes(duration=0.01)
+    bridge = await bridge_factory([fake])
+    fake.hang = True  # hold the first job so the burst waits in the bridge's queue
+    burst, single = new_client_id(), new_client_id()
+    ids = [(await bridge.submit(burst, {"workflow": "blank-canvas", "1/width": 8 + i}))["job_id"]
+           for i in range(100)]
+    answer = await bridge.submit(single, {"workflow": "blank-canvas"})
+    assert answer["queue_position"] == 2  # behind one job of the burst, not behind 99
+    fake.hang = False
+    await bridge.post_json(f"/interrupt?clientId={burst}", {})  # frees the held job; the rest are dropped
+    assert (await bridge.wait_state(single, {"closed"}))["status"] == "closed"
+    mine = job_of(bridge, answer["job_id"])
+    ran_before = [j for j in ids if (job_of(bridge, j).started_at or 1e18) < mine.started_at]
+    assert len(ran_before) <= 2
+
+
+async def test_round_robin_order_across_clients(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes(duration=0.01)
+    bridge = await bridge_factory([fake])
+    fake.hang = True
+    hold = new_client_id()
+    await bridge.submit(hold, {"workflow": "blank-canvas"})
+    a, b = new_client_id(), new_client_id()
+    order = []
+    for i in range(3):
+        order.append((await bridge.submit(a, {"workflow": "blank-canvas", "1/width": 10 + i}))["job_id"])
+    order.append((await bridge.submit(b, {"workflow": "blank-canvas", "1/width": 20}))["job_id"])
+    fake.hang = False
+    await bridge.post_json(f"/interrupt?clientId={hold}", {})
+    await bridge.wait_state(a, {"closed"})
+    await bridge.wait_state(b, {"closed"})
+    started = sorted(order, key=lambda j: job_of(bridge, j).started_at)
+    assert started == [order[0], order[3], order[1], order[2]]
+
+
+async def test_workflow_allow_list_and_weight(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    small, big = await fakes(), await fakes()
+    bridge = await bridge_factory([small, big], backend_opts=[{"workflows": ["blank-canvas"]}, {"weight": 5}])
+    cid = new_client_id()
+    await bridge.submit(cid, {"workflow": "invert-image"})
+    await bridge.wait_state(cid, {"closed"})
+    await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await bridge.wait_state(cid, {"closed"})
+    assert small.prompts == {} and len(big.prompts) == 2  # both free: the heavier box is preferred
+    big.hang = True
+    other = new_client_id()
+    await bridge.submit(other, {"workflow": "invert-image"})
+    await bridge.submit(cid, {"workflow": "blank-canvas"})  # the big box is busy: the small one may run this
+    await bridge.wait_state(cid, {"closed"})
+    assert len(small.prompts) == 1
+    await bridge.post_json(f"/interrupt?clientId={other}", {})
+
+
+async def test_workflow_no_backend_offers_is_refused(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes()
+    bridge = await bridge_factory([fake], backend_opts=[{"workflows": ["blank-canvas"]}])
+    resp = await bridge.fetch("POST", f"/generate-based-workflow?clientId={new_client_id()}",
+                              {"workflow": "invert-image"})
+    assert resp.code == 400 and "no backend" in json.loads(resp.body)["detail"]
+
+
+async def test_drain_and_resume(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    one, two = await fakes(), await fakes()
+    bridge = await bridge_factory([one, two])
+    name = bridge.services.backends[0].label
+    drained = await bridge.post_json(f"/backends/drain?name={name}", {})
+    assert drained["state"] == "draining"
+    cid = new_client_id()
+    for _ in range(3):
+        await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await wait_for(lambda: all(not j.state.active for j in bridge.services.scheduler.client_jobs(cid)))
+    assert one.prompts == {} and len(two.prompts) == 3
+    assert (await bridge.post_json(f"/backends/resume?name={name}", {}))["state"] == "up"
+    resp = await bridge.fetch("POST", "/backends/drain?name=nope")
+    assert resp.code == 400
