@@ -65,6 +65,7 @@ class Backend:
         self.probe_successes = 0
         self.probe_latency_ms: float | None = None
         self.draining = False
+        self.job_seconds: float | None = None  # moving average of a job's run time here (dispatch preference)
         self.orphans: set[str] = set()  # our prompts abandoned here while it was down; stopped when it is back
 
     def describe(self) -> dict[str, Any]:

@@ -61,6 +61,7 @@ class Job:
     fetched: bool = False
     seq: int = 0
     cancel_reason: str | None = None
+    run_started: float | None = None  # monotonic time this attempt started running (not persisted)
 
     @property
     def percent(self) -> str:

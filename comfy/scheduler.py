@@ -41,6 +41,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._asset_digests: dict[tuple[str, float], str] = {}
         self._last_pick: dict[str, float] = {}
+        self._recheck: asyncio.TimerHandle | None = None
         self.health = HealthMonitor(config, backends, self._backend_state)
         for b in backends:
             b.on_state = self._backend_state
@@ -66,6 +67,8 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop following jobs and close backend connections (queued jobs stay in the store)."""
         await self.health.stop()
+        if self._recheck is not None:
+            self._recheck.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -127,17 +130,46 @@ class Scheduler:
             free = [b for b in self.backends if b.available]
             if not free:
                 return
-            # most free capacity first, then weight; ties go to the least recently used box, so work spreads
-            free.sort(key=lambda b: (-b.free_slots / b.slots, -b.cfg.weight, self._last_pick.get(b.url, 0.0)))
+            # most free capacity first, then weight, then the faster box; ties go to the least recently
+            # used one, so work spreads
+            free.sort(key=lambda b: (-b.free_slots / b.slots, -b.cfg.weight, b.job_seconds or 0.0,
+                                     self._last_pick.get(b.url, 0.0)))
             for backend in free:
-                job = self.queue.pop(lambda j, b=backend: b.cfg.accepts(j.workflow))
+                job = self.queue.pop(lambda j, b=backend: b.cfg.accepts(j.workflow) and not self._faster_soon(b, j))
                 if job is not None:
                     break
             else:
-                return  # the waiting jobs are all for backends that are busy or down
+                return  # the waiting jobs are for backends that are busy or down, or a faster one frees soon
             self._last_pick[backend.url] = time.monotonic()
             backend.running.add(job.id)
             self._spawn(self._attempt(job, backend))
+
+    def _faster_soon(self, backend: Backend, job: Job) -> bool:
+        """True if a busy, faster backend will finish this job sooner than `backend` could (tail of a batch).
+
+        Only the last few waiting jobs are held back this way; a timer re-checks when that backend
+        should be free, so an overdue box never blocks the queue."""
+        mine = backend.job_seconds
+        if mine is None or len(self.queue) > len(self.backends):
+            return False
+        now = time.monotonic()
+        better: list[float] = []
+        for other in self.backends:
+            speed = other.job_seconds
+            if other is backend or speed is None or speed >= mine or not other.up or other.draining \
+                    or not other.cfg.accepts(job.workflow):
+                continue
+            ends = [self.jobs[j].run_started + speed for j in other.running
+                    if j in self.jobs and self.jobs[j].run_started is not None]
+            free_at = min(ends) if len(ends) >= other.slots else now
+            if free_at >= now and free_at + speed < now + mine:
+                better.append(free_at)
+        if len(better) < len(self.queue):
+            return False
+        if better:
+            loop = asyncio.get_running_loop()
+            self._recheck = loop.call_later(max(0.0, min(better) - now) + 0.01, self._pump)
+        return bool(better)
 
     def wake(self) -> None:
         """Something changed that may let waiting jobs run (a backend resumed)."""
@@ -240,6 +272,7 @@ class Scheduler:
 
     def _started(self, job: Job) -> None:
         job.state, job.started_at = State.RUNNING, job.started_at or time.time()
+        job.run_started = time.monotonic()
         if not job.counted:
             job.counted = True
             self.counter.increment()
@@ -251,6 +284,10 @@ class Scheduler:
         job.state, job.error, job.finished_at = state, error, time.time()
         if state is State.COMPLETED:
             job.progress = 1.0
+            backend = next((b for b in self.backends if b.label == job.backend), None)
+            if backend is not None and job.run_started is not None:
+                took = time.monotonic() - job.run_started
+                backend.job_seconds = took if backend.job_seconds is None else 0.7 * backend.job_seconds + 0.3 * took
             self.store.complete_job(job)
         else:
             self.store.save_job(job)

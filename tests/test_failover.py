@@ -173,3 +173,19 @@ async def test_drain_and_resume(bridge_factory, fakes) -> None:  # type: ignore[
     assert (await bridge.post_json(f"/backends/resume?name={name}", {}))["state"] == "up"
     resp = await bridge.fetch("POST", "/backends/drain?name=nope")
     assert resp.code == 400
+
+
+async def test_last_jobs_wait_for_a_much_faster_box(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    slow, fast = await fakes(duration=0.8, cache=False), await fakes(duration=0.05, cache=False)
+    bridge = await bridge_factory([slow, fast])
+    warm = new_client_id()
+    for _ in range(4):  # the bridge learns how long a job takes on each box
+        await bridge.submit(warm, {"workflow": "blank-canvas"})
+    await wait_for(lambda: all(not j.state.active for j in bridge.services.scheduler.client_jobs(warm)))
+    before = len(slow.prompts)
+    cid = new_client_id()
+    await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await wait_for(lambda: all(not j.state.active for j in bridge.services.scheduler.client_jobs(cid)))
+    # both went to the fast box: the second waited ~0.05 s instead of taking 0.8 s on the slow one
+    assert len(slow.prompts) == before

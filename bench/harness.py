@@ -1,0 +1,87 @@
+"""Shared benchmark plumbing: simulated ComfyUI servers in a child process, a bridge in this one."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bridge import make_app  # noqa: E402
+from comfy.config import BackendConfig, Config  # noqa: E402
+from comfy.services import Services  # noqa: E402
+
+HOST_SCRIPT = """
+import asyncio, json, sys
+from comfy.fake import FakeComfy
+async def main():
+    durations = json.loads(sys.argv[1])
+    fakes = [FakeComfy(duration=d, cache=False) for d in durations]
+    for f in fakes:
+        await f.start()
+    print(json.dumps([f.url for f in fakes]), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for f in fakes:
+        await f.stop()
+asyncio.run(main())
+"""
+
+
+class MeasureError(Exception):
+    """The benchmark could not measure what it should; no figure is printed."""
+
+
+@asynccontextmanager
+async def simulated_backends(durations: list[float]) -> AsyncIterator[list[str]]:
+    """Start simulated ComfyUI servers (fixed job time each) in a child process; yields their URLs."""
+    proc = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, json.dumps(durations)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        if not line:
+            raise MeasureError("the simulated backends did not start")
+        yield json.loads(line)
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@asynccontextmanager
+async def running_bridge(urls: list[str], **settings: Any) -> AsyncIterator[tuple[Services, int]]:
+    """A bridge in this process over the given backends; yields its services and port."""
+    with tempfile.TemporaryDirectory() as data:
+        config = Config(backends=tuple(BackendConfig(url=u, name=f"sim-{i}") for i, u in enumerate(urls)),
+                        workflows_dir=ROOT / "workflows", data_dir=Path(data), **settings)
+        services = Services.build(config)
+        await services.start()
+        sock, port = bind_unused_port()
+        server = HTTPServer(make_app(config, services))
+        server.add_sockets([sock])
+        try:
+            deadline = time.monotonic() + 20
+            while not all(b.up for b in services.backends):
+                if time.monotonic() > deadline:
+                    raise MeasureError("the bridge did not reach every backend")
+                await asyncio.sleep(0.02)
+            yield services, port
+        finally:
+            server.stop()
+            await services.stop()
+            await server.close_all_connections()
