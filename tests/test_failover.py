@@ -189,3 +189,33 @@ async def test_last_jobs_wait_for_a_much_faster_box(bridge_factory, fakes) -> No
     await wait_for(lambda: all(not j.state.active for j in bridge.services.scheduler.client_jobs(cid)))
     # both went to the fast box: the second waited ~0.05 s instead of taking 0.8 s on the slow one
     assert len(slow.prompts) == before
+
+
+async def test_rejected_prompt_never_marks_the_backend_down(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes()
+    bridge = await bridge_factory([fake], **FAST_HEALTH)
+    fake.reject = True
+    cid = new_client_id()
+    for _ in range(4):
+        await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await wait_for(lambda: all(not j.state.active for j in bridge.services.scheduler.client_jobs(cid)))
+    assert (await bridge.get_json(f"/execution-info?clientId={cid}"))["status"] == "error"
+    await asyncio.sleep(0.2)
+    assert (await bridge.get_json("/backends"))["backends"][0]["state"] == "up"
+    fake.reject = False
+    await bridge.submit(cid, {"workflow": "blank-canvas"})
+    assert (await bridge.wait_state(cid, {"closed", "error"}))["status"] == "closed"
+
+
+async def test_slots_let_a_backend_take_several_jobs(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes()
+    bridge = await bridge_factory([fake], backend_opts=[{"slots": 2}])
+    fake.hang = True
+    a, b, c = new_client_id(), new_client_id(), new_client_id()
+    for cid in (a, b, c):
+        await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await wait_for(lambda: len(fake.prompts) == 2)
+    listing = await bridge.get_json("/backends")
+    assert listing["backends"][0]["running"] == 2 and listing["queue_length"] == 1
+    for cid in (a, b, c):
+        await bridge.post_json(f"/interrupt?clientId={cid}", {})
