@@ -58,6 +58,7 @@ class Config:
     history_poll_interval: float = 2.0
     interrupt_wait: float = 10.0
     max_attempts: int = 3
+    results_ttl: float = 86400.0  # seconds an unfetched result is kept
     # backend health
     probe_interval: float = 2.0
     down_after: int = 3
@@ -99,7 +100,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "server": {"host": "host", "port": "port"},
     "jobs": {"timeout": "job_timeout", "max_queue": "max_queue",
              "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait",
-             "max_attempts": "max_attempts"},
+             "max_attempts": "max_attempts", "results_ttl": "results_ttl"},
     "health": {"probe_interval": "probe_interval", "down_after": "down_after", "up_after": "up_after",
                "failover_grace": "failover_grace"},
     "clients": {"keepalive_interval": "keepalive_interval", "progress_interval": "progress_interval",
@@ -115,7 +116,7 @@ _ENV = {"BRIDGE_HOST": "host", "BRIDGE_PORT": "port", "BRIDGE_BACKENDS": "backen
 _POSITIVE = {"port", "max_queue", "max_upload_bytes", "max_upload_files", "max_body_bytes",
              "max_string_length", "job_timeout", "history_poll_interval", "interrupt_wait",
              "keepalive_interval", "progress_interval", "connect_timeout", "request_timeout",
-             "max_attempts", "probe_interval", "down_after", "up_after"}
+             "max_attempts", "results_ttl", "probe_interval", "down_after", "up_after"}
 
 
 def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,

@@ -64,6 +64,30 @@ class Progress:
         return False
 
 
+class _Watch:
+    """What the backend's WebSocket tells about one prompt: progress, the end signal, reconnects."""
+
+    def __init__(self, job: Job, graph: dict[str, Any], announce: Callable[[Job], None]) -> None:
+        self.job = job
+        self.announce = announce
+        self.progress = Progress(graph)
+        self.done = asyncio.Event()
+        self.poke = asyncio.Event()
+        self.reconnected = False
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        """One message about our prompt (or the connection's own bridge_* notices)."""
+        kind, data = msg.get("type"), msg.get("data") or {}
+        if kind in ("bridge_reconnected", "bridge_disconnected"):
+            self.reconnected = self.reconnected or kind == "bridge_reconnected"
+            self.poke.set()
+        elif kind == "executing" and data.get("node") is None:
+            self.done.set()
+        elif isinstance(kind, str) and self.progress.feed(kind, data):
+            self.job.progress = self.progress.value
+            self.announce(self.job)
+
+
 class Runner:
     """Carries a job through one attempt on one backend."""
 
@@ -82,28 +106,9 @@ class Runner:
         graph = await self._send_files(job, backend)
         prompt_id = str(uuid.uuid4())
         job.prompt_id = prompt_id
-        self.store.save_job(job)
-        done = asyncio.Event()
-        poke = asyncio.Event()
-        progress = Progress(graph)
-        ended: dict[str, Any] = {}
-
-        reconnected = {"flag": False}
-
-        def on_message(msg: dict[str, Any]) -> None:
-            kind, data = msg.get("type"), msg.get("data") or {}
-            if kind in ("bridge_reconnected", "bridge_disconnected"):
-                reconnected["flag"] = reconnected["flag"] or kind == "bridge_reconnected"
-                poke.set()
-            elif kind == "executing" and data.get("node") is None:
-                done.set()
-            elif kind in ("execution_error", "execution_interrupted", "execution_success"):
-                ended[kind] = data
-            elif progress.feed(kind, data):
-                job.progress = progress.value
-                self.announce(job)
-
-        backend.watch(prompt_id, on_message)
+        self.store.save_job(job)  # before posting: a restart can then find the prompt on the backend
+        watch = _Watch(job, graph, self.announce)
+        backend.watch(prompt_id, watch.on_message)
         try:
             try:
                 try:
@@ -117,20 +122,48 @@ class Runner:
             except BackendUnavailable as exc:
                 raise Requeue(str(exc)) from None
             self.started(job)
-            try:
-                return await self._follow(job, backend, done, poke, reconnected)
-            except Requeue:
-                backend.orphans.add(prompt_id)  # stop it there if that server comes back
-                raise
+            return await self._follow_or_orphan(job, backend, watch, time.monotonic() + job.timeout)
         finally:
             backend.unwatch(prompt_id)
 
-    async def _follow(self, job: Job, backend: Backend, done: asyncio.Event, poke: asyncio.Event,
-                      reconnected: dict[str, bool]) -> dict[str, Any]:
+    async def resume(self, job: Job, backend: Backend) -> dict[str, Any]:
+        """Pick up a job that was running when the bridge stopped: collect it, re-attach to it, or re-queue."""
+        prompt_id = job.prompt_id
+        assert prompt_id is not None
+        watch = _Watch(job, job.prompt, self.announce)
+        backend.watch(prompt_id, watch.on_message)
+        try:
+            waited = 0.0
+            while not backend.up:
+                if waited >= self.config.failover_grace:
+                    raise Requeue(f"backend {backend.label} did not come back after the restart")
+                await asyncio.sleep(0.05)
+                waited += 0.05
+            try:
+                entry = await self._still_known(job, backend)
+            except BackendUnavailable as exc:
+                raise Requeue(str(exc)) from None
+            if entry is not None:
+                log.info("job %s: finished on %s while the bridge was away; collecting it", job.id, backend.label)
+                return entry
+            ran = time.time() - (job.started_at or time.time())
+            return await self._follow_or_orphan(job, backend, watch, time.monotonic() + job.timeout - ran)
+        finally:
+            backend.unwatch(prompt_id)
+
+    async def _follow_or_orphan(self, job: Job, backend: Backend, watch: _Watch, deadline: float) -> dict[str, Any]:
+        try:
+            return await self._follow(job, backend, watch, deadline)
+        except Requeue:
+            assert job.prompt_id is not None
+            backend.orphans.add(job.prompt_id)  # stop it there if that server comes back
+            raise
+
+    async def _follow(self, job: Job, backend: Backend, watch: _Watch, deadline: float) -> dict[str, Any]:
         """Wait for the end signal (or find it by polling history); enforce timeout, cancels and failover."""
         assert job.prompt_id is not None
+        done, poke = watch.done, watch.poke
         cancel = self.cancels.setdefault(job.id, asyncio.Event())
-        deadline = time.monotonic() + job.timeout
         poll = self.config.history_poll_interval
         grace = self.config.failover_grace
         while True:
@@ -158,8 +191,8 @@ class Runner:
                 entry = await self._history(backend, job.prompt_id, patient=done.is_set())
                 if entry is not None:
                     return entry
-                if reconnected["flag"] and not done.is_set():
-                    reconnected["flag"] = False
+                if watch.reconnected and not done.is_set():
+                    watch.reconnected = False
                     entry = await self._still_known(job, backend)
                     if entry is not None:
                         return entry
@@ -171,7 +204,7 @@ class Runner:
         assert job.prompt_id is not None
         queue = await backend.queue()
         if job.prompt_id in queue["queue_running"] or job.prompt_id in queue["queue_pending"]:
-            log.info("job %s: re-attached to %s after its reconnect", job.id, backend.label)
+            log.info("job %s: re-attached to its prompt on %s", job.id, backend.label)
             return None
         # checked after the queue: ComfyUI moves a prompt from the queue to history atomically
         entry = await backend.history(job.prompt_id)

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from tornado.ioloop import PeriodicCallback
+
 from .backend import Backend, BackendError, BackendRejected, BackendUnavailable
 from .catalog import Catalog, InputError, Workflow
 from .config import Config
@@ -43,30 +45,42 @@ class Scheduler:
         self._last_pick: dict[str, float] = {}
         self._recheck: asyncio.TimerHandle | None = None
         self.health = HealthMonitor(config, backends, self._backend_state)
+        self._sweeper = PeriodicCallback(self.expire_results, min(config.results_ttl / 4, 600.0) * 1000, jitter=0.1)
         for b in backends:
             b.on_state = self._backend_state
 
     # lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load what the store remembers, connect to every backend, start dispatching."""
-        for job in self.store.latest_per_client():
-            self._remember(job)
         for job in self.store.unfetched_jobs():
             self._remember(job)
+        resume: list[tuple[Job, Backend]] = []
         for job in self.store.unfinished_jobs():
-            # A job interrupted by a restart runs again; the result of the old attempt, if any, is dropped.
-            job.state, job.backend, job.prompt_id, job.progress = State.QUEUED, None, None, 0.0
-            self.store.save_job(job)
             self._remember(job)
-            self.queue.push(job)
+            backend = next((b for b in self.backends if b.label == job.backend), None)
+            if job.state is not State.QUEUED and job.prompt_id and backend is not None:
+                backend.running.add(job.id)  # its slot stays taken until we know what became of it
+                resume.append((job, backend))
+            else:
+                job.state, job.backend, job.prompt_id, job.progress = State.QUEUED, None, None, 0.0
+                self.store.save_job(job)
+                self.queue.push(job)  # in their original order
+        for job in self.store.latest_per_client():
+            if job.id not in self.jobs:
+                self._remember(job)
         for b in self.backends:
             await b.start()
+        for job, backend in resume:
+            self._spawn(self._attempt(job, backend, resume=True))
         await self.health.start()
+        self.expire_results()
+        self._sweeper.start()
         self._pump()
 
     async def stop(self) -> None:
         """Stop following jobs and close backend connections (queued jobs stay in the store)."""
         await self.health.stop()
+        self._sweeper.stop()
         if self._recheck is not None:
             self._recheck.cancel()
         for task in list(self._tasks):
@@ -211,16 +225,21 @@ class Scheduler:
             return
         self.catalog.enrich(backend.object_info)
 
-    async def _attempt(self, job: Job, backend: Backend) -> None:
-        """One attempt of a job on a backend, ending in an outcome or a re-queue."""
+    async def _attempt(self, job: Job, backend: Backend, resume: bool = False) -> None:
+        """One attempt of a job on a backend (or the rest of one after a restart), ending in an outcome
+        or a re-queue."""
         try:
-            job.state, job.backend, job.attempts = State.DISPATCHING, backend.label, job.attempts + 1
-            job.progress = 0.0
-            self.store.save_job(job)
-            self._announce(job)
-            if job.cancel_reason:
-                return self._finish(job, State.CANCELLED, job.cancel_reason)
-            entry = await self.runner.run(job, backend)
+            if resume:
+                log.info("job %s: looking for its prompt on %s after the restart", job.id, backend.label)
+                entry = await self.runner.resume(job, backend)
+            else:
+                job.state, job.backend, job.attempts = State.DISPATCHING, backend.label, job.attempts + 1
+                job.progress = 0.0
+                self.store.save_job(job)
+                self._announce(job)
+                if job.cancel_reason:
+                    return self._finish(job, State.CANCELLED, job.cancel_reason)
+                entry = await self.runner.run(job, backend)
             await self._conclude(job, backend, entry)
         except Requeue as exc:
             backend.failures += 1
@@ -341,9 +360,19 @@ class Scheduler:
         """Completed jobs of the client whose outputs were not taken yet."""
         return [j for j in self.clients.get(client_id, ()) if j.state is State.COMPLETED and not j.fetched]
 
-    def mark_fetched(self, jobs: list[Job]) -> None:
+    def expire_results(self, now: float | None = None) -> int:
+        """Delete results nobody took within results_ttl; the jobs stay in the log. Returns how many."""
+        cutoff = (now or time.time()) - self.config.results_ttl
+        old = [j for j in self.jobs.values()
+               if j.state is State.COMPLETED and not j.fetched and (j.finished_at or 0) < cutoff]
+        if old:
+            self.mark_fetched(old, expired=True)
+            log.info("expired the untaken results of %d job(s)", len(old))
+        return len(old)
+
+    def mark_fetched(self, jobs: list[Job], expired: bool = False) -> None:
         """The caller has received these outputs: delete them and forget the jobs (but the newest)."""
-        self.store.mark_fetched([j.id for j in jobs])
+        self.store.mark_fetched([j.id for j in jobs], expired)
         for job in jobs:
             job.fetched = True
             for out in job.outputs:

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     counted INTEGER NOT NULL DEFAULT 0,
-    fetched INTEGER NOT NULL DEFAULT 0
+    fetched INTEGER NOT NULL DEFAULT 0,
+    expired INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_client ON jobs (client_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -106,10 +107,11 @@ class Store:
                  for i, o in enumerate(job.outputs)])
             self.save_job(job)
 
-    def mark_fetched(self, job_ids: list[str]) -> None:
-        """The caller took these jobs' outputs."""
+    def mark_fetched(self, job_ids: list[str], expired: bool = False) -> None:
+        """The caller took these jobs' outputs (or they expired untaken): forget the output records."""
         with self._tx():
-            self.db.executemany("UPDATE jobs SET fetched=1 WHERE id=?", [(j,) for j in job_ids])
+            self.db.executemany(f"UPDATE jobs SET fetched=1, expired={int(expired)} WHERE id=?",
+                                [(j,) for j in job_ids])
             self.db.executemany("DELETE FROM outputs WHERE job_id=?", [(j,) for j in job_ids])
 
     def unfinished_jobs(self) -> list[Job]:
@@ -143,7 +145,7 @@ class Store:
         """One page of the generation log, newest first, and the total number of jobs."""
         total = int(self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
         rows = self.db.execute(
-            "SELECT id, client_id, workflow, state, error, created_at, finished_at, fetched FROM jobs"
+            "SELECT id, client_id, workflow, state, error, created_at, finished_at, fetched, expired FROM jobs"
             " ORDER BY seq DESC LIMIT ? OFFSET ?", [limit, offset]).fetchall()
         return rows, total
 

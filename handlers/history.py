@@ -100,6 +100,8 @@ class HistoryHandler(BaseHandler):
                 entry["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["finished_at"]))
             if row["state"] == State.COMPLETED.value and not row["fetched"]:
                 entry["result_url"] = f"/history?clientId={quote(row['client_id'])}"
+            if row["expired"]:
+                entry["result_expired"] = True
             if row["error"] and row["state"] != State.COMPLETED.value:
                 entry["error_message"] = row["error"]
             entries.append(entry)

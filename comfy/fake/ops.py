@@ -87,7 +87,12 @@ def _png_of(img: Img, ctx: Context, metadata: bool, level: int = 4) -> bytes:
         text["prompt"] = json.dumps(ctx.prompt)
         for key, value in (ctx.extra_data.get("extra_pnginfo") or {}).items():
             text[str(key)] = json.dumps(value)
-    return png.encode_png(min(img.width, MAX_SIDE), min(img.height, MAX_SIDE), img.rgb, text, level)
+    data = png.encode_png(min(img.width, MAX_SIDE), min(img.height, MAX_SIDE), img.rgb, text, level)
+    padding = getattr(ctx, "padding", 0)
+    if padding:
+        # a private ancillary chunk before IEND: still a valid PNG, just large
+        data = data[:-12] + png.chunk(b"ruBd", os.urandom(padding)) + data[-12:]
+    return data
 
 
 def _expand_vars(prefix: str, width: int, height: int) -> str:

@@ -17,7 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _WEBP_1X1 = base64.b64decode("UklGRhoAAABXRUJQVlA4TA0AAAAvAAAAEAcQERGIiP4HAA==")
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
+def chunk(kind: bytes, data: bytes) -> bytes:
     """Frame one PNG chunk: length, type, data, CRC over type+data."""
     crc = zlib.crc32(kind + data) & 0xFFFFFFFF
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
@@ -36,13 +36,13 @@ def encode_png(
     row = b"\x00" + bytes(rgb) * width  # filter type 0 ("None") per scanline
     raw = row * height
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    parts = [PNG_MAGIC, _chunk(b"IHDR", ihdr)]
+    parts = [PNG_MAGIC, chunk(b"IHDR", ihdr)]
     for key, value in (text or {}).items():
         # ComfyUI stores prompt/workflow JSON as tEXt; latin-1 is what tEXt allows.
         data = key.encode("latin-1", "replace") + b"\x00" + value.encode("latin-1", "replace")
-        parts.append(_chunk(b"tEXt", data))
-    parts.append(_chunk(b"IDAT", zlib.compress(raw, compress_level)))
-    parts.append(_chunk(b"IEND", b""))
+        parts.append(chunk(b"tEXt", data))
+    parts.append(chunk(b"IDAT", zlib.compress(raw, compress_level)))
+    parts.append(chunk(b"IEND", b""))
     return b"".join(parts)
 
 

@@ -75,6 +75,7 @@ class _NodeCtx:
         self.prompt = run.prompt
         self.extra_data = run.extra_data
         self.dirs = run.inst.fake.dirs
+        self.padding = int(run.inst.fake.padding)
 
     async def work(self, seconds: float) -> None:
         """Busy time: not interruptible, like a torch op between checks."""

@@ -54,6 +54,7 @@ class FakeComfy:
         self.hang = False
         self.slow = 1.0
         self.reject = False
+        self.padding = 0  # bytes of random data added to every saved PNG (large, incompressible outputs)
         self.cache = cache  # ComfyUI's output cache; False behaves like --cache-none
         # introspection for tests
         self.prompts: dict[str, dict] = {}
