@@ -14,3 +14,10 @@ def test_scheduling_benchmark_runs() -> None:
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "throughput N=2" in proc.stdout and "makespan mixed" in proc.stdout
+
+
+def test_store_benchmark_runs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "store", "--jobs", "500", "--clients", "20", "--unfetched", "10",
+                           "--queued", "5", "--repeat", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "log page offset 0" in proc.stdout and "recovery at start-up" in proc.stdout
