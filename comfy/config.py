@@ -69,11 +69,19 @@ class Config:
     progress_interval: float = 0.1
     disconnect_grace: float = 5.0
     allowed_origins: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the REST API (CORS off when empty)
+    max_ws_per_client: int = 8
+    max_ws_total: int = 10_000
     # limits
     max_upload_bytes: int = 100 * 1024 * 1024
     max_upload_files: int = 16
     max_body_bytes: int = 1024 * 1024
     max_string_length: int = 10_000
+    max_client_id_length: int = 128
+    submit_rate: float = 10.0   # submits per second per clientId (sustained)
+    submit_burst: int = 20      # submits a clientId may make at once before the rate applies
+    # shutdown
+    drain_timeout: float = 30.0  # seconds running jobs may take to finish on SIGTERM
     # backend connections
     connect_timeout: float = 5.0
     request_timeout: float = 30.0
@@ -97,16 +105,20 @@ class Config:
 
 # settings.yaml section/key -> Config field
 _SECTIONS: dict[str, dict[str, str]] = {
-    "server": {"host": "host", "port": "port"},
+    "server": {"host": "host", "port": "port", "drain_timeout": "drain_timeout"},
     "jobs": {"timeout": "job_timeout", "max_queue": "max_queue",
              "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait",
              "max_attempts": "max_attempts", "results_ttl": "results_ttl"},
     "health": {"probe_interval": "probe_interval", "down_after": "down_after", "up_after": "up_after",
                "failover_grace": "failover_grace"},
     "clients": {"keepalive_interval": "keepalive_interval", "progress_interval": "progress_interval",
-                "disconnect_grace": "disconnect_grace", "allowed_origins": "allowed_origins"},
+                "disconnect_grace": "disconnect_grace", "allowed_origins": "allowed_origins",
+                "cors_origins": "cors_origins", "max_ws_per_client": "max_ws_per_client",
+                "max_ws_total": "max_ws_total"},
     "limits": {"max_upload_bytes": "max_upload_bytes", "max_upload_files": "max_upload_files",
-               "max_body_bytes": "max_body_bytes", "max_string_length": "max_string_length"},
+               "max_body_bytes": "max_body_bytes", "max_string_length": "max_string_length",
+               "max_client_id_length": "max_client_id_length", "submit_rate": "submit_rate",
+               "submit_burst": "submit_burst"},
     "backend_connection": {"connect_timeout": "connect_timeout", "request_timeout": "request_timeout"},
     "auth": {"api_key": "api_key"},
 }
@@ -116,7 +128,8 @@ _ENV = {"BRIDGE_HOST": "host", "BRIDGE_PORT": "port", "BRIDGE_BACKENDS": "backen
 _POSITIVE = {"port", "max_queue", "max_upload_bytes", "max_upload_files", "max_body_bytes",
              "max_string_length", "job_timeout", "history_poll_interval", "interrupt_wait",
              "keepalive_interval", "progress_interval", "connect_timeout", "request_timeout",
-             "max_attempts", "results_ttl", "probe_interval", "down_after", "up_after"}
+             "max_attempts", "results_ttl", "probe_interval", "max_ws_per_client", "max_ws_total",
+             "max_client_id_length", "submit_rate", "submit_burst", "drain_timeout", "down_after", "up_after"}
 
 
 def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,
@@ -176,7 +189,7 @@ def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
                 raise ConfigError(f"{key}: must be a path")
             p = Path(val).expanduser()
             kwargs[fld] = p if p.is_absolute() else (base / p)
-        elif fld == "allowed_origins":
+        elif fld in ("allowed_origins", "cors_origins"):
             if isinstance(val, str):
                 val = [v.strip() for v in val.split(",") if v.strip()]
             if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
