@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,10 +14,12 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 
 from comfy.catalog import CatalogError
+from comfy.check import run_check
 from comfy.config import BackendConfig, Config, ConfigError, load_config
 from comfy.services import Services
-from handlers import backends, history, jobs, upload, workflows, ws
+from handlers import backends, docs, history, jobs, ops, upload, workflows, ws
 from handlers.base import NotFoundHandler
+from handlers.ops import configure_logging, log_request
 
 log = logging.getLogger("bridge")
 HERE = Path(__file__).resolve().parent
@@ -25,12 +28,12 @@ HERE = Path(__file__).resolve().parent
 def make_app(config: Config, services: Services) -> web.Application:
     """The Tornado application: every module's URL table, static files last."""
     table: list[Any] = []
-    for module in (workflows, upload, jobs, history, ws, backends):
+    for module in (workflows, upload, jobs, history, ws, backends, ops, docs):
         table += module.routes(services)
     static = HERE / "static"
     if (static / "index.html").exists():
-        table += [(r"/()", web.StaticFileHandler, {"path": str(static), "default_filename": "index.html"}),
-                  (r"/static/(.*)", web.StaticFileHandler, {"path": str(static)})]
+        table += [(r"/()", docs.StaticHandler, {"path": str(static), "default_filename": "index.html"}),
+                  (r"/static/(.*)", docs.StaticHandler, {"path": str(static)})]
     return web.Application(
         table,
         default_handler_class=NotFoundHandler,
@@ -38,6 +41,7 @@ def make_app(config: Config, services: Services) -> web.Application:
         websocket_ping_interval=20,
         websocket_ping_timeout=20,
         websocket_max_message_size=64 * 1024,
+        log_function=log_request,
     )
 
 
@@ -50,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--demo", action="store_true",
                    help="run with two SIMULATED ComfyUI backends on loopback (no GPU, no ComfyUI needed)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="plain lines or JSON lines")
+    p.add_argument("--check", action="store_true",
+                   help="check the settings, the catalog and every backend, print a report and exit")
     return p.parse_args(argv)
 
 
@@ -69,10 +76,15 @@ async def start_demo_backends(config: Config) -> tuple[Config, list[Any]]:
 async def main(argv: list[str] | None = None) -> int:
     """Load the config, start the services and the server, run until SIGINT/SIGTERM."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    configure_logging(args.log_level, args.log_format)
+    overrides = {"host": args.host, "port": args.port}
+    if args.check:
+        ok, lines = await run_check(args.config, overrides)
+        print("\n".join(lines))
+        print("check: OK" if ok else "check: FAILED")
+        return 0 if ok else 1
     try:
-        config = load_config(args.config, overrides={"host": args.host, "port": args.port})
+        config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"bridge: bad settings: {exc}", file=sys.stderr)
         return 2
@@ -97,16 +109,44 @@ async def main(argv: list[str] | None = None) -> int:
     log.info("comfy-bridge listening on http://%s:%d", config.host, config.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now; unfinished jobs resume at the next start", name)
+            os._exit(1)
+        log.info("%s received: shutting down (send it again to exit at once)", name)
+        stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, services.reload_catalog)
     await stop.wait()
-    log.info("shutting down")
+    await shutdown(server, services, fakes)
+    return 0
+
+
+async def shutdown(server: HTTPServer, services: Services, fakes: list[Any]) -> None:
+    """The fixed, bounded order: stop accepting, tell sockets, drain running jobs, stop services."""
+    config = services.config
+    log.info("shutdown 1/5: no longer accepting connections or new jobs")
     server.stop()
+    services.shutting_down = True
+    log.info("shutdown 2/5: closing %d client WebSocket(s) with 1001", services.hub.count)
+    await services.hub.stop("server shutting down")
+    running = sum(len(b.running) for b in services.backends)
+    log.info("shutdown 3/5: letting %d running job(s) finish (up to %gs)", running, config.drain_timeout)
+    left = await services.scheduler.drain(config.drain_timeout)
+    if left:
+        log.warning("shutdown: %d job(s) still running; they resume at the next start", left)
+    log.info("shutdown 4/5: stopping services (queued jobs stay queued in the store)")
     await services.stop()
-    await server.close_all_connections()
+    log.info("shutdown 5/5: closing open connections")
+    try:
+        await asyncio.wait_for(server.close_all_connections(), 5)
+    except asyncio.TimeoutError:
+        log.warning("shutdown: some connections did not close in 5 s")
     for fake in fakes:
         await fake.stop()
-    return 0
+    log.info("shutdown complete")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,15 @@ class Catalog:
                 workflows[path.stem] = Workflow(path.stem, path, graph, {}, float(default_timeout))
         return cls(workflows, root)
 
+    @staticmethod
+    def fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
+        """What changes when an administrator edits the folder (names, sizes, modification times)."""
+        try:
+            return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                                for p in root.iterdir() if p.is_file()))
+        except OSError:
+            return ()
+
     def get(self, alias: Any) -> Workflow | None:
         """The workflow with this alias, or None."""
         return self.workflows.get(alias) if isinstance(alias, str) else None

@@ -44,6 +44,7 @@ class Scheduler:
         self._asset_digests: dict[tuple[str, float], str] = {}
         self._last_pick: dict[str, float] = {}
         self._recheck: asyncio.TimerHandle | None = None
+        self.draining = False  # shutting down: no new job starts
         self.health = HealthMonitor(config, backends, self._backend_state)
         self._sweeper = PeriodicCallback(self.expire_results, min(config.results_ttl / 4, 600.0) * 1000, jitter=0.1)
         for b in backends:
@@ -140,7 +141,7 @@ class Scheduler:
     # dispatch -----------------------------------------------------------------------------------
     def _pump(self) -> None:
         """Give waiting jobs to backends with free slots (late binding: only now is a backend chosen)."""
-        while len(self.queue):
+        while len(self.queue) and not self.draining:
             free = [b for b in self.backends if b.available]
             if not free:
                 return
@@ -185,6 +186,14 @@ class Scheduler:
             self._recheck = loop.call_later(max(0.0, min(better) - now) + 0.01, self._pump)
         return bool(better)
 
+    async def drain(self, timeout: float) -> int:
+        """Start no new job; wait up to timeout for running ones to end. Returns how many still run."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while (running := sum(len(b.running) for b in self.backends)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return running
+
     def wake(self) -> None:
         """Something changed that may let waiting jobs run (a backend resumed)."""
         self._pump()
@@ -215,15 +224,24 @@ class Scheduler:
             backend.orphans.update(orphans)
 
     async def _enrich_catalog(self, backend: Backend) -> None:
-        """Learn input bounds and choices from the first backend that answers."""
-        if backend.object_info is not None:
+        """Learn input bounds and choices from a backend that answers (once per catalog version)."""
+        wanted = self.catalog.classes() - set(backend.object_info or {})
+        if backend.object_info is not None and not wanted:
+            self.catalog.enrich(backend.object_info)
             return
         try:
-            backend.object_info = await backend.fetch_object_info(self.catalog.classes())
+            info = await backend.fetch_object_info(wanted)
         except BackendError as exc:
             log.warning("backend %s: /object_info unavailable: %s", backend.label, exc)
             return
+        backend.object_info = {**(backend.object_info or {}), **info}
         self.catalog.enrich(backend.object_info)
+
+    def refresh_catalog(self) -> None:
+        """The catalog was reloaded: learn bounds for its inputs again."""
+        up = next((b for b in self.backends if b.up), None)
+        if up is not None:
+            self._spawn(self._enrich_catalog(up))
 
     async def _attempt(self, job: Job, backend: Backend, resume: bool = False) -> None:
         """One attempt of a job on a backend (or the rest of one after a restart), ending in an outcome

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from tornado.ioloop import PeriodicCallback
 
 from .backend import Backend, new_client_id
-from .catalog import Catalog
+from .catalog import Catalog, CatalogError
 from .clients import ClientHub
 from .config import Config
+from .metrics import Metrics
 from .scheduler import Scheduler
 from .store import GenerationCounter, Store
 
 log = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 2.0  # seconds between looks at workflows_dir for an administrator's edits
 
 
 @dataclass
@@ -25,6 +30,10 @@ class Services:
     backends: list[Backend]
     scheduler: Scheduler
     hub: ClientHub
+    metrics: Metrics
+    shutting_down: bool = False
+    _watch: PeriodicCallback | None = field(default=None, repr=False)
+    _seen: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def build(cls, config: Config) -> Services:
@@ -39,16 +48,41 @@ class Services:
                     for b in config.backends]
         scheduler = Scheduler(config, catalog, store, counter, backends)
         hub = ClientHub(config, scheduler)
-        return cls(config, catalog, store, counter, backends, scheduler, hub)
+        metrics = Metrics()
+        metrics.attach(scheduler, hub, counter)
+        return cls(config, catalog, store, counter, backends, scheduler, hub, metrics)
 
     async def start(self) -> None:
-        """Recover jobs, connect to backends, start the client timers."""
+        """Recover jobs, connect to backends, start the client timers and the catalog watch."""
         await self.scheduler.start()
         await self.hub.start()
+        self._seen = Catalog.fingerprint(self.config.workflows_dir)
+        self._watch = PeriodicCallback(self._check_catalog, WATCH_INTERVAL * 1000, jitter=0.1)
+        self._watch.start()
         log.info("serving %d workflow(s) over %d backend(s)", len(self.catalog.workflows), len(self.backends))
+
+    def _check_catalog(self) -> None:
+        seen = Catalog.fingerprint(self.config.workflows_dir)
+        if seen != self._seen:
+            self._seen = seen
+            self.reload_catalog()
+
+    def reload_catalog(self) -> bool:
+        """Load workflows_dir again (on a file change or SIGHUP); a broken edit keeps the old catalog."""
+        try:
+            new = Catalog.load(self.config.workflows_dir, self.config.job_timeout)
+        except CatalogError as exc:
+            log.warning("catalog not reloaded, the old one stays in use: %s", exc)
+            return False
+        self.catalog.workflows = new.workflows  # one assignment: readers see the old or the new catalog
+        self.scheduler.refresh_catalog()
+        log.info("catalog reloaded: %d workflow(s): %s", len(new.workflows), ", ".join(new.aliases()))
+        return True
 
     async def stop(self) -> None:
         """Close client sockets, stop following jobs, close backends and the store."""
+        if self._watch is not None:
+            self._watch.stop()
         await self.hub.stop()
         await self.scheduler.stop()
         self.store.close()

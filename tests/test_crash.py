@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from tornado import httpclient, websocket
 
-from conftest import ROOT, TIMEOUT, check_invariants, new_client_id, parse_multipart
+from conftest import ROOT, TIMEOUT, check_invariants, close_ws, new_client_id, parse_multipart
 
 
 def free_port() -> int:
@@ -142,7 +142,7 @@ async def test_kill_while_running_and_queued(launch, fakes) -> None:  # type: ig
     conn = await websocket.websocket_connect(f"ws://127.0.0.1:{bridge.port}/ws?clientId={a}")
     first = json.loads(await asyncio.wait_for(conn.read_message(), 5))
     second = json.loads(await asyncio.wait_for(conn.read_message(), 5))
-    conn.close()
+    await close_ws(conn)
     assert first["status"] == "connected" and second["status"] in ("progress", "closed")
     assert (await bridge.wait_status(a, {"closed", "error"}))["status"] == "closed"
     assert (await bridge.wait_status(b, {"closed", "error"}))["status"] == "closed"

@@ -1,0 +1,89 @@
+"""Operations: /health (alive), /ready (can take work), /metrics (Prometheus text format)."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from tornado import web
+from tornado.log import access_log
+
+from comfy.services import Services
+
+from .base import BaseHandler
+
+
+class HealthHandler(BaseHandler):
+    """GET /health: the process is alive and its event loop answers. Never touches a backend or the disk."""
+
+    def get(self) -> None:
+        """Always 200 while the bridge runs."""
+        self.write_json({"status": "ok"})
+
+
+class ReadyHandler(BaseHandler):
+    """GET /ready: 200 when at least one backend is up and the queue is below its limit, else 503 with why."""
+
+    def get(self) -> None:
+        """For load balancers and systemd: should traffic come here now?"""
+        services = self.services
+        up = sum(1 for b in services.backends if b.up and not b.draining)
+        waiting = len(services.scheduler.queue)
+        body = {"backends_up": up, "backends": len(services.backends), "queue_length": waiting,
+                "max_queue": services.config.max_queue}
+        if services.shutting_down:
+            self.write_json({**body, "status": "not ready", "detail": "shutting down"}, 503)
+        elif up == 0:
+            self.write_json({**body, "status": "not ready", "detail": "no backend is up"}, 503)
+        elif waiting >= services.config.max_queue:
+            self.write_json({**body, "status": "not ready", "detail": "the queue is full"}, 503)
+        else:
+            self.write_json({**body, "status": "ready"})
+
+
+class MetricsHandler(BaseHandler):
+    """GET /metrics in the Prometheus text exposition format."""
+
+    def get(self) -> None:
+        """Counters and histograms of jobs, gauges of queue, backends and sockets."""
+        # the classic text format, which every Prometheus version scrapes
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.services.metrics.exposition())
+
+
+def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+    """URL table of this module."""
+    kw = {"services": services}
+    return [(r"/health", HealthHandler, kw), (r"/ready", ReadyHandler, kw), (r"/metrics", MetricsHandler, kw)]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line (for log shippers): time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Set up logging once, in main(): plain text or JSON lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def log_request(handler: web.RequestHandler) -> None:
+    """Access log: 2xx/3xx at debug, 4xx at warning, 5xx at error; the query string is left out
+    (it may carry a token), and so are request bodies."""
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if access_log.isEnabledFor(level):
+        req = handler.request
+        access_log.log(level, "%d %s %s (%s) %.1fms", status, req.method, req.path, req.remote_ip,
+                       1000.0 * req.request_time())
