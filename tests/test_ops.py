@@ -169,3 +169,21 @@ async def test_check_reports_and_fails_on_errors(fake, tmp_path: Path) -> None: 
                                                 str(down), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
     assert proc.returncode == 1 and "FAIL backend 127.0.0.1:9" in out
+
+
+async def test_second_signal_exits_at_once(launch, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes(cache=False)
+    bridge = launch([fake])
+    await bridge.start()
+    cid = new_client_id()
+    await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 20})
+    await bridge.wait_status(cid, {"progress"})
+    assert bridge.proc is not None
+    bridge.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    assert bridge.proc.returncode is None  # draining: waiting for the running job
+    bridge.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(bridge.proc.wait(), 3) != 0
+    await bridge.start()  # the job was left running and is picked up again
+    assert (await bridge.status(cid))["status"] in ("progress", "connected")
+    await bridge.call("POST", f"/interrupt?clientId={cid}")
