@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from tornado import web
 
@@ -13,7 +14,13 @@ from comfy.services import Services
 
 log = logging.getLogger(__name__)
 
-CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CLIENT_ID_CHARS = re.compile(r"^[A-Za-z0-9._:-]+$")
+# Reachable without the API key: the reference documents and the liveness probe (the static page is
+# served by StaticHandler, which never asks for a key).
+PUBLIC_PATHS = frozenset({"/docs", "/openapi.json", "/openapi.yaml", "/health"})
+CORS_ALLOW_HEADERS = "Authorization, Content-Type"
+CORS_EXPOSE_HEADERS = "Retry-After, X-Detail, X-Job-Ids"
+SECRET_PARAMS = ("token",)
 
 
 def api_error(status: int, detail: str, headers: dict[str, str] | None = None,
@@ -29,21 +36,57 @@ def authorized(config_key: str, headers: Any, token: str | None = None) -> bool:
     """True when no API key is set, or the request carries it (Bearer header, or a token for sockets)."""
     if not config_key:
         return True
-    given = headers.get("Authorization", "")
-    if given.startswith("Bearer "):
-        given = given[len("Bearer "):].strip()
-    else:
+    scheme, _, given = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
         given = token or ""
-    return hmac.compare_digest(given.encode(), config_key.encode())
+    # compare_digest takes the same time wherever the first difference is
+    return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), config_key.encode())
 
 
-def check_client_id(value: str | None) -> str:
+def check_client_id(value: str | None, max_length: int = 128) -> str:
     """A usable clientId, or a 400 saying what is wrong."""
     if value is None or value == "":
         raise api_error(400, "clientId is required, e.g. ?clientId=<uuid>")
-    if not CLIENT_ID.match(value):
-        raise api_error(400, "clientId must be 1-128 characters of letters, digits and . _ : -")
+    if len(value) > max_length or not CLIENT_ID_CHARS.match(value):
+        raise api_error(400, f"clientId must be 1-{max_length} characters of letters, digits and . _ : -")
     return value
+
+
+def redacted_uri(uri: str) -> str:
+    """The request URI with secrets in its query (a socket's ?token=) replaced, for logs."""
+    path, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    pairs = [(k, "***" if k in SECRET_PARAMS else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+    return f"{path}?{urlencode(pairs, safe='*')}"
+
+
+def allowed_methods(cls: type[web.RequestHandler]) -> list[str]:
+    """The HTTP methods a handler class implements (for Allow headers and CORS preflights)."""
+    return [m for m in cls.SUPPORTED_METHODS
+            if getattr(cls, m.lower(), None) is not getattr(web.RequestHandler, m.lower(), None)]
+
+
+def json_error(handler: web.RequestHandler, status_code: int, kwargs: dict[str, Any]) -> None:
+    """Write any error as {"detail": ...} (shared by every handler class the bridge has)."""
+    exc = kwargs.get("exc_info", (None, None, None))[1]
+    if isinstance(exc, web.HTTPError) and exc.get_message():
+        detail = exc.get_message()
+    elif status_code >= 500:
+        detail = "internal server error"
+    else:
+        detail = handler._reason
+    handler.set_header("Content-Type", "application/json; charset=utf-8")
+    handler.set_header("X-Content-Type-Options", "nosniff")
+    if status_code == 405:
+        handler.set_header("Allow", ", ".join(allowed_methods(type(handler))))
+    for name, value in (getattr(exc, "headers", None) or {}).items():
+        handler.set_header(name, value)
+    body: dict[str, Any] = {"detail": detail}
+    extra = getattr(exc, "extra", None)
+    if isinstance(extra, dict):
+        body = {**extra, **body}
+    handler.finish(json.dumps(body))
 
 
 @web.stream_request_body
@@ -57,17 +100,25 @@ class BaseHandler(web.RequestHandler):
         self.services = services
         self._body = bytearray()
         self._too_big = False
+        self._cors_headers()
 
     def prepare(self) -> None:
         """Refuse a body over max_body_bytes before reading it (the body is streamed, so this runs first)."""
-        if not authorized(self.services.config.api_key, self.request.headers):
-            raise api_error(401, "missing or wrong API key; send Authorization: Bearer <key>")
+        self.check_auth()
         limit = self.services.config.max_body_bytes
         if self.request.connection is not None and hasattr(self.request.connection, "set_max_body_size"):
             self.request.connection.set_max_body_size(2 * limit + 1024)
         length = self.request.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
             raise api_error(413, f"the body is larger than {limit} bytes")
+
+    def check_auth(self) -> None:
+        """401 unless the API key is off, the path is public, or the request carries the key."""
+        if self.request.method == "OPTIONS" or self.request.path in PUBLIC_PATHS:
+            return  # a CORS preflight never carries credentials
+        if not authorized(self.services.config.api_key, self.request.headers):
+            raise api_error(401, "missing or wrong API key; send Authorization: Bearer <key>",
+                            {"WWW-Authenticate": "Bearer"})
 
     def data_received(self, chunk: bytes) -> None:
         """Collect the body up to the limit; past it, remember that it was too big."""
@@ -79,24 +130,36 @@ class BaseHandler(web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("X-Content-Type-Options", "nosniff")
+        if hasattr(self, "services"):  # clear() runs once before initialize()
+            self._cors_headers()
+
+    def _cors_headers(self) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin and origin in self.services.config.cors_origins:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
+            self.set_header("Vary", "Origin")
+
+    def options(self, *args: Any, **kwargs: Any) -> None:
+        """CORS preflight: allowed origins learn the methods and headers; others get no CORS headers."""
+        methods = ", ".join(allowed_methods(type(self)))
+        self.set_header("Allow", methods)
+        origin = self.request.headers.get("Origin")
+        if origin and origin in self.services.config.cors_origins:
+            self.set_header("Access-Control-Allow-Methods", methods)
+            self.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
+            self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        self.finish()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Errors as {"detail": ...}; unexpected exceptions get a generic text, the log gets the rest."""
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.get_message():
-            detail = exc.get_message()
-        elif status_code >= 500:
-            detail = "internal server error"
-        else:
-            detail = self._reason
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        for name, value in (getattr(exc, "headers", None) or {}).items():
-            self.set_header(name, value)
-        body: dict[str, Any] = {"detail": detail}
-        extra = getattr(exc, "extra", None)
-        if isinstance(extra, dict):
-            body = {**extra, **body}
-        self.finish(json.dumps(body))
+        json_error(self, status_code, kwargs)
+
+    def _request_summary(self) -> str:
+        # used by Tornado's own warning lines; a socket's ?token= must not reach the log
+        return f"{self.request.method} {redacted_uri(self.request.uri or '')} ({self.request.remote_ip})"
 
     def write_json(self, data: Any, status: int = 200) -> None:
         """Send data as JSON."""
@@ -114,13 +177,16 @@ class BaseHandler(web.RequestHandler):
             data = json.loads(bytes(self._body))
         except (ValueError, UnicodeDecodeError):
             raise api_error(400, "the body is not valid JSON") from None
+        except RecursionError:
+            raise api_error(400, "the body is nested too deeply") from None
         if not isinstance(data, dict):
             raise api_error(400, "the body must be a JSON object")
         return data
 
     def client_id(self) -> str:
         """The clientId query argument, checked."""
-        return check_client_id(self.get_query_argument("clientId", None))
+        return check_client_id(self.get_query_argument("clientId", None),
+                               self.services.config.max_client_id_length)
 
     def known_client_id(self) -> str:
         """A clientId that has submitted before, or 400."""

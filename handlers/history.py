@@ -12,7 +12,7 @@ from tornado.iostream import StreamClosedError
 from comfy.jobs import Job, Output, State
 from comfy.services import Services
 
-from .base import BaseHandler, api_error, check_client_id
+from .base import BaseHandler, api_error
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class HistoryHandler(BaseHandler):
     async def get(self) -> None:
         """Dispatch on whether a clientId was given."""
         if self.get_query_argument("clientId", None) is not None:
-            await self._results(check_client_id(self.get_query_argument("clientId")))
+            await self._results(self.client_id())
         else:
             self._generation_log()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-
 from comfy.backend import BackendError
 from comfy.catalog import InputError
+from comfy.limits import RateLimiter
 from comfy.scheduler import QueueFull
 from comfy.services import Services
 
@@ -16,9 +16,20 @@ from .base import BaseHandler, api_error
 class GenerateHandler(BaseHandler):
     """POST /generate-based-workflow?clientId=ID: queue a job."""
 
+    def initialize(self, services: Services, limiter: RateLimiter) -> None:  # type: ignore[override]
+        """Receive the services and the per-client submit rate limiter."""
+        super().initialize(services)
+        self.limiter = limiter
+
     def post(self) -> None:
         """Validate the body against the workflow's inputs and queue it."""
         client_id = self.client_id()
+        wait = self.limiter.take(client_id)
+        if wait:
+            config = self.services.config
+            raise api_error(429, f"too many submits for this clientId: {config.submit_burst} at once, then "
+                                 f"{config.submit_rate:g} per second; retry in {wait:.1f}s",
+                            {"Retry-After": self.limiter.retry_after(wait)})
         body = self.json_body()
         try:
             job = self.services.scheduler.submit(client_id, body)
@@ -97,8 +108,9 @@ class GenerationCountHandler(BaseHandler):
 def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table of this module."""
     kw = {"services": services}
+    limiter = RateLimiter(services.config.submit_rate, services.config.submit_burst)
     return [
-        (r"/generate-based-workflow", GenerateHandler, kw),
+        (r"/generate-based-workflow", GenerateHandler, {**kw, "limiter": limiter}),
         (r"/execution-info", ExecutionInfoHandler, kw),
         (r"/interrupt", InterruptHandler, kw),
         (r"/free", FreeHandler, kw),

@@ -15,7 +15,7 @@ from tornado import web
 
 from comfy.services import Services
 
-from .base import BaseHandler, api_error, authorized
+from .base import BaseHandler, api_error
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ class UploadHandler(BaseHandler):
         self.parser: MultipartParser | None = None
         if self.request.method != "POST":
             return super().prepare()
-        if not authorized(config.api_key, self.request.headers):
-            raise api_error(401, "missing or wrong API key; send Authorization: Bearer <key>")
+        self.check_auth()
         limit = config.max_upload_bytes * config.max_upload_files + MULTIPART_SLACK
         self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
         length = self.request.headers.get("Content-Length")

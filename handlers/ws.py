@@ -10,7 +10,7 @@ from tornado import web, websocket
 from comfy.clients import message
 from comfy.services import Services
 
-from .base import api_error, authorized, check_client_id
+from .base import api_error, authorized, check_client_id, json_error, redacted_uri
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +25,43 @@ class StatusSocket(websocket.WebSocketHandler):
         """Receive the bridge's services."""
         self.services = services
 
+    def set_default_headers(self) -> None:
+        self.set_header("X-Content-Type-Options", "nosniff")
+
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        """Refuse a missing or bad clientId with a JSON 400 before the upgrade."""
+        """Refuse a bad handshake, key, clientId or one socket too many with JSON before the upgrade."""
         try:
-            if not authorized(self.services.config.api_key, self.request.headers,
-                              self.get_query_argument("token", None)):
-                raise api_error(401, "missing or wrong API key; send ?token=<key> or a Bearer header")
-            self.client_id = check_client_id(self.get_query_argument("clientId", None))
+            self.check_handshake()
         except web.HTTPError as exc:
-            self.set_status(exc.status_code)
-            self.set_header("Content-Type", "application/json; charset=utf-8")
-            self.finish({"detail": exc.get_message()})
+            self.send_error(exc.status_code, exc_info=(type(exc), exc, None))
             return
         await super().get(*args, **kwargs)
+
+    def check_handshake(self) -> None:
+        """Everything Tornado would refuse in plain text, and the bridge's own limits, as api_errors."""
+        config = self.services.config
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket" or \
+                "upgrade" not in [s.strip().lower() for s in headers.get("Connection", "").split(",")]:
+            raise api_error(400, "this is a WebSocket endpoint: send Upgrade: websocket and Connection: Upgrade")
+        if headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):
+            raise api_error(426, "unsupported WebSocket version; use 13", {"Sec-WebSocket-Version": "13"})
+        if not headers.get("Sec-WebSocket-Key"):
+            raise api_error(400, "the WebSocket handshake needs Sec-WebSocket-Key")
+        if not authorized(config.api_key, headers, self.get_query_argument("token", None)):
+            raise api_error(401, "missing or wrong API key; send ?token=<key> or a Bearer header")
+        origin = headers.get("Origin") or headers.get("Sec-Websocket-Origin")
+        if origin and not self.check_origin(origin):
+            raise api_error(403, "this page's origin may not open the socket (clients.allowed_origins)")
+        self.client_id = check_client_id(self.get_query_argument("clientId", None), config.max_client_id_length)
+        hub = self.services.hub
+        # no await between this count and hub.add() in open(), so concurrent upgrades cannot overshoot
+        if len(hub.sockets.get(self.client_id, ())) >= config.max_ws_per_client:
+            raise api_error(429, f"this clientId already has {config.max_ws_per_client} open sockets; "
+                                 "close one first", {"Retry-After": "5"})
+        if hub.count >= config.max_ws_total:
+            raise api_error(503, "the bridge has as many open sockets as it allows; try again later",
+                            {"Retry-After": "5"})
 
     def check_origin(self, origin: str) -> bool:
         """Same-origin pages always; other origins only when listed in clients.allowed_origins."""
@@ -45,6 +69,13 @@ class StatusSocket(websocket.WebSocketHandler):
         if "*" in allowed or origin in allowed:
             return True
         return urlsplit(origin).netloc.lower() == self.request.headers.get("Host", "").lower()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Refusals before the upgrade are {"detail": ...} like every other answer."""
+        json_error(self, status_code, kwargs)
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {redacted_uri(self.request.uri or '')} ({self.request.remote_ip})"
 
     def open(self, *args: str, **kwargs: str) -> None:
         """Register with the hub, which greets the socket and sends the current state."""

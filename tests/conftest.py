@@ -201,6 +201,8 @@ async def bridge_factory(tmp_path: Path, workflows_dir: Path,
                         keepalive_interval=settings.pop("keepalive_interval", 30.0),
                         disconnect_grace=settings.pop("disconnect_grace", 0.3),
                         history_poll_interval=settings.pop("history_poll_interval", 0.5),
+                        # tests submit bursts; the rate limit has its own tests
+                        submit_burst=settings.pop("submit_burst", 10_000),
                         **settings)
         services = Services.build(config)
         await services.start()
