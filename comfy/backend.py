@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import random
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -13,12 +15,14 @@ from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
 from tornado import httpclient, websocket
+from tornado.netutil import DefaultLoopResolver, Resolver
 
 from .config import BackendConfig, Config
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[dict[str, Any]], None]
+FORGET_DELAY = 1.0  # seconds finished prompts wait to be deleted from a backend's history, in one call
 
 
 class BackendError(Exception):
@@ -33,6 +37,37 @@ class BackendRejected(BackendError):
     """The server refused the request (4xx, or node_errors): the job itself is at fault."""
 
 
+class CachingResolver(Resolver):
+    """Looks a backend's host name up once a minute, not on every request (an IP needs no lookup at all).
+
+    Tornado's default resolver sends every lookup through a thread pool, even for 127.0.0.1: a thread
+    hop on each of the several calls a job makes."""
+
+    def initialize(self, ttl: float = 60.0) -> None:  # type: ignore[override]
+        self._inner = DefaultLoopResolver()
+        self._ttl = ttl
+        self._cache: dict[tuple[str, int, int], tuple[float, list[tuple[int, Any]]]] = {}
+
+    async def resolve(self, host: str, port: int,
+                      family: socket.AddressFamily = socket.AF_UNSPEC) -> list[tuple[int, Any]]:
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (str(ip), port))]
+        key = (host, port, int(family))
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        found = await self._inner.resolve(host, port, family)
+        self._cache[key] = (time.monotonic() + self._ttl, found)
+        return found
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 class Backend:
     """Client for one ComfyUI server, with one persistent WebSocket under the bridge's own clientId."""
 
@@ -43,11 +78,13 @@ class Backend:
         self.slots = cfg.slots
         self.client_id = client_id
         self.http = httpclient.AsyncHTTPClient(
-            force_instance=True,
+            force_instance=True, resolver=CachingResolver(),
             defaults={"connect_timeout": config.connect_timeout, "request_timeout": config.request_timeout})
         self._connect_timeout = config.connect_timeout
         self._watchers: dict[str, Listener] = {}
         self._inflight: set[asyncio.Future[httpclient.HTTPResponse]] = set()
+        self._forget: set[str] = set()
+        self._forget_task: asyncio.Task[None] | None = None
         self._ws: websocket.WebSocketClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -122,6 +159,9 @@ class Backend:
                 await self._reader
             except asyncio.CancelledError:
                 pass
+        if self._forget_task is not None:
+            self._forget_task.cancel()
+            await asyncio.gather(self._forget_task, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=self._connect_timeout)
         self.http.close()
@@ -258,6 +298,20 @@ class Backend:
         """Forget finished prompts on the server."""
         self._check(await self._call("POST", "/history", {"delete": prompt_ids}), "POST /history")
 
+    def forget(self, prompt_id: str) -> None:
+        """Delete this finished prompt from the server's history soon, batched with others (one call a second)."""
+        self._forget.add(prompt_id)
+        if self._forget_task is None or self._forget_task.done():
+            self._forget_task = asyncio.create_task(self._forget_later())
+
+    async def _forget_later(self) -> None:
+        await asyncio.sleep(FORGET_DELAY)
+        batch, self._forget = sorted(self._forget), set()
+        try:
+            await self.delete_history(batch)
+        except BackendError as exc:
+            log.debug("backend %s: could not delete %d history entries: %s", self.label, len(batch), exc)
+
     async def queue(self) -> dict[str, list[str]]:
         """The server's running and pending prompt ids."""
         resp = await self._call("GET", "/queue")
@@ -303,16 +357,22 @@ class Backend:
                 fh.write(chunk)
             resp = await self._call("GET", f"/view?{query}", streaming_callback=on_chunk)
             self._check(resp, "GET /view")
-            fh.flush()
-            os.fsync(fh.fileno())
+            # fsync and rename off the event loop: they wait on the disk
+            await asyncio.to_thread(_commit_file, fh, tmp, dest)
         except BaseException:
             fh.close()
             tmp.unlink(missing_ok=True)
             raise
-        fh.close()
-        os.replace(tmp, dest)
         ctype = resp.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
         return size, ctype
+
+
+def _commit_file(fh: Any, tmp: Path, dest: Path) -> None:
+    """Make a downloaded file durable under its final name."""
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+    os.replace(tmp, dest)
 
 
 def _close_if_connected(fut: asyncio.Future[websocket.WebSocketClientConnection]) -> None:

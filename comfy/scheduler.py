@@ -283,7 +283,7 @@ class Scheduler:
             backend.running.discard(job.id)
             self.runner.cancels.pop(job.id, None)
             if job.prompt_id and not job.state.active:
-                self._spawn(self._forget_on_backend(backend, job.prompt_id))
+                backend.forget(job.prompt_id)
             self._pump()
 
     async def _conclude(self, job: Job, backend: Backend, entry: dict[str, Any]) -> None:
@@ -300,12 +300,6 @@ class Scheduler:
             raise Requeue(f"outputs could not be fetched: {exc}") from None
         backend.jobs_done += 1
         self._finish(job, State.COMPLETED, None)
-
-    async def _forget_on_backend(self, backend: Backend, prompt_id: str) -> None:
-        try:
-            await backend.delete_history([prompt_id])
-        except BackendError as exc:
-            log.debug("backend %s: could not delete history of %s: %s", backend.label, prompt_id, exc)
 
     def _started(self, job: Job) -> None:
         job.state, job.started_at = State.RUNNING, job.started_at or time.time()
@@ -391,10 +385,10 @@ class Scheduler:
     def mark_fetched(self, jobs: list[Job], expired: bool = False) -> None:
         """The caller has received these outputs: delete them and forget the jobs (but the newest)."""
         self.store.mark_fetched([j.id for j in jobs], expired)
+        paths = [self.config.results_dir / out.path for job in jobs for out in job.outputs]
+        self._spawn(asyncio.to_thread(_unlink_all, paths))  # off the event loop; the store already forgot them
         for job in jobs:
             job.fetched = True
-            for out in job.outputs:
-                (self.config.results_dir / out.path).unlink(missing_ok=True)
             job.outputs = []
             mine = self.clients.get(job.client_id, [])
             if mine and mine[-1] is not job:
@@ -414,3 +408,8 @@ class Scheduler:
                 listener(job)
             except Exception:
                 log.exception("listener failed for job %s", job.id)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

@@ -85,4 +85,5 @@ class Services:
             self._watch.stop()
         await self.hub.stop()
         await self.scheduler.stop()
+        self.counter.flush()
         self.store.close()

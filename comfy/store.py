@@ -1,6 +1,7 @@
 """The bridge's record: jobs, their outputs and uploads in SQLite; the generation count in a JSON file."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -12,6 +13,8 @@ from typing import Any, Iterator
 from .jobs import Job, Output, State
 
 log = logging.getLogger(__name__)
+
+FLUSH_DELAY = 0.5  # seconds the count file may lag the count
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -207,6 +210,8 @@ class GenerationCounter:
     def __init__(self, path: Path, floor: int = 0) -> None:
         self.path = path
         self.value = max(self._read(), floor)
+        self._written = -1
+        self._flush: asyncio.TimerHandle | None = None
 
     def _read(self) -> int:
         try:
@@ -219,10 +224,22 @@ class GenerationCounter:
             return 0
 
     def increment(self) -> int:
-        """Count one more job and persist the count."""
+        """Count one more job; the file follows within FLUSH_DELAY (one fsync for a burst of jobs).
+
+        A crash in between cannot lower the count: at start it is raised to the jobs the store has
+        recorded as run, and that record is committed with each job."""
         self.value += 1
-        self.write()
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
         return self.value
+
+    def flush(self) -> None:
+        """Write the count now if it changed."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self.value != self._written:
+            self.write()
 
     def write(self) -> None:
         """Write the count: temp file, fsync, rename, so a crash leaves the old or the new file."""
@@ -232,3 +249,4 @@ class GenerationCounter:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+        self._written = self.value

@@ -1,0 +1,199 @@
+"""Per-job overhead: the same short workflow straight to a backend and through the bridge, end to end.
+
+    python -m bench overhead [--jobs 200] [--backend http://127.0.0.1:8188]
+
+Both paths run the same graph (EmptyImage 64x64 -> SaveImage, a new colour each job so no cache
+hides work) until the caller holds the output bytes:
+  direct  POST /prompt with our clientId on an open WebSocket, wait for executing {node: null},
+          GET /history/{id}, GET /view of the image (what a careful client of ComfyUI does);
+  bridge  POST /generate-based-workflow with a caller WebSocket already open, wait for "closed",
+          GET /history?clientId (the multipart answer).
+The bridge runs as its own process, so its CPU time per job is read from /proc.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+from tornado import httpclient, websocket
+
+from bench.harness import ROOT, MeasureError, simulated_backends
+
+GRAPH = json.loads((ROOT / "workflows" / "empty_image.json").read_text())
+
+
+def graph_for(color: int) -> dict:
+    g = json.loads(json.dumps(GRAPH))
+    g["1"]["inputs"].update({"width": 64, "height": 64, "color": color})
+    return g
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise MeasureError("no VmRSS")
+
+
+@asynccontextmanager
+async def bridge_process(backend: str) -> AsyncIterator[tuple[str, int]]:
+    """python bridge.py in a child process over one backend; yields its URL and pid."""
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Path(tmp) / "settings.yaml"
+        port = _free_port()
+        settings.write_text(json.dumps({
+            "server": {"host": "127.0.0.1", "port": port}, "backends": [{"url": backend}],
+            "workflows_dir": str(ROOT / "workflows"), "data_dir": str(Path(tmp) / "data"),
+            "clients": {"keepalive_interval": 60}}))
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bridge.py"), "--config", str(settings),
+                                 "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        http = httpclient.AsyncHTTPClient(force_instance=True)
+        try:
+            for _ in range(200):
+                try:
+                    if json.loads((await http.fetch(url + "/backends")).body)["up"] == 1:
+                        break
+                except (OSError, httpclient.HTTPClientError):
+                    pass
+                await asyncio.sleep(0.05)
+            else:
+                raise MeasureError("the bridge did not come up")
+            yield url, proc.pid
+        finally:
+            http.close()
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def direct_job(http: httpclient.AsyncHTTPClient, base: str, ws: websocket.WebSocketClientConnection,
+                     client_id: str, color: int) -> float:
+    started = time.perf_counter()
+    prompt_id = str(uuid.uuid4())
+    body = json.dumps({"prompt": graph_for(color), "client_id": client_id, "prompt_id": prompt_id})
+    await http.fetch(base + "/prompt", method="POST", body=body)
+    while True:
+        msg = await asyncio.wait_for(ws.read_message(), 30)
+        if msg is None:
+            raise MeasureError("the backend closed its WebSocket")
+        if isinstance(msg, str):
+            data = json.loads(msg)
+            if data["type"] == "executing" and data["data"].get("node") is None \
+                    and data["data"].get("prompt_id") == prompt_id:
+                break
+    entry = json.loads((await http.fetch(f"{base}/history/{prompt_id}")).body)[prompt_id]
+    for out in entry["outputs"].values():
+        for img in out.get("images", []):
+            q = f"filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}"
+            if not (await http.fetch(f"{base}/view?{q}")).body:
+                raise MeasureError("empty output")
+    return time.perf_counter() - started
+
+
+async def bridge_job(http: httpclient.AsyncHTTPClient, base: str, color: int) -> float:
+    client_id = uuid.uuid4().hex
+    ws = await websocket.websocket_connect(base.replace("http", "ws", 1) + f"/ws?clientId={client_id}")
+    await ws.read_message()  # connected
+    started = time.perf_counter()
+    body = json.dumps({"workflow": "blank-canvas", "1/width": 64, "1/height": 64, "1/color": color})
+    await http.fetch(f"{base}/generate-based-workflow?clientId={client_id}", method="POST", body=body,
+                     headers={"Content-Type": "application/json"})
+    while True:
+        msg = await asyncio.wait_for(ws.read_message(), 30)
+        if msg is None:
+            raise MeasureError("the bridge closed the socket before the job ended")
+        status = json.loads(msg)["status"]
+        if status == "closed":
+            break
+        if status == "error":
+            raise MeasureError(f"a job failed: {msg}")
+    resp = await http.fetch(f"{base}/history?clientId={client_id}")
+    took = time.perf_counter() - started
+    ws.close()
+    if resp.code != 200 or b"\x89PNG" not in resp.body:
+        raise MeasureError("no result")
+    return took
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] * 1000
+
+
+async def measure(args: argparse.Namespace) -> None:
+    async with _backend(args.backend) as backend:
+        http = httpclient.AsyncHTTPClient(force_instance=True, defaults={"request_timeout": 60})
+        client_id = f"bench-direct-{uuid.uuid4().hex[:8]}"
+        ws = await websocket.websocket_connect(backend.replace("http", "ws", 1) + f"/ws?clientId={client_id}")
+        async with bridge_process(backend) as (base, pid):
+            await asyncio.sleep(0.5)
+            idle_rss = proc_rss_mib(pid)
+            for i in range(5):  # warm both paths (first-prompt costs on the backend, imports, caches)
+                await direct_job(http, backend, ws, client_id, 1000 + i)
+                await bridge_job(http, base, 2000 + i)
+            direct, bridged, cpu = [], [], 0.0
+            for i in range(args.jobs):  # interleaved, so drift on the machine hits both paths alike
+                direct.append(await direct_job(http, backend, ws, client_id, (i * 7919) % 0xFFFFFF))
+                before = proc_cpu(pid)
+                bridged.append(await bridge_job(http, base, (i * 104729) % 0xFFFFFF))
+                cpu += proc_cpu(pid) - before
+            after_rss = proc_rss_mib(pid)
+        ws.close()
+        http.close()
+    print(f"\n{args.jobs} jobs each way against {'a real ComfyUI at ' + args.backend if args.backend else 'the simulated ComfyUI'}")
+    print("path      p50 ms   p90 ms   p99 ms")
+    for name, vals in (("direct", direct), ("bridge", bridged)):
+        print(f"{name:<8} {pct(vals, 50):7.2f}  {pct(vals, 90):7.2f}  {pct(vals, 99):7.2f}")
+    d50, d90 = pct(bridged, 50) - pct(direct, 50), pct(bridged, 90) - pct(direct, 90)
+    print(f"added    {d50:7.2f}  {d90:7.2f}  {pct(bridged, 99) - pct(direct, 99):7.2f}   goal: <= 3 ms p50, <= 6 ms p90")
+    print(f"ratio    {pct(bridged, 50) / pct(direct, 50):7.2f}x {pct(bridged, 90) / pct(direct, 90):7.2f}x")
+    print(f"bridge CPU per job: {cpu * 1000 / args.jobs:.2f} ms (goal <= 3 ms; /proc clock ticks, "
+          f"{1000 / os.sysconf('SC_CLK_TCK'):.0f} ms resolution summed over {args.jobs} jobs)")
+    print(f"bridge RSS: {idle_rss:.1f} MiB idle after start, {after_rss:.1f} MiB after the run (goal idle <= 60 MiB)")
+    print(f"direct mean {statistics.mean(direct) * 1000:.2f} ms, bridge mean {statistics.mean(bridged) * 1000:.2f} ms")
+
+
+@asynccontextmanager
+async def _backend(url: str | None) -> AsyncIterator[str]:
+    if url:
+        yield url.rstrip("/")
+        return
+    async with simulated_backends([0.0]) as urls:
+        yield urls[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", type=int, default=200)
+    p.add_argument("--backend", help="a real ComfyUI to measure against (default: the simulated one)")
+    args = p.parse_args(argv)
+    try:
+        asyncio.run(measure(args))
+    except (MeasureError, httpclient.HTTPClientError, OSError) as exc:
+        print(f"cannot measure: {exc}")
+        return 1
+    return 0
