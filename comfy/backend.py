@@ -2,70 +2,27 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
-import os
 import random
-import socket
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
 from tornado import httpclient, websocket
-from tornado.netutil import DefaultLoopResolver, Resolver
 
 from .config import BackendConfig, Config
+from .wire import (BackendError, BackendRejected, BackendUnavailable, CachingResolver, close_if_connected,
+                   commit_file, read_json, short_body, describe_prompt_error, new_client_id)
+
+__all__ = ["Backend", "BackendError", "BackendRejected", "BackendUnavailable", "describe_prompt_error",
+           "new_client_id"]
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[dict[str, Any]], None]
 FORGET_DELAY = 1.0  # seconds finished prompts wait to be deleted from a backend's history, in one call
-
-
-class BackendError(Exception):
-    """A call to a ComfyUI server did not work."""
-
-
-class BackendUnavailable(BackendError):
-    """The server did not answer, or answered with a server error: try it (or another) later."""
-
-
-class BackendRejected(BackendError):
-    """The server refused the request (4xx, or node_errors): the job itself is at fault."""
-
-
-class CachingResolver(Resolver):
-    """Looks a backend's host name up once a minute, not on every request (an IP needs no lookup at all).
-
-    Tornado's default resolver sends every lookup through a thread pool, even for 127.0.0.1: a thread
-    hop on each of the several calls a job makes."""
-
-    def initialize(self, ttl: float = 60.0) -> None:  # type: ignore[override]
-        self._inner = DefaultLoopResolver()
-        self._ttl = ttl
-        self._cache: dict[tuple[str, int, int], tuple[float, list[tuple[int, Any]]]] = {}
-
-    async def resolve(self, host: str, port: int,
-                      family: socket.AddressFamily = socket.AF_UNSPEC) -> list[tuple[int, Any]]:
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            pass
-        else:
-            return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (str(ip), port))]
-        key = (host, port, int(family))
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        found = await self._inner.resolve(host, port, family)
-        self._cache[key] = (time.monotonic() + self._ttl, found)
-        return found
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 class Backend:
@@ -186,7 +143,7 @@ class Backend:
                 # shielded: a stop() during the handshake must not orphan a half-open socket
                 self._ws = await asyncio.shield(pending)
             except asyncio.CancelledError:
-                pending.add_done_callback(_close_if_connected)
+                pending.add_done_callback(close_if_connected)
                 raise
             except (OSError, httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
                 if attempt == 0 or attempt % 20 == 0:
@@ -251,18 +208,18 @@ class Backend:
     @staticmethod
     def _check(resp: httpclient.HTTPResponse, what: str) -> None:
         if resp.code == 599 or resp.code >= 500:
-            raise BackendUnavailable(f"{what}: HTTP {resp.code} {_short(resp)}")
+            raise BackendUnavailable(f"{what}: HTTP {resp.code} {short_body(resp)}")
         if resp.code >= 400:
-            raise BackendRejected(f"{what}: HTTP {resp.code} {_short(resp)}")
+            raise BackendRejected(f"{what}: HTTP {resp.code} {short_body(resp)}")
 
     async def post_prompt(self, graph: dict[str, Any], prompt_id: str) -> None:
         """Queue a prompt under our clientId; raise BackendRejected with ComfyUI's reason if it refuses."""
         resp = await self._call("POST", "/prompt",
                                 {"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id})
         if 400 <= resp.code < 500:
-            raise BackendRejected(describe_prompt_error(_json(resp)) or f"rejected: HTTP {resp.code}")
+            raise BackendRejected(describe_prompt_error(read_json(resp)) or f"rejected: HTTP {resp.code}")
         self._check(resp, "POST /prompt")
-        body = _json(resp)
+        body = read_json(resp)
         if isinstance(body, dict) and body.get("node_errors"):
             # 200 with node_errors: ComfyUI queued only the valid outputs. Not what the caller asked for.
             await self.delete_queued([prompt_id])
@@ -280,9 +237,9 @@ class Backend:
         resp = await self._call("POST", "/upload/image", raw=head + data + tail,
                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         self._check(resp, "POST /upload/image")
-        body = _json(resp)
+        body = read_json(resp)
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
-            raise BackendUnavailable(f"{self.label}: upload answered {_short(resp)}")
+            raise BackendUnavailable(f"{self.label}: upload answered {short_body(resp)}")
         sub = body.get("subfolder") or ""
         return f"{sub}/{body['name']}" if sub else body["name"]
 
@@ -290,7 +247,7 @@ class Backend:
         """The finished prompt's history entry, or None while ComfyUI has not written it."""
         resp = await self._call("GET", f"/history/{prompt_id}")
         self._check(resp, "GET /history")
-        body = _json(resp)
+        body = read_json(resp)
         entry = body.get(prompt_id) if isinstance(body, dict) else None
         return entry if isinstance(entry, dict) else None
 
@@ -316,7 +273,7 @@ class Backend:
         """The server's running and pending prompt ids."""
         resp = await self._call("GET", "/queue")
         self._check(resp, "GET /queue")
-        body = _json(resp) or {}
+        body = read_json(resp) or {}
         return {k: [item[1] for item in body.get(k, []) if isinstance(item, list) and len(item) > 1]
                 for k in ("queue_running", "queue_pending")}
 
@@ -338,7 +295,7 @@ class Backend:
         for cls in sorted(classes):
             resp = await self._call("GET", f"/object_info/{cls}")
             self._check(resp, "GET /object_info")
-            body = _json(resp)
+            body = read_json(resp)
             if isinstance(body, dict) and isinstance(body.get(cls), dict):
                 out[cls] = body[cls]
         return out
@@ -358,64 +315,10 @@ class Backend:
             resp = await self._call("GET", f"/view?{query}", streaming_callback=on_chunk)
             self._check(resp, "GET /view")
             # fsync and rename off the event loop: they wait on the disk
-            await asyncio.to_thread(_commit_file, fh, tmp, dest)
+            await asyncio.to_thread(commit_file, fh, tmp, dest)
         except BaseException:
             fh.close()
             tmp.unlink(missing_ok=True)
             raise
         ctype = resp.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
         return size, ctype
-
-
-def _commit_file(fh: Any, tmp: Path, dest: Path) -> None:
-    """Make a downloaded file durable under its final name."""
-    fh.flush()
-    os.fsync(fh.fileno())
-    fh.close()
-    os.replace(tmp, dest)
-
-
-def _close_if_connected(fut: asyncio.Future[websocket.WebSocketClientConnection]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().close()
-
-
-def describe_prompt_error(body: Any) -> str:
-    """One readable line from ComfyUI's /prompt error answer (its useful part is often in node_errors)."""
-    if not isinstance(body, dict):
-        return ""
-    parts = []
-    err = body.get("error")
-    if isinstance(err, dict):
-        parts.append(str(err.get("message", "")).strip())
-        if err.get("details"):
-            parts.append(str(err["details"]).strip())
-    for node_id, node in (body.get("node_errors") or {}).items():
-        for e in (node or {}).get("errors", []):
-            parts.append(f"node {node_id} ({node.get('class_type', '?')}): {e.get('message', '')}"
-                         + (f": {e['details']}" if e.get("details") else ""))
-    return "; ".join(p for p in parts if p) or "prompt rejected"
-
-
-def _json(resp: httpclient.HTTPResponse) -> Any:
-    try:
-        return json.loads(resp.body or b"null")
-    except ValueError:
-        return None
-
-
-def _short(resp: httpclient.HTTPResponse) -> str:
-    try:
-        return (resp.body or b"")[:200].decode("utf-8", "replace")
-    except Exception:  # body unavailable with streaming_callback
-        return ""
-
-
-def new_client_id() -> str:
-    """A fresh unique clientId for one backend connection."""
-    return f"comfy-bridge-{uuid.uuid4().hex}"
-
-
-def now() -> float:
-    """Monotonic seconds (one place, so tests and code agree)."""
-    return time.monotonic()

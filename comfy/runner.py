@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 import uuid
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .backend import Backend, BackendRejected, BackendUnavailable
+from .wire import commit_file
 from .config import Config
 from .jobs import Job, Output
 from .store import Store
@@ -316,8 +316,6 @@ def _safe_name(name: str) -> str:
 
 def _write_file(dest: Path, data: bytes) -> None:
     tmp = dest.with_name(dest.name + ".part")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, dest)
+    fh = open(tmp, "wb")
+    fh.write(data)
+    commit_file(fh, tmp, dest)

@@ -1,0 +1,111 @@
+"""ComfyUI wire helpers: typed errors, reading its answers, address caching, durable file writes."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tornado import httpclient, websocket
+from tornado.netutil import DefaultLoopResolver, Resolver
+
+
+class BackendError(Exception):
+    """A call to a ComfyUI server did not work."""
+
+
+class BackendUnavailable(BackendError):
+    """The server did not answer, or answered with a server error: try it (or another) later."""
+
+
+class BackendRejected(BackendError):
+    """The server refused the request (4xx, or node_errors): the job itself is at fault."""
+
+
+class CachingResolver(Resolver):
+    """Looks a backend's host name up once a minute, not on every request (an IP needs no lookup at all).
+
+    Tornado's default resolver sends every lookup through a thread pool, even for 127.0.0.1: a thread
+    hop on each of the several calls a job makes."""
+
+    def initialize(self, ttl: float = 60.0) -> None:  # type: ignore[override]
+        self._inner = DefaultLoopResolver()
+        self._ttl = ttl
+        self._cache: dict[tuple[str, int, int], tuple[float, list[tuple[int, Any]]]] = {}
+
+    async def resolve(self, host: str, port: int,
+                      family: socket.AddressFamily = socket.AF_UNSPEC) -> list[tuple[int, Any]]:
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (str(ip), port))]
+        key = (host, port, int(family))
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        found = await self._inner.resolve(host, port, family)
+        self._cache[key] = (time.monotonic() + self._ttl, found)
+        return found
+
+    def close(self) -> None:
+        """Close the wrapped resolver."""
+        self._inner.close()
+
+
+def commit_file(fh: Any, tmp: Path, dest: Path) -> None:
+    """Make a file written under a temporary name durable under its final name (fsync, then rename)."""
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+    os.replace(tmp, dest)
+
+
+def close_if_connected(fut: asyncio.Future[websocket.WebSocketClientConnection]) -> None:
+    """Done-callback for a handshake nobody waits for any more: close the socket it opened."""
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()
+
+
+def describe_prompt_error(body: Any) -> str:
+    """One readable line from ComfyUI's /prompt error answer (its useful part is often in node_errors)."""
+    if not isinstance(body, dict):
+        return ""
+    parts = []
+    err = body.get("error")
+    if isinstance(err, dict):
+        parts.append(str(err.get("message", "")).strip())
+        if err.get("details"):
+            parts.append(str(err["details"]).strip())
+    for node_id, node in (body.get("node_errors") or {}).items():
+        for e in (node or {}).get("errors", []):
+            parts.append(f"node {node_id} ({node.get('class_type', '?')}): {e.get('message', '')}"
+                         + (f": {e['details']}" if e.get("details") else ""))
+    return "; ".join(p for p in parts if p) or "prompt rejected"
+
+
+def read_json(resp: httpclient.HTTPResponse) -> Any:
+    """The answer's JSON body, or None when it has none or it is not JSON."""
+    try:
+        return json.loads(resp.body or b"null")
+    except ValueError:
+        return None
+
+
+def short_body(resp: httpclient.HTTPResponse) -> str:
+    """The first 200 characters of an answer, for error messages and logs."""
+    try:
+        return (resp.body or b"")[:200].decode("utf-8", "replace")
+    except Exception:  # body unavailable with streaming_callback
+        return ""
+
+
+def new_client_id() -> str:
+    """A fresh unique clientId for one backend connection."""
+    return f"comfy-bridge-{uuid.uuid4().hex}"
