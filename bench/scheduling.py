@@ -1,6 +1,8 @@
-"""Scheduling: throughput with N backends against N x one backend, and makespan on mixed speeds against ideal.
+"""Scheduling: throughput with N backends against N x one backend, makespan on mixed speeds against ideal,
+and the scheduler's time per dispatch with 1,000 jobs queued over 16 backends.
 
     python -m bench scheduling [--job-time 0.25] [--per-backend 12] [--backends 1,2,4,8,16] [--mixed-jobs 70]
+                               [--dispatch-jobs 1000]
 """
 from __future__ import annotations
 
@@ -62,8 +64,49 @@ def ideal_makespan(durations: list[float], count: int) -> float:
     return t
 
 
+async def dispatch_latency(backends: int, jobs: int, job_time: float) -> tuple[float, float, int]:
+    """Submit `jobs` at once over `backends` servers; the scheduler's time per dispatched job (mean, p99 ms)."""
+    async with simulated_backends([job_time] * backends) as urls, \
+            running_bridge(urls, keepalive_interval=60, max_queue=jobs + 10) as (services, port):
+        scheduler = services.scheduler
+        costs: list[float] = []
+        inner = scheduler._pump
+
+        def timed_pump() -> None:
+            before = sum(len(b.running) for b in scheduler.backends)
+            t = time.perf_counter()
+            inner()
+            took = time.perf_counter() - t
+            dispatched = sum(len(b.running) for b in scheduler.backends) - before
+            if dispatched > 0:
+                costs.extend([took / dispatched] * dispatched)
+        scheduler._pump = timed_pump  # type: ignore[method-assign]
+        done: list[float] = []
+        scheduler.listeners.append(lambda job: done.append(1) if job.state is State.COMPLETED else None)
+        http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=50)
+        try:
+            body = '{"workflow": "blank-canvas", "1/width": 8, "1/height": 8}'
+            await asyncio.gather(*(
+                http.fetch(f"http://127.0.0.1:{port}/generate-based-workflow?clientId=c{i % 50}", method="POST",
+                           body=body, headers={"Content-Type": "application/json"}) for i in range(jobs)))
+            deadline = time.monotonic() + 110
+            while len(done) < jobs:
+                if time.monotonic() > deadline:
+                    raise MeasureError(f"only {len(done)} of {jobs} jobs completed in time")
+                await asyncio.sleep(0.05)
+        finally:
+            http.close()
+        costs.sort()
+        return (sum(costs) / len(costs) * 1000, costs[int(0.99 * (len(costs) - 1))] * 1000, len(costs))
+
+
 async def measure(args: argparse.Namespace) -> list[tuple[str, float, float, str]]:
     rows: list[tuple[str, float, float, str]] = []
+    if args.dispatch_jobs:
+        mean, p99, n = await dispatch_latency(16, args.dispatch_jobs, args.job_time / 5)
+        print(f"  dispatch: {n} jobs queued over 16 backends: {mean * 1000:.0f} us mean, {p99 * 1000:.0f} us p99 "
+              f"per dispatched job", flush=True)
+        rows.append((f"dispatch latency, {n} queued / 16 backends", mean, mean / 1.0, "< 1 ms per job"))
     single = None
     for n in args.backends:
         count = n * args.per_backend
@@ -90,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-backend", type=int, default=12, help="jobs per backend in the throughput runs")
     p.add_argument("--backends", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     p.add_argument("--mixed-jobs", type=int, default=70)
+    p.add_argument("--dispatch-jobs", type=int, default=1000, help="queued jobs for the dispatch-latency run (0: skip)")
     args = p.parse_args(argv)
     print(f"scheduling benchmark: job time {args.job_time}s, simulated backends in a child process")
     try:
