@@ -82,7 +82,14 @@ async def dispatch_latency(backends: int, jobs: int, job_time: float) -> tuple[f
                 costs.extend([took / dispatched] * dispatched)
         scheduler._pump = timed_pump  # type: ignore[method-assign]
         done: list[float] = []
-        scheduler.listeners.append(lambda job: done.append(1) if job.state is State.COMPLETED else None)
+        failed: list[str] = []
+
+        def on_job(job: Job) -> None:
+            if job.state is State.COMPLETED:
+                done.append(1)
+            elif not job.state.active:
+                failed.append(f"{job.id}: {job.error}")
+        scheduler.listeners.append(on_job)
         http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=50)
         try:
             body = '{"workflow": "blank-canvas", "1/width": 8, "1/height": 8}'
@@ -91,6 +98,8 @@ async def dispatch_latency(backends: int, jobs: int, job_time: float) -> tuple[f
                            body=body, headers={"Content-Type": "application/json"}) for i in range(jobs)))
             deadline = time.monotonic() + 110
             while len(done) < jobs:
+                if failed:
+                    raise MeasureError(f"a job failed: {failed[0]}")
                 if time.monotonic() > deadline:
                     raise MeasureError(f"only {len(done)} of {jobs} jobs completed in time")
                 await asyncio.sleep(0.05)
