@@ -61,6 +61,12 @@ def redacted_uri(uri: str) -> str:
     return f"{path}?{urlencode(pairs, safe='*')}"
 
 
+def safe_summary(handler: web.RequestHandler) -> str:
+    """Tornado's request summary for its warning lines, with a socket's ?token= masked."""
+    req = handler.request
+    return f"{req.method} {redacted_uri(req.uri or '')} ({req.remote_ip})"
+
+
 def allowed_methods(cls: type[web.RequestHandler]) -> list[str]:
     """The HTTP methods a handler class implements (for Allow headers and CORS preflights)."""
     return [m for m in cls.SUPPORTED_METHODS
@@ -158,8 +164,7 @@ class BaseHandler(web.RequestHandler):
         json_error(self, status_code, kwargs)
 
     def _request_summary(self) -> str:
-        # used by Tornado's own warning lines; a socket's ?token= must not reach the log
-        return f"{self.request.method} {redacted_uri(self.request.uri or '')} ({self.request.remote_ip})"
+        return safe_summary(self)  # Tornado's own warning lines must not carry a ?token=
 
     def write_json(self, data: Any, status: int = 200) -> None:
         """Send data as JSON."""
@@ -181,6 +186,11 @@ class BaseHandler(web.RequestHandler):
             raise api_error(400, "the body is nested too deeply") from None
         if not isinstance(data, dict):
             raise api_error(400, "the body must be a JSON object")
+        try:  # "\ud800" is valid JSON but no UTF-8 text: the store and the backends could not take it
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise api_error(400, "the body contains a lone surrogate escape (\\ud800-\\udfff); "
+                                 "send valid Unicode") from None
         return data
 
     def client_id(self) -> str:

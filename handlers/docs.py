@@ -12,7 +12,7 @@ from tornado import web
 
 from comfy.services import Services
 
-from .base import BaseHandler, json_error
+from .base import BaseHandler, json_error, safe_summary
 
 DOCUMENT = Path(__file__).resolve().parent / "openapi.yaml"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch")
@@ -200,6 +200,9 @@ class StaticHandler(web.StaticFileHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """404 and friends as JSON."""
         json_error(self, status_code, kwargs)
+
+    def _request_summary(self) -> str:
+        return safe_summary(self)
 
 
 def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:

@@ -31,6 +31,7 @@ class GenerateHandler(BaseHandler):
                                  f"{config.submit_rate:g} per second; retry in {wait:.1f}s",
                             {"Retry-After": self.limiter.retry_after(wait)})
         body = self.json_body()
+        self.check_file_inputs(body)
         try:
             job = self.services.scheduler.submit(client_id, body)
         except InputError as exc:
@@ -43,6 +44,19 @@ class GenerateHandler(BaseHandler):
         if pos is not None:
             answer["queue_position"] = pos
         self.write_json(answer)
+
+
+    def check_file_inputs(self, body: dict[str, Any]) -> None:
+        """A file input names a saved upload or keeps its default; never another file of the bridge's."""
+        workflow = self.services.catalog.get(body.get("workflow"))
+        if workflow is None:
+            return  # the scheduler says what is wrong with it
+        for key, value in body.items():
+            spec = workflow.inputs.get(key)
+            if spec is None or not spec.upload or not isinstance(value, str) or value == spec.default:
+                continue
+            if self.services.store.upload(value) is None:
+                raise api_error(400, f"{key}: no uploaded file named {value!r} (upload it with POST /upload first)")
 
 
 class ExecutionInfoHandler(BaseHandler):

@@ -10,7 +10,7 @@ from tornado import web, websocket
 from comfy.clients import message
 from comfy.services import Services
 
-from .base import api_error, authorized, check_client_id, json_error, redacted_uri
+from .base import api_error, authorized, check_client_id, json_error, safe_summary
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class StatusSocket(websocket.WebSocketHandler):
         json_error(self, status_code, kwargs)
 
     def _request_summary(self) -> str:
-        return f"{self.request.method} {redacted_uri(self.request.uri or '')} ({self.request.remote_ip})"
+        return safe_summary(self)  # Tornado's own warning lines must not carry a ?token=
 
     def open(self, *args: str, **kwargs: str) -> None:
         """Register with the hub, which greets the socket and sends the current state."""

@@ -55,6 +55,15 @@ def origin_allowed(request: HTTPServerRequest) -> bool:
     return True
 
 
+def record_request(handler: RequestHandler) -> None:
+    """Keep what reached the fake, so tests can check what the bridge forwards."""
+    req = handler.request
+    fake = getattr(handler, "fake", None)
+    if fake is not None:
+        fake.requests_seen.append({"method": req.method, "path": req.path, "uri": req.uri,
+                                   "headers": dict(req.headers.get_all())})
+
+
 class BaseHandler(RequestHandler):
     """Shared plumbing: origin check, aiohttp-like error bodies, JSON replies."""
 
@@ -71,7 +80,8 @@ class BaseHandler(RequestHandler):
         return inst
 
     def prepare(self) -> None:
-        """Apply the origin middleware before any route."""
+        """Record the request (for tests), then apply the origin middleware before any route."""
+        record_request(self)
         if not origin_allowed(self.request):
             raise HTTPError(403)
 

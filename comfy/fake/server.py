@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import mimetypes
 import os
@@ -62,6 +63,8 @@ class FakeComfy:
         self.interrupts: list[dict] = []
         self.queue_deletes: list[str] = []
         self.frees: list[dict] = []
+        # every request's method, path and headers, newest last (bounded: benchmarks send many)
+        self.requests_seen: collections.deque[dict] = collections.deque(maxlen=10_000)
         self.executed: list[str] = []
         self.registry: dict[str, NodeDef] = default_registry()
         self.workdir: str = workdir or ""

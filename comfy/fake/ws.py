@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from tornado.web import HTTPError
 from tornado.websocket import WebSocketHandler
 
-from .base import FEATURES, origin_allowed
+from .base import FEATURES, origin_allowed, record_request
 
 if TYPE_CHECKING:
     from .executor import Instance
@@ -30,6 +30,7 @@ class ComfyWebSocket(WebSocketHandler):
 
     def prepare(self) -> None:
         """The origin middleware covers the upgrade too."""
+        record_request(self)
         if not origin_allowed(self.request):
             raise HTTPError(403)
 
