@@ -21,3 +21,30 @@ def test_store_benchmark_runs() -> None:
                            "--queued", "5", "--repeat", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "log page offset 0" in proc.stdout and "recovery at start-up" in proc.stdout
+
+
+def _bench(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_control_plane_benchmark_runs() -> None:
+    out = _bench("control_plane", "--tool", "python", "--seconds", "0.5", "--warmup", "0.2", "--connections", "4")
+    assert "/execution-info?clientId=" in out and "/generation-count" in out and "hello-world (after)" in out
+
+
+def test_websockets_benchmark_idle_part_runs() -> None:
+    out = _bench("websockets", "--parts", "a", "--idle", "50", "--idle-seconds", "1")
+    assert "(a) RSS per idle connection" in out and "keep-alive CPU per message" in out
+
+
+def test_websockets_benchmark_progress_and_stall_parts_run() -> None:
+    out = _bench("websockets", "--parts", "bc", "--followers", "20", "--jobs", "2", "--job-seconds", "1",
+                 "--slow", "3", "--slow-seconds", "2")
+    assert "(b) progress latency p50 / p99" in out and "(c) stalled sockets dropped" in out
+
+
+def test_large_files_benchmark_runs() -> None:
+    out = _bench("large_files", "--size-mb", "2", "--concurrent", "2", "--rounds", "1")
+    assert "bridge upload" in out and "bridge download" in out
