@@ -45,6 +45,7 @@ class Scheduler(ClientViews):
         self._asset_digests: dict[tuple[str, float], str] = {}
         self._last_pick: dict[str, float] = {}
         self._recheck: asyncio.TimerHandle | None = None
+        self._recheck_when = 0.0
         self.draining = False  # shutting down: no new job starts
         self.health = HealthMonitor(config, backends, self._backend_state)
         self._sweeper = PeriodicCallback(self.expire_results, min(config.results_ttl / 4, 600.0) * 1000, jitter=0.1)
@@ -183,9 +184,18 @@ class Scheduler(ClientViews):
         if len(better) < len(self.queue):
             return False
         if better:
-            loop = asyncio.get_running_loop()
-            self._recheck = loop.call_later(max(0.0, min(better) - now) + 0.01, self._pump)
+            self._recheck_at(min(better) + 0.01)
         return bool(better)
+
+    def _recheck_at(self, when: float) -> None:
+        """One timer for the next re-check of held jobs (each hold would otherwise add a timer)."""
+        if self._recheck is not None and not self._recheck.cancelled() and self._recheck_when <= when \
+                and self._recheck_when > time.monotonic():
+            return
+        if self._recheck is not None:
+            self._recheck.cancel()
+        self._recheck_when = when
+        self._recheck = asyncio.get_running_loop().call_later(max(0.0, when - time.monotonic()), self._pump)
 
     async def drain(self, timeout: float) -> int:
         """Start no new job; wait up to timeout for running ones to end. Returns how many still run."""

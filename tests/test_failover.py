@@ -219,3 +219,26 @@ async def test_slots_let_a_backend_take_several_jobs(bridge_factory, fakes) -> N
     assert listing["backends"][0]["running"] == 2 and listing["queue_length"] == 1
     for cid in (a, b, c):
         await bridge.post_json(f"/interrupt?clientId={cid}", {})
+
+
+async def test_held_jobs_do_not_multiply_timers(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    slow = [await fakes(duration=0.6, cache=False) for _ in range(4)]
+    fast = [await fakes(duration=0.15, cache=False) for _ in range(2)]
+    bridge = await bridge_factory([*slow, *fast])
+    scheduler = bridge.services.scheduler
+    for b in scheduler.backends:  # as if learned from earlier jobs
+        b.job_seconds = 0.6 if b.url in {f.url for f in slow} else 0.15
+    calls = 0
+    inner = scheduler._pump
+
+    def counted() -> None:
+        nonlocal calls
+        calls += 1
+        inner()
+    scheduler._pump = counted  # type: ignore[method-assign]
+    clients = [new_client_id() for _ in range(4)]
+    await asyncio.gather(*(bridge.submit(cid, {"workflow": "blank-canvas"}) for cid in clients))
+    await wait_for(lambda: all(not j.state.active for c in clients for j in scheduler.client_jobs(c)))
+    await asyncio.sleep(0.2)
+    # held jobs re-check with one shared timer; before, every skipped (backend, client) pair added one
+    assert calls < 100, calls
