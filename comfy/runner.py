@@ -143,6 +143,7 @@ class Runner:
                 entry = await self._still_known(job, backend)
             except BackendUnavailable as exc:
                 raise Requeue(str(exc)) from None
+            watch.reconnected = False  # this connection was just checked
             if entry is not None:
                 log.info("job %s: finished on %s while the bridge was away; collecting it", job.id, backend.label)
                 return entry

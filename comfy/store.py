@@ -61,6 +61,9 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# columns added after the first release, with their declarations, for _migrate()
+ADDED_COLUMNS = {"expired": "INTEGER NOT NULL DEFAULT 0"}
+
 _JOB_FIELDS = ("id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "state", "backend",
                "prompt_id", "attempts", "error", "created_at", "started_at", "finished_at", "counted",
                "fetched")
@@ -79,6 +82,15 @@ class Store:
         # power cut may lose the last commits, never corrupt the file.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store made by an earlier version up to this schema (columns are only ever added)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        for column, decl in ADDED_COLUMNS.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+                log.info("store: added column jobs.%s", column)
 
     def close(self) -> None:
         """Close the database."""
