@@ -1,0 +1,291 @@
+"""The demo page in real headless Chromium: upload, generate, progress, gallery, cancel, polling, API key.
+
+The bridge runs on the test's event loop, so every browser step runs in a worker thread
+(``asyncio.to_thread``) while the loop keeps serving. Set COMFY_BRIDGE_SCREENSHOT=static/screenshot.png
+to also write the README's screenshot (the page after a finished invert-image run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+if not CHROMIUM.exists() and not os.environ.get("CI"):
+    pytest.skip("the browser test needs Chromium: apt-get install chromium chromium-driver "
+                "(.ci/run installs them; in CI this test never skips)", allow_module_level=True)
+
+import asyncio  # noqa: E402
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+IMAGE = ROOT / "workflows" / "example.png"
+SAVED_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+UNAUTHORIZED = "the server responded with a status of 401"
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    # without these the browser keeps trying to reach Google's services and logs every failure
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1280,1000",
+)
+
+# the fake runs invert-image's 5 nodes in this many seconds: long enough to see 20%, 40%, ... by polling
+RUN_SECONDS = 2.0
+RECORD_PROGRESS = """
+window.__seen = [];
+const text = document.getElementById("progress-text");
+new MutationObserver(() => window.__seen.push(text.textContent))
+  .observe(text, {childList: true, characterData: true, subtree: true});
+"""
+
+
+def start_chromium(profile: Path) -> WebDriver:
+    """Headless Chromium with a fresh profile, its console log kept for the test."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+
+
+def wait(driver: WebDriver, what: str, condition: Callable[[WebDriver], Any], timeout: float = 10) -> Any:
+    """Wait for a condition; the failure says what was awaited and what the page said."""
+    def check(d: WebDriver) -> Any:
+        return condition(d)
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(check)
+    except Exception as exc:
+        message = driver.find_element(By.ID, "message").text
+        raise AssertionError(f"timed out waiting for {what}; the page says {message!r}") from exc
+
+
+def text(driver: WebDriver, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).text
+
+
+def percent(driver: WebDriver) -> float:
+    return float(text(driver, "progress-text").rstrip("%"))
+
+
+def choose_workflow(driver: WebDriver, alias: str, first_input: str) -> None:
+    """Pick a workflow and wait for its generated form."""
+    Select(driver.find_element(By.ID, "workflow")).select_by_value(alias)
+    wait(driver, f"the form of {alias}", lambda d: d.find_elements(By.ID, first_input)
+         and d.find_element(By.ID, "inputs").find_element(By.TAG_NAME, "legend").text.endswith(alias))
+
+
+def set_value(driver: WebDriver, element_id: str, value: str) -> None:
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def occupy_backend(base: str, client_id: str) -> None:
+    """Start another caller's job and wait until it runs, so the page's next job has to queue."""
+    request = urllib.request.Request(f"{base}/generate-based-workflow?clientId={client_id}", method="POST",
+                                     data=b'{"workflow": "blank-canvas"}',
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{base}/execution-info?clientId={client_id}", timeout=5) as resp:
+            if json.load(resp)["status"] == "progress":
+                return
+        time.sleep(0.05)
+    raise AssertionError("the other caller's job never started")
+
+
+def generate_and_finish(driver: WebDriver, queued_behind: str = "") -> list[str]:
+    """Press Generate from the keyboard, wait for the run to end well; return the progress texts shown.
+
+    With queued_behind (a base URL), another caller's job holds the only backend first, and the page
+    must show its job's place in the queue."""
+    driver.execute_script(RECORD_PROGRESS)
+    if queued_behind:
+        occupy_backend(queued_behind, f"other-caller-{time.monotonic_ns()}")
+    driver.find_element(By.ID, "generate").send_keys(Keys.ENTER)
+    if queued_behind:
+        wait(driver, "the queue position", lambda d: text(d, "message") == "Queued: position 1 in the bridge's queue.")
+    wait(driver, "the run to finish", lambda d: text(d, "message").startswith("Done in"), timeout=15)
+    return driver.execute_script("return window.__seen")
+
+
+def check_progress_moved(seen: list[str]) -> None:
+    values = [float(s.rstrip("%")) for s in seen]
+    assert any(0 < v < 100 for v in values), f"the progress bar never moved: {seen}"
+    assert values == sorted(values), f"the progress bar went backwards: {seen}"
+    assert seen[-1] == "100.00%", seen
+
+
+def gallery_images(driver: WebDriver) -> list[int]:
+    """naturalWidth of every result image, once every one of them has loaded."""
+    script = "return [...document.querySelectorAll('#gallery img')].map(i => i.complete ? i.naturalWidth : -1)"
+    wait(driver, "the result images to load", lambda d: -1 not in d.execute_script(script))
+    return driver.execute_script(script)
+
+
+def full_page_screenshot(driver: WebDriver, path: Path) -> None:
+    """A screenshot of the whole page from its top, the window grown to the page's height for the shot."""
+    width, height = driver.execute_script("return [window.outerWidth, window.outerHeight]")
+    driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+    page = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width, max(height, page + height - driver.execute_script("return innerHeight")))
+    try:
+        driver.save_screenshot(str(path))
+    finally:
+        driver.set_window_size(width, height)
+
+
+def last_job(base: str) -> dict[str, Any]:
+    """The newest entry of the generation log (GET /history without clientId)."""
+    with urllib.request.urlopen(f"{base}/history?limit=1", timeout=5) as resp:
+        return json.load(resp)["history"][0]
+
+
+def start_and_cancel(driver: WebDriver, base: str) -> str:
+    """Start a long sleep-progress run, cancel it once running, check it stopped; return the page's message."""
+    choose_workflow(driver, "sleep-progress", "in-2-seconds")
+    set_value(driver, "in-2-seconds", "20")
+    driver.find_element(By.ID, "generate").click()
+    wait(driver, "the long run to make progress", lambda d: percent(d) > 0)
+    cancel = driver.find_element(By.ID, "cancel")
+    assert cancel.is_enabled()
+    cancel.click()
+    wait(driver, "the cancel to take effect", lambda d: text(d, "message").startswith("Cancelled."))
+    stopped_at = percent(driver)
+    assert 0 < stopped_at < 100
+    time.sleep(0.5)
+    assert percent(driver) == stopped_at, "the progress bar kept moving after the cancel"
+    job = last_job(base)
+    assert (job["workflow"], job["status"]) == ("sleep-progress", "cancelled"), job
+    assert driver.find_element(By.ID, "generate").is_enabled()
+    assert not driver.find_element(By.ID, "cancel").is_enabled()
+    return text(driver, "message")
+
+
+def console_errors(driver: WebDriver, allowed: str | None = None) -> list[str]:
+    """SEVERE browser-log entries (uncaught errors, failed loads), minus the expected ones."""
+    return [e["message"] for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and not (allowed and allowed in e["message"])]
+
+
+def check_accessible(driver: WebDriver) -> None:
+    """Every control has a label; the page fits a phone's width without sideways scrolling."""
+    unlabelled = driver.execute_script("""
+        return [...document.querySelectorAll('input, select, textarea, button')]
+          .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+          .map(e => e.outerHTML)""")
+    assert not unlabelled, unlabelled
+    driver.set_window_size(390, 844)
+    width = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"the page is wider than a phone screen: {width}"
+
+
+def demo_scenario(driver: WebDriver, base: str, shots: Path) -> None:
+    """The whole tour of the page, WebSocket first, then polling."""
+    driver.get(base + "/")
+    wait(driver, "the workflow list", lambda d: d.find_element(By.ID, "workflow").is_enabled())
+    wait(driver, "the status strip", lambda d: (text(d, "backends-up"), text(d, "backends-total")) == ("1", "1"))
+    assert text(driver, "queue-length") == "0"
+
+    # 1. invert-image with an uploaded image, followed over the WebSocket
+    choose_workflow(driver, "invert-image", "in-1-image-file")
+    driver.find_element(By.ID, "in-1-image-file").send_keys(str(IMAGE))
+    wait(driver, "the saved upload name in the form",
+         lambda d: SAVED_NAME.match(d.find_element(By.ID, "in-1-image").get_attribute("value") or ""))
+    assert driver.execute_script("return document.querySelector('.preview').naturalWidth") > 0
+    check_progress_moved(generate_and_finish(driver, queued_behind=base))
+    assert gallery_images(driver) == [384]  # the workflow scales to 384x384
+    link = driver.find_element(By.CSS_SELECTOR, "#gallery figcaption a")
+    assert link.get_attribute("download") == "inverted_00001_.png"
+    assert link.get_attribute("href").startswith("blob:")
+    wait(driver, "the generation count", lambda d: text(d, "generation-count") == "2")
+    full_page_screenshot(driver, shots / "demo-page.png")
+    if target := os.environ.get("COMFY_BRIDGE_SCREENSHOT"):
+        shutil.copy(shots / "demo-page.png", target)
+
+    # 2. cancel a running job by closing the socket
+    assert "client disconnected" in start_and_cancel(driver, base)
+
+    # 3. the same two runs following the job by polling GET /execution-info
+    driver.find_element(By.ID, "use-polling").send_keys(Keys.SPACE)
+    assert driver.find_element(By.ID, "use-polling").is_selected()
+    choose_workflow(driver, "invert-image", "in-1-image-file")
+    check_progress_moved(generate_and_finish(driver, queued_behind=base))
+    assert "following by polling" in text(driver, "run-details")
+    assert gallery_images(driver) == [384, 384]  # the earlier result is still shown
+    assert "interrupted" in start_and_cancel(driver, base)
+
+    wait(driver, "the generation count", lambda d: text(d, "generation-count") == "6", timeout=8)
+    driver.save_screenshot(str(shots / "demo-page-end.png"))
+    check_accessible(driver)
+    driver.save_screenshot(str(shots / "demo-page-phone.png"))
+    assert console_errors(driver) == []
+
+
+def api_key_scenario(driver: WebDriver, base: str, shots: Path) -> None:
+    """The page asks once for the key, keeps it for the tab, and sends it on fetches and the socket."""
+    driver.get(base + "/")
+    dialog_open = "return document.getElementById('key-dialog').open"
+    wait(driver, "the API-key dialog", lambda d: d.execute_script(dialog_open))
+    driver.find_element(By.ID, "api-key").send_keys("wrong", Keys.ENTER)
+    wait(driver, "the dialog to ask again", lambda d: "not accepted" in text(d, "key-reason"))
+    driver.find_element(By.ID, "api-key").send_keys("demo-secret", Keys.ENTER)
+    wait(driver, "the workflow list", lambda d: d.find_element(By.ID, "workflow").is_enabled())
+    assert not driver.execute_script(dialog_open)
+    assert driver.execute_script("return sessionStorage.getItem('comfy-bridge.api-key')") == "demo-secret"
+    choose_workflow(driver, "blank-canvas", "in-1-width")
+    driver.find_element(By.ID, "use-polling").click()
+    driver.find_element(By.ID, "use-polling").click()  # back to the WebSocket, which needs ?token=
+    generate_and_finish(driver)
+    assert "following by WebSocket" in text(driver, "run-details")
+    assert gallery_images(driver)[0] > 0
+    driver.save_screenshot(str(shots / "demo-page-key.png"))
+    errors = console_errors(driver, allowed=UNAUTHORIZED)
+    driver.refresh()  # the key is kept for the tab: no second question
+    wait(driver, "the workflow list after a reload", lambda d: d.find_element(By.ID, "workflow").is_enabled())
+    assert not driver.execute_script(dialog_open)
+    assert errors + console_errors(driver) == []
+
+
+async def run_in_browser(scenario: Callable[[WebDriver, str, Path], None], base: str, tmp_path: Path) -> None:
+    """Run a scenario in Chromium from a worker thread, so the bridge keeps serving on this loop."""
+    def body() -> None:
+        driver = start_chromium(tmp_path / "chromium-profile")
+        try:
+            scenario(driver, base, tmp_path)
+        finally:
+            driver.quit()
+    await asyncio.to_thread(body)
+
+
+async def test_demo_page(bridge_factory, fakes, tmp_path: Path) -> None:
+    fake = await fakes(duration=RUN_SECONDS, tick=0.05)
+    bridge = await bridge_factory([fake])
+    await run_in_browser(demo_scenario, bridge.url, tmp_path)
+    assert (tmp_path / "demo-page.png").stat().st_size > 10_000
+    assert fake.interrupts, "neither cancel reached the backend"
+
+
+async def test_demo_page_asks_for_the_api_key(bridge_factory, fakes, tmp_path: Path) -> None:
+    bridge = await bridge_factory([await fakes(duration=0.3)], api_key="demo-secret")
+    await run_in_browser(api_key_scenario, bridge.url, tmp_path)
