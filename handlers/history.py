@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 MAX_PAGE = 1000
+MAX_OFFSET = 2**62  # SQLite's integers stop at 2**63 - 1; any offset past the log is an empty page anyway
 
 
 class HistoryHandler(BaseHandler):
@@ -25,10 +26,13 @@ class HistoryHandler(BaseHandler):
 
     async def get(self) -> None:
         """Dispatch on whether a clientId was given."""
+        # checked in both modes: a bad parameter is a bad request even where it would be ignored
+        limit = self._int_arg("limit", 10, 1, MAX_PAGE)
+        offset = self._int_arg("offset", 0, 0, None)
         if self.get_query_argument("clientId", None) is not None:
             await self._results(self.client_id())
         else:
-            self._generation_log()
+            self._generation_log(limit, offset)
 
     def _no_content(self, detail: str) -> None:
         # a 204 has no body on the wire, so the reason travels in a header (and the log)
@@ -84,10 +88,8 @@ class HistoryHandler(BaseHandler):
                 f"Content-Type: {out.content_type}\r\n"
                 f"Content-Length: {out.size}\r\n\r\n").encode("utf-8")
 
-    def _generation_log(self) -> None:
-        limit = self._int_arg("limit", 10, 1, MAX_PAGE)
-        offset = self._int_arg("offset", 0, 0, None)
-        rows, total = self.services.store.log_page(limit, offset)
+    def _generation_log(self, limit: int, offset: int) -> None:
+        rows, total = self.services.store.log_page(limit, min(offset, MAX_OFFSET))
         entries = []
         for row in rows:
             entry: dict[str, Any] = {
@@ -110,7 +112,7 @@ class HistoryHandler(BaseHandler):
 
     def _int_arg(self, name: str, default: int, low: int, high: int | None) -> int:
         raw = self.get_query_argument(name, None)
-        if raw is None or raw == "":
+        if raw is None:  # only a missing one takes the default; "limit=" is a bad limit
             return default
         try:
             value = int(raw, 10)

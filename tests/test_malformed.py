@@ -87,12 +87,18 @@ async def test_non_finite_floats(bridge: Bridge, raw: str) -> None:
 
 
 @pytest.mark.parametrize("query", ["limit=-1", "limit=0", "offset=-1", "limit=1001", "limit=1.5", "limit=abc",
-                                   "offset=" + "9" * 5000, "limit=%2D1", "limit=0x10", "limit=5%20x"])
+                                   "offset=" + "9" * 5000, "limit=%2D1", "limit=0x10", "limit=5%20x", "limit=", "offset=", "limit=%00"])
 async def test_negative_and_silly_sizes(bridge: Bridge, query: str) -> None:
     resp = await bridge.fetch("GET", f"/history?{query}")
     assert resp.code == 400
     body = json.loads(resp.body)
     assert body["error"].startswith("invalid") and body["detail"]
+
+
+@pytest.mark.parametrize("offset", [2**63, 2**64 + 5, 10**30])
+async def test_offsets_past_any_log_are_an_empty_page(bridge: Bridge, offset: int) -> None:
+    page = await bridge.get_json(f"/history?limit=7&offset={offset}")  # was a 500: too big for SQLite
+    assert page["history"] == [] and page["page"] == offset // 7 + 1 and page["page_size"] == 7
 
 
 async def test_unknown_methods_get_405_with_allow(bridge: Bridge) -> None:
