@@ -29,8 +29,10 @@ from bench.procs import (
     Bridge,
     baseline_process,
     bridge_process,
+    cpu_seconds,
     disk_write_bytes,
     fake_backends,
+    machine_note,
 )
 
 CLIENT = "bench-known-client"
@@ -84,9 +86,8 @@ def summarize(calls: list[str]) -> str:
     return ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:4])
 
 
-def row(name: str, r: LoadResult, ratio: float | None, goal: str) -> str:
-    ratio_text = f"{ratio:6.2f}x" if ratio is not None else "      "
-    return f"{name:<42} {r.rps:9.0f} {r.p50:8.2f} {r.p99:8.2f}  {ratio_text}  {goal}"
+def row(name: str, r: LoadResult, ratio: float, cpu: str, goal: str) -> str:
+    return f"{name:<42} {r.rps:9.0f} {r.p50:8.2f} {r.p99:8.2f}  {ratio:6.2f}x  {cpu:>8}  {goal}"
 
 
 async def measure(args: argparse.Namespace) -> int:
@@ -96,13 +97,19 @@ async def measure(args: argparse.Namespace) -> int:
     tool = "wrk -t1 (Debian package)" if use_wrk else "Python asyncio keep-alive clients (wrk not installed)"
     print(f"control-plane benchmark: {args.connections} keep-alive connections, {args.seconds:g} s per run, "
           f"load generator: {tool}", flush=True)
+    print(f"machine: {machine_note()}", flush=True)
     async with fake_backends(1) as fakes, bridge_process(fakes.urls) as bridge, baseline_process() as base:
         await make_known_client(bridge)
 
+        cpu_us: dict[int, float] = {}  # id(result) -> server CPU per request, microseconds
+
         async def load(port: int, path: str, seconds: float) -> LoadResult:
+            pid = base.pid if port == base.port else bridge.pid
+            cpu0 = cpu_seconds(pid)
             r = await http_load("127.0.0.1", port, path, args.connections, seconds, use_wrk)
             if r.errors:
                 raise MeasureError(f"{r.errors} of {r.requests} answers on {path} were not 200")
+            cpu_us[id(r)] = (cpu_seconds(pid) - cpu0) / r.requests * 1e6
             return r
 
         for path in ("/", *PATHS):  # warm up both servers (first requests import and cache)
@@ -128,15 +135,18 @@ async def measure(args: argparse.Namespace) -> int:
             calls = await tracer
             traced = (calls, traced_requests) if calls is not None else None
     hello = (results["hello-world (before)"].rps + results["hello-world (after)"].rps) / 2
-    print(f"\n{'path':<42} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}  {'ratio':>7}  goal")
+    hello_cpu = (cpu_us[id(results["hello-world (before)"])] + cpu_us[id(results["hello-world (after)"])]) / 2
+    print(f"\n{'path':<42} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}  {'ratio':>7}  {'CPU/req':>8}  goal")
     ok = True
     for name, r in results.items():
+        cpu = f"{cpu_us[id(r)]:5.0f} us"
         if name.startswith("hello"):
-            print(row(name, r, r.rps / hello, "baseline"))
+            print(row(name, r, r.rps / hello, cpu, "baseline"))
         else:
             ratio = r.rps / hello
             ok = ok and ratio >= GOAL
-            print(row(name, r, ratio, f">= {GOAL}x hello world ({'met' if ratio >= GOAL else 'MISSED'})"))
+            print(row(name, r, ratio, cpu, f">= {GOAL}x hello world ({'met' if ratio >= GOAL else 'MISSED'}); "
+                                            f"hello world's CPU/req / this: {hello_cpu / cpu_us[id(r)]:.2f}"))
     total = sum(r.requests for n, r in results.items() if not n.startswith("hello"))
     print(f"\nduring the bridge's {total} requests ({window:.1f} s): {backend_calls} backend requests "
           f"(health probes run every 2 s regardless), {disk} bytes written to storage by the bridge")

@@ -31,6 +31,7 @@ from bench.procs import (
     baseline_process,
     bridge_process,
     fake_backends,
+    machine_note,
     peak_kb,
     peak_reset,
     rss_kb,
@@ -169,6 +170,7 @@ async def make_results(bridge: Bridge, clients: list[str]) -> float:
 async def measure(args: argparse.Namespace) -> int:
     size, n = args.size_mb * MB, args.concurrent
     print(f"large-files benchmark: {n} concurrent transfers of {args.size_mb} MB each way", flush=True)
+    print(f"machine: {machine_note()}", flush=True)
     data = png_payload(size)
     results: dict[str, dict[str, float]] = {}
     async with baseline_process() as base:

@@ -133,6 +133,12 @@ asyncio.run(main())
 """
 
 
+def machine_note() -> str:
+    """Cores and load average: figures taken on a busy machine read worse, so every benchmark says."""
+    one, five, _ = os.getloadavg()
+    return f"{os.cpu_count()} cores, load average {one:.2f} (1 min) / {five:.2f} (5 min) at the start"
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (the child binds it a moment later)."""
     with socket.socket() as sock:
@@ -317,7 +323,13 @@ async def bridge_process(urls: list[str], settings: dict[str, Any] | None = None
                 if time.monotonic() > deadline:
                     raise MeasureError(f"the bridge did not become ready in 60 s: {_tail(log)}")
                 await asyncio.sleep(0.1)
-            yield bridge
+            spy = _profiler(proc.pid)
+            try:
+                yield bridge
+            finally:
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    await asyncio.to_thread(spy.wait, 30)
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -326,6 +338,19 @@ async def bridge_process(urls: list[str], settings: dict[str, Any] | None = None
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def _profiler(pid: int) -> subprocess.Popen | None:
+    """With BENCH_PYSPY=DIR set, record the bridge with py-spy (pip install py-spy) into DIR/bridge-PID.txt:
+    collapsed stacks, one line per stack with its sample count (flamegraph.pl or speedscope read it)."""
+    folder = os.environ.get("BENCH_PYSPY")
+    if not folder:
+        return None
+    out = Path(folder) / f"bridge-{pid}.txt"
+    print(f"  profiling the bridge (pid {pid}) with py-spy into {out}", flush=True)
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
+                             "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _tail(log: Path, lines: int = 5) -> str:
