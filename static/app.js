@@ -190,10 +190,11 @@ function make(tag, props = {}, ...children) {
 }
 
 function labelText(key, spec) {
-  const name = key.split("/").slice(1).join("/");
+  // a node's title names the node, not the input: when several inputs share it, add the input's name
+  const name = key.split("/").slice(1).join("/").replace(/_/g, " ");
   const title = spec.title || name;
-  const plain = name.replace(/_/g, " ").toLowerCase();
-  return title.toLowerCase().includes(plain) ? title : `${title}: ${name.replace(/_/g, " ")}`;
+  const shared = Object.values(state.specs).filter((s) => (s.title || "") === title).length > 1;
+  return shared && !title.toLowerCase().includes(name.toLowerCase()) ? `${title}: ${name}` : title;
 }
 
 function hintText(key, spec) {
