@@ -217,10 +217,12 @@ async def part_follow(args: argparse.Namespace) -> dict[str, Any]:
            "steady_p50": statistics.median(steady), "steady_p99": percentile(steady, 99),
            "spread_p50": statistics.median(spreads), "spread_p99": percentile(spreads, 99),
            "gap_p50": statistics.median(gaps), "worst_rate": worst_rate, "backend_rate": backend_rate,
-           "messages": total, "unmatched": unmatched, "bridge_cpu": bridge_cpu / took, "client_cpu": client_cpu / took}
+           "messages": total, "unmatched": unmatched, "bridge_cpu": bridge_cpu / took, "client_cpu": client_cpu / took,
+           "cpu_per_msg_us": bridge_cpu / total * 1e6}
     print(f"  {total} progress messages to {args.followers} sockets in {took:.1f} s; backends reported "
           f"{backend_rate:.0f} distinct values/s per job; bridge CPU {bridge_cpu / took * 100:.0f}% of a core, "
-          f"this receiving process {client_cpu / took * 100:.0f}%", flush=True)
+          f"this receiving process {client_cpu / took * 100:.0f}%; bridge CPU per delivered message "
+          f"{bridge_cpu / total * 1e6:.0f} us (backend messages and job handling included)", flush=True)
     if unmatched:
         print(f"  {unmatched} received values matched no backend message (not counted)")
     return out
@@ -313,6 +315,7 @@ async def measure(args: argparse.Namespace) -> int:
                   f["p99"] < 50),
                  ("(b)   the same without the first second", f"{f['steady_p50']:.1f} / {f['steady_p99']:.1f} ms",
                   "", "(report)", None),
+                 ("(b) bridge CPU per delivered message", f"{f['cpu_per_msg_us']:.0f} us", "", "(report)", None),
                  ("(b) spread of one flush p50 / p99", f"{f['spread_p50']:.1f} / {f['spread_p99']:.1f} ms", "",
                   "(report)", None),
                  ("(b) most progress msgs/s to one socket", f"{f['worst_rate']}", "",
