@@ -149,6 +149,7 @@ class UploadHandler(BaseHandler):
             os.replace(part.tmp, self.services.config.uploads_dir / name)
             store.add_upload(name, part.sha.hexdigest(), part.size, ctype, part.filename)
             saved[part.field] = name
+            self.services.metrics.upload_bytes.inc(part.size)
         log.info("stored %d upload(s): %s", len(saved), ", ".join(saved.values()))
         self.write_json(saved)
 
