@@ -6,17 +6,18 @@ to also write the README's screenshot (the page after a finished invert-image ru
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -26,14 +27,12 @@ if not CHROMIUM.exists() and not os.environ.get("CI"):
     pytest.skip("the browser test needs Chromium: apt-get install chromium chromium-driver "
                 "(.ci/run installs them; in CI this test never skips)", allow_module_level=True)
 
-import asyncio  # noqa: E402
-
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 IMAGE = ROOT / "workflows" / "example.png"
 SAVED_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
@@ -68,10 +67,8 @@ def start_chromium(profile: Path) -> WebDriver:
 
 def wait(driver: WebDriver, what: str, condition: Callable[[WebDriver], Any], timeout: float = 10) -> Any:
     """Wait for a condition; the failure says what was awaited and what the page said."""
-    def check(d: WebDriver) -> Any:
-        return condition(d)
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(check)
+        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
     except Exception as exc:
         message = driver.find_element(By.ID, "message").text
         raise AssertionError(f"timed out waiting for {what}; the page says {message!r}") from exc
