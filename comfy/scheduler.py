@@ -125,11 +125,12 @@ class Scheduler(ClientViews):
             if row is not None:
                 out[key] = {"name": name, "path": str(self.config.uploads_dir / name), "sha256": row["sha256"]}
                 continue
+            if key in values and values[key] != workflow.inputs[key].default:
+                raise InputError(f"{key}: no uploaded file named {name!r} (upload it with POST /upload first)")
+            # the workflow's own default: an asset beside the workflows if there is one, else the backend's file
             asset = self.catalog.root / name if isinstance(name, str) and "/" not in name else None
             if asset is not None and asset.is_file():
                 out[key] = {"name": name, "path": str(asset), "sha256": self._asset_digest(asset)}
-            elif key in values and values[key] != workflow.inputs[key].default:
-                raise InputError(f"{key}: no uploaded file named {name!r} (upload it with POST /upload first)")
             else:
                 out[key] = {"name": name, "path": None, "sha256": None}
         return out

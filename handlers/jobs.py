@@ -67,7 +67,8 @@ class ExecutionInfoHandler(BaseHandler):
         client_id = self.known_client_id()
         scheduler = self.services.scheduler
         job = scheduler.status_job(client_id)
-        assert job is not None
+        if job is None:
+            raise api_error(400, f"no job is known for that client ID / {client_id}")
         status, text = job.client_status()
         answer: dict[str, Any] = {"status": status, "details": text, "detail": text, "job_id": job.id,
                                   "state": job.state.value}

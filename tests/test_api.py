@@ -226,3 +226,11 @@ def test_backend_listing_never_shows_credentials() -> None:
     shown = b.describe()
     assert "secret" not in str(shown) and shown["url"] == "http://gpu-box:8188"
     b.http.close()
+
+
+async def test_file_input_never_names_other_files_of_the_workflows_folder(bridge: Bridge) -> None:
+    for name in ("workflows.yaml", "load_invert_blur.json"):
+        resp = await bridge.fetch("POST", f"/generate-based-workflow?clientId={new_client_id()}",
+                                  {"workflow": "invert-image", "1/image": name})
+        assert resp.code == 400 and "no uploaded file" in json.loads(resp.body)["detail"]
+    assert bridge.fakes[0].uploads == []
