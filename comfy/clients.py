@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any, Protocol
 
 from tornado.ioloop import PeriodicCallback
@@ -20,7 +21,8 @@ class ClientSocket(Protocol):
 
     client_id: str
 
-    def send(self, status: str, details: str, **extra: Any) -> None: ...
+    def send_text(self, text: str, droppable: bool = False) -> None:
+        """Send one encoded message; a droppable one may be skipped for a socket that is not reading."""
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
@@ -30,6 +32,11 @@ def message(status: str, details: str, **extra: Any) -> str:
     return json.dumps({"status": status, "details": details, **extra})
 
 
+CONNECTED = message("connected", "server connected")
+LISTENING = message("listening", "server is listening")
+PLACES_DELAY = 0.2  # seconds: queue places are re-sent at most this often
+
+
 class ClientHub:
     """Fans job updates out to every socket of the job's clientId."""
 
@@ -37,28 +44,30 @@ class ClientHub:
         self.config = config
         self.scheduler = scheduler
         self.sockets: dict[str, set[ClientSocket]] = {}
-        self._pending: dict[str, Job] = {}          # clientId -> job with a progress update not yet sent
-        self._last_sent: dict[str, str] = {}        # clientId -> last state or progress text sent
+        self._pending: dict[str, Job] = {}          # clientId -> running job with progress not yet sent
+        self._due: dict[str, asyncio.TimerHandle] = {}  # clientId -> when its held-back progress goes out
+        self._sent_at: dict[str, float] = {}        # clientId -> when progress last went out
+        self._last_sent: dict[str, str] = {}        # clientId -> last state, progress or queue place sent
         self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._places: asyncio.TimerHandle | None = None
         self._keepalive = PeriodicCallback(self._send_keepalive, config.keepalive_interval * 1000, jitter=0.1)
-        self._flusher = PeriodicCallback(self._flush_progress, config.progress_interval * 1000)
         scheduler.listeners.append(self.on_job)
 
     async def start(self) -> None:
-        """Start the keep-alive and progress timers."""
+        """Start the keep-alive timer."""
         self._keepalive.start()
-        self._flusher.start()
 
     async def stop(self, reason: str = "server shutting down") -> None:
         """Stop the timers and close every caller socket with 1001 (going away)."""
         self._keepalive.stop()
-        self._flusher.stop()
-        for handle in self._grace.values():
+        for handle in [*self._grace.values(), *self._due.values(), *([self._places] if self._places else [])]:
             handle.cancel()
         self._grace.clear()
+        self._due.clear()
+        text = message("error", reason)
         for socks in list(self.sockets.values()):
             for sock in list(socks):
-                sock.send("error", reason)
+                sock.send_text(text)
                 sock.close(1001, reason)
         self.sockets.clear()
 
@@ -75,10 +84,10 @@ class ClientHub:
         if handle is not None:
             handle.cancel()
             log.info("client %s… reconnected within the grace period; its jobs continue", cid[:8])
-        sock.send("connected", "server connected")
+        sock.send_text(CONNECTED)
         job = self.scheduler.status_job(cid)
         if job is not None and (job.state.active or not job.fetched):
-            self._send_state(sock, job)
+            sock.send_text(self._state_text(job))
             if not job.state.active and not self._active(cid):
                 sock.close(1000, "work finished")
 
@@ -107,54 +116,84 @@ class ClientHub:
     def _active(self, cid: str) -> bool:
         return any(j.state.active for j in self.scheduler.client_jobs(cid))
 
+    def _send(self, cid: str, text: str, droppable: bool = False) -> None:
+        """One message to every socket of a client, encoded once."""
+        for sock in list(self.sockets.get(cid, ())):
+            sock.send_text(text, droppable)
+
     # job updates --------------------------------------------------------------------------------
     def on_job(self, job: Job) -> None:
         """Scheduler callback on every change of a job."""
+        if job.state is not State.QUEUED and self._places is None and len(self.scheduler.queue):
+            # the line moved: waiting clients hear their new place, at most a few times a second
+            self._places = asyncio.get_running_loop().call_later(PLACES_DELAY, self._send_places)
         cid = job.client_id
         if cid not in self.sockets:
             return
         if job.state is State.RUNNING:
-            self._pending[cid] = job  # progress goes out at most every progress_interval
+            self._progress(cid, job)
             return
         self._pending.pop(cid, None)
         if job.state.active:
             if self._last_sent.get(cid) == f"{job.id}:{job.state.value}":
                 return  # queued -> dispatching reads the same to a caller
             self._last_sent[cid] = f"{job.id}:{job.state.value}"
-            for sock in list(self.sockets.get(cid, ())):
-                self._send_state(sock, job)
+            self._send(cid, self._state_text(job))
             return
         self._last_sent.pop(cid, None)
         status, details = job.client_status()
-        done = not self._active(cid)
-        for sock in list(self.sockets.get(cid, ())):
-            if job.state is State.COMPLETED:
-                sock.send("progress", job.percent, job_id=job.id)  # the bar ends at 100.00%
-            sock.send(status, details, job_id=job.id)
-            if done:
+        if job.state is State.COMPLETED:
+            self._send(cid, message("progress", job.percent, job_id=job.id))  # the bar ends at 100.00%
+        self._send(cid, message(status, details, job_id=job.id))
+        if not self._active(cid):
+            for sock in list(self.sockets.get(cid, ())):
                 sock.close(1000, "work finished")
 
-    def _send_state(self, sock: ClientSocket, job: Job) -> None:
+    def _state_text(self, job: Job) -> str:
         status, details = job.client_status()
         extra: dict[str, Any] = {"job_id": job.id}
         pos = self.scheduler.position(job)
         if pos is not None:
             extra["queue_position"] = pos
-        sock.send(status, details, **extra)
+        return message(status, details, **extra)
 
-    def _flush_progress(self) -> None:
-        pending, self._pending = self._pending, {}
-        for cid, job in pending.items():
-            if job.state is not State.RUNNING:
+    def _progress(self, cid: str, job: Job) -> None:
+        """Progress goes out at once unless this client had one less than progress_interval ago."""
+        self._pending[cid] = job
+        if cid in self._due:
+            return
+        wait = self._sent_at.get(cid, 0.0) + self.config.progress_interval - time.monotonic()
+        if wait <= 0:
+            self._flush_progress(cid)
+        else:
+            self._due[cid] = asyncio.get_running_loop().call_later(wait, self._flush_progress, cid)
+
+    def _flush_progress(self, cid: str) -> None:
+        self._due.pop(cid, None)
+        job = self._pending.pop(cid, None)
+        if job is None or job.state is not State.RUNNING:
+            return
+        text = job.percent
+        if self._last_sent.get(cid) == text:
+            return
+        self._last_sent[cid] = text
+        self._sent_at[cid] = time.monotonic()
+        self._send(cid, message("progress", text, job_id=job.id), droppable=True)
+
+    def _send_places(self) -> None:
+        self._places = None
+        places = self.scheduler.queue.positions()
+        for cid in list(self.sockets):
+            job = self.scheduler.status_job(cid)
+            if job is None or job.state is not State.QUEUED:
                 continue
-            text = job.percent
-            if self._last_sent.get(cid) == text:
-                continue
-            self._last_sent[cid] = text
-            for sock in list(self.sockets.get(cid, ())):
-                sock.send("progress", text, job_id=job.id)
+            key = f"{job.id}:queued:{places.get(job.id)}"
+            if self._last_sent.get(cid) != key:
+                self._last_sent[cid] = key
+                self._send(cid, message("connected", "server connected", job_id=job.id,
+                                        queue_position=places.get(job.id)))
 
     def _send_keepalive(self) -> None:
         for socks in list(self.sockets.values()):
             for sock in list(socks):
-                sock.send("listening", "server is listening")
+                sock.send_text(LISTENING, droppable=True)

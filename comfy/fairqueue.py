@@ -77,3 +77,16 @@ class FairQueue:
                 # in each of rounds 0..k the clients before ours go first; after ours only rounds 0..k-1
                 ahead += min(len(other), k + 1 if before else k)
         return ahead + 1
+
+    def positions(self) -> dict[str, int]:
+        """Every waiting job's 1-based place in dispatch order, in one pass (the same numbers as position())."""
+        out: dict[str, int] = {}
+        lines = list(self._clients.values())
+        place, rnd = 0, 0
+        while lines:
+            for q in lines:
+                place += 1
+                out[q[rnd].id] = place
+            rnd += 1
+            lines = [q for q in lines if len(q) > rnd]
+        return out

@@ -1,18 +1,22 @@
 """WS /ws?clientId=ID: live status of a client's jobs."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
 from tornado import web, websocket
 
-from comfy.clients import message
 from comfy.services import Services
 
 from .base import api_error, authorized, check_client_id, json_error, safe_summary
 
 log = logging.getLogger(__name__)
+
+BACKLOG = 64          # unwritten messages after which progress and keep-alives are skipped for a socket
+STALL_SECONDS = 10.0  # how long a socket may stay that far behind before it is closed
 
 
 class StatusSocket(websocket.WebSocketHandler):
@@ -24,6 +28,8 @@ class StatusSocket(websocket.WebSocketHandler):
     def initialize(self, services: Services) -> None:
         """Receive the bridge's services."""
         self.services = services
+        self._backlog = 0  # messages handed to Tornado and not yet written to the network
+        self._stalled_since: float | None = None
 
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -88,12 +94,34 @@ class StatusSocket(websocket.WebSocketHandler):
         """Unregister; the hub may cancel the client's work after the grace period."""
         self.services.hub.remove(self)
 
-    def send(self, status: str, details: str, **extra: Any) -> None:
-        """Send one status message; a socket that has gone away is simply skipped."""
+    def send_text(self, text: str, droppable: bool = False) -> None:
+        """Send one message. A socket whose reader has fallen BACKLOG messages behind gets no more
+        progress or keep-alives, and is closed (1013) once it has stayed behind for STALL_SECONDS."""
+        if self._backlog >= BACKLOG:
+            now = time.monotonic()
+            if self._stalled_since is None:
+                self._stalled_since = now
+            elif now - self._stalled_since > STALL_SECONDS:
+                log.warning("client %s…: socket not reading for %.0fs; closing it", self.client_id[:8],
+                            now - self._stalled_since)
+                self.close(1013, "not reading")
+                self.on_connection_close()  # do not wait for a closing handshake it will never read
+                return
+            if droppable:
+                return
         try:
-            self.write_message(message(status, details, **extra))
+            pending = self.write_message(text)
         except websocket.WebSocketClosedError:
-            pass
+            return
+        self._backlog += 1
+        pending.add_done_callback(self._written)
+
+    def _written(self, done: asyncio.Future[None]) -> None:
+        self._backlog -= 1
+        if not done.cancelled():
+            done.exception()  # a closed stream fails its pending writes; nothing to do about it
+        if self._backlog < BACKLOG:
+            self._stalled_since = None
 
 
 def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:

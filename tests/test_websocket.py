@@ -1,0 +1,84 @@
+"""Caller sockets: queue places while waiting, progress pacing, and readers that stop reading."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+
+import handlers.ws
+from conftest import Bridge, new_client_id, next_message, wait_for
+
+
+async def test_waiting_client_hears_its_new_place(bridge: Bridge) -> None:
+    fake = bridge.fakes[0]
+    fake.hang = True
+    a, c, b = new_client_id(), new_client_id(), new_client_id()
+    await bridge.submit(a, {"workflow": "blank-canvas"})
+    await bridge.wait_state(a, {"progress"})
+    await bridge.submit(c, {"workflow": "blank-canvas"})
+    conn = await bridge.ws(b)
+    assert (await next_message(conn))["status"] == "connected"
+    await bridge.submit(b, {"workflow": "blank-canvas"})
+    first = await next_message(conn)
+    assert first is not None and first["queue_position"] == 2
+    await bridge.post_json(f"/interrupt?clientId={c}", {})  # the job ahead leaves the line
+    moved = await next_message(conn, 3)
+    assert moved is not None and moved["status"] == "connected" and moved["queue_position"] == 1
+    for cid in (a, b):
+        await bridge.post_json(f"/interrupt?clientId={cid}", {})
+
+
+async def test_progress_goes_out_at_once_then_paced(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes(tick=0.005)
+    bridge = await bridge_factory([fake], progress_interval=0.25)
+    cid = new_client_id()
+    conn = await bridge.ws(cid)
+    await next_message(conn)
+    await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 1.2})
+    stamps = []
+    loop = asyncio.get_running_loop()
+    while (msg := await next_message(conn)) is not None:
+        if msg["status"] == "progress" and msg["details"] != "100.00%":
+            stamps.append(loop.time())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert len(stamps) >= 3 and min(gaps) >= 0.2, gaps  # never faster than progress_interval per client
+
+
+async def raw_ws_client(port: int, client_id: str) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads (tiny receive window)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(sock, (f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                   f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = await loop.sock_recv(sock, 1024)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def test_a_socket_that_stops_reading_is_dropped(bridge: Bridge, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(handlers.ws, "BACKLOG", 8)
+    monkeypatch.setattr(handlers.ws, "STALL_SECONDS", 0.3)
+    cid = new_client_id()
+    client = await raw_ws_client(bridge.port, cid)
+    hub = bridge.services.hub
+    await wait_for(lambda: cid in hub.sockets)
+    server_side = next(iter(hub.sockets[cid]))
+    server_side.ws_connection.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    blob = '{"status": "progress", "details": "' + "x" * 4000 + '"}'
+    most = 0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while cid in hub.sockets and loop.time() - started < 5:  # a backend reporting fast, a caller not reading
+        server_side.send_text(blob, droppable=True)
+        most = max(most, server_side._backlog)
+        await asyncio.sleep(0.001)
+    # what Tornado held for this socket stayed bounded (the rest was skipped), and the socket was dropped
+    assert most <= 8
+    assert cid not in hub.sockets
+    client.close()
