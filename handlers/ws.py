@@ -96,7 +96,7 @@ class StatusSocket(websocket.WebSocketHandler):
 
     def send_text(self, text: str, droppable: bool = False) -> None:
         """Send one message. A socket whose reader has fallen BACKLOG messages behind gets no more
-        progress or keep-alives, and is closed (1013) once it has stayed behind for STALL_SECONDS."""
+        progress or keep-alives, and is closed (1013) if it has not caught up STALL_SECONDS later."""
         if self._backlog >= BACKLOG:
             now = time.monotonic()
             if self._stalled_since is None:
@@ -120,8 +120,8 @@ class StatusSocket(websocket.WebSocketHandler):
         self._backlog -= 1
         if not done.cancelled():
             done.exception()  # a closed stream fails its pending writes; nothing to do about it
-        if self._backlog < BACKLOG:
-            self._stalled_since = None
+        if self._backlog == 0:
+            self._stalled_since = None  # caught up completely; a trickle that keeps it near the bound does not count
 
 
 def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
