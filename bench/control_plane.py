@@ -23,7 +23,7 @@ import time
 import urllib.request
 from typing import Any
 
-from bench.harness import MeasureError
+from bench.harness import MeasureError, run_benchmark
 from bench.load import LoadResult, http_load, wrk_available
 from bench.procs import (
     Bridge,
@@ -166,9 +166,4 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load per path before measuring")
     p.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--strace", action="store_true", help="also count the bridge's file system calls (needs strace)")
-    args = p.parse_args(argv)
-    try:
-        return asyncio.run(measure(args))
-    except MeasureError as exc:
-        print(f"cannot measure: {exc}")
-        return 1
+    return run_benchmark(measure(p.parse_args(argv)))

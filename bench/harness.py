@@ -10,8 +10,9 @@ import tempfile
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Coroutine
 
+from tornado import httpclient
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
@@ -40,6 +41,15 @@ asyncio.run(main())
 
 class MeasureError(Exception):
     """The benchmark could not measure what it should; no figure is printed."""
+
+
+def run_benchmark(measure: Coroutine[Any, Any, int]) -> int:
+    """Run a benchmark's measure(); a failure to measure prints why and exits 1, never a made-up number."""
+    try:
+        return asyncio.run(measure)
+    except (MeasureError, httpclient.HTTPClientError, OSError) as exc:
+        print(f"cannot measure: {exc}")
+        return 1
 
 
 @asynccontextmanager

@@ -17,18 +17,15 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import AsyncIterator
 
 from tornado import httpclient, websocket
 
-from bench.harness import ROOT, MeasureError, simulated_backends
+from bench.harness import ROOT, MeasureError, run_benchmark, simulated_backends
+from bench.procs import bridge_process, cpu_seconds, rss_kb
 
 GRAPH = json.loads((ROOT / "workflows" / "empty_image.json").read_text())
 
@@ -37,57 +34,6 @@ def graph_for(color: int) -> dict:
     g = json.loads(json.dumps(GRAPH))
     g["1"]["inputs"].update({"width": 64, "height": 64, "color": color})
     return g
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise MeasureError("no VmRSS")
-
-
-@asynccontextmanager
-async def bridge_process(backend: str) -> AsyncIterator[tuple[str, int]]:
-    """python bridge.py in a child process over one backend; yields its URL and pid."""
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Path(tmp) / "settings.yaml"
-        port = _free_port()
-        settings.write_text(json.dumps({
-            "server": {"host": "127.0.0.1", "port": port}, "backends": [{"url": backend}],
-            "workflows_dir": str(ROOT / "workflows"), "data_dir": str(Path(tmp) / "data"),
-            "clients": {"keepalive_interval": 60}}))
-        proc = subprocess.Popen([sys.executable, str(ROOT / "bridge.py"), "--config", str(settings),
-                                 "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        http = httpclient.AsyncHTTPClient(force_instance=True)
-        try:
-            for _ in range(200):
-                try:
-                    if json.loads((await http.fetch(url + "/backends")).body)["up"] == 1:
-                        break
-                except (OSError, httpclient.HTTPClientError):
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                raise MeasureError("the bridge did not come up")
-            yield url, proc.pid
-        finally:
-            http.close()
-            proc.terminate()
-            proc.wait(timeout=20)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def direct_job(http: httpclient.AsyncHTTPClient, base: str, ws: websocket.WebSocketClientConnection,
@@ -144,24 +90,25 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] * 1000
 
 
-async def measure(args: argparse.Namespace) -> None:
+async def measure(args: argparse.Namespace) -> int:
     async with _backend(args.backend) as backend:
         http = httpclient.AsyncHTTPClient(force_instance=True, defaults={"request_timeout": 60})
         client_id = f"bench-direct-{uuid.uuid4().hex[:8]}"
         ws = await websocket.websocket_connect(backend.replace("http", "ws", 1) + f"/ws?clientId={client_id}")
-        async with bridge_process(backend) as (base, pid):
+        async with bridge_process([backend], {"clients": {"keepalive_interval": 60}}) as bridge:
+            base, pid = f"http://127.0.0.1:{bridge.port}", bridge.pid
             await asyncio.sleep(0.5)
-            idle_rss = proc_rss_mib(pid)
+            idle_rss = rss_kb(pid) / 1024
             for i in range(5):  # warm both paths (first-prompt costs on the backend, imports, caches)
                 await direct_job(http, backend, ws, client_id, 1000 + i)
                 await bridge_job(http, base, 2000 + i)
             direct, bridged, cpu = [], [], 0.0
             for i in range(args.jobs):  # interleaved, so drift on the machine hits both paths alike
                 direct.append(await direct_job(http, backend, ws, client_id, (i * 7919) % 0xFFFFFF))
-                before = proc_cpu(pid)
+                before = cpu_seconds(pid)
                 bridged.append(await bridge_job(http, base, (i * 104729) % 0xFFFFFF))
-                cpu += proc_cpu(pid) - before
-            after_rss = proc_rss_mib(pid)
+                cpu += cpu_seconds(pid) - before
+            after_rss = rss_kb(pid) / 1024
         ws.close()
         http.close()
     print(f"\n{args.jobs} jobs each way against {'a real ComfyUI at ' + args.backend if args.backend else 'the simulated ComfyUI'}")
@@ -175,6 +122,7 @@ async def measure(args: argparse.Namespace) -> None:
           f"{1000 / os.sysconf('SC_CLK_TCK'):.0f} ms resolution summed over {args.jobs} jobs)")
     print(f"bridge RSS: {idle_rss:.1f} MiB idle after start, {after_rss:.1f} MiB after the run (goal idle <= 60 MiB)")
     print(f"direct mean {statistics.mean(direct) * 1000:.2f} ms, bridge mean {statistics.mean(bridged) * 1000:.2f} ms")
+    return 0
 
 
 @asynccontextmanager
@@ -190,10 +138,4 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--backend", help="a real ComfyUI to measure against (default: the simulated one)")
-    args = p.parse_args(argv)
-    try:
-        asyncio.run(measure(args))
-    except (MeasureError, httpclient.HTTPClientError, OSError) as exc:
-        print(f"cannot measure: {exc}")
-        return 1
-    return 0
+    return run_benchmark(measure(p.parse_args(argv)))

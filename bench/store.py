@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from tornado import httpclient
 
-from bench.harness import ROOT, MeasureError
+from bench.harness import ROOT, MeasureError, run_benchmark
 from comfy.config import BackendConfig, Config
 from comfy.services import Services
 from comfy.store import Store
@@ -118,9 +117,4 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unfetched", type=int, default=1_000)
     p.add_argument("--queued", type=int, default=200)
     p.add_argument("--repeat", type=int, default=30)
-    args = p.parse_args(argv)
-    try:
-        return asyncio.run(measure(args))
-    except MeasureError as exc:
-        print(f"cannot measure: {exc}")
-        return 1
+    return run_benchmark(measure(p.parse_args(argv)))

@@ -36,7 +36,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from bench.harness import ROOT, MeasureError
+from bench.harness import ROOT, MeasureError, run_benchmark
 from bench.load import WsClient, percentile, ws_open_many
 from bench.procs import (
     _get,
@@ -348,9 +348,4 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow", type=int, default=50, help="(c) sockets that stop reading")
     p.add_argument("--slow-interval", type=float, default=0.005, help="(c) clients.progress_interval, seconds")
     p.add_argument("--slow-seconds", type=float, default=25.0, help="(c) how long the stall is watched (at most 55)")
-    args = p.parse_args(argv)
-    try:
-        return asyncio.run(measure(args))
-    except MeasureError as exc:
-        print(f"cannot measure: {exc}")
-        return 1
+    return run_benchmark(measure(p.parse_args(argv)))

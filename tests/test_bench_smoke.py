@@ -48,3 +48,10 @@ def test_websockets_benchmark_progress_and_stall_parts_run() -> None:
 def test_large_files_benchmark_runs() -> None:
     out = _bench("large_files", "--size-mb", "2", "--concurrent", "2", "--rounds", "1")
     assert "bridge upload" in out and "bridge download" in out
+
+
+def test_overhead_benchmark_runs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "overhead", "--jobs", "5"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "added" in proc.stdout and "bridge CPU per job" in proc.stdout
