@@ -306,9 +306,9 @@ async def measure(args: argparse.Namespace) -> int:
         idle = await part_idle(args)
         b, base = idle["bridge"], idle["baseline"]
         rows += [("(a) RSS per idle connection", f"{b['rss_per_conn'] / 1024:.1f} KiB",
-                  f"{b['rss_per_conn'] / base['rss_per_conn']:.2f}x", "<= 20 KB", b["rss_per_conn"] <= 20_000),
+                  _ratio(b["rss_per_conn"], base["rss_per_conn"]), "<= 20 KB", b["rss_per_conn"] <= 20_000),
                  ("(a) keep-alive CPU per message", f"{b['cpu_per_msg_us']:.1f} us",
-                  f"{b['cpu_per_msg_us'] / max(base['cpu_per_msg_us'], 1e-9):.2f}x", "(report)", None)]
+                  _ratio(b['cpu_per_msg_us'], base['cpu_per_msg_us']), "(report)", None)]
     if "b" in args.parts:
         f = await part_follow(args)
         rows += [("(b) progress latency p50 / p99", f"{f['p50']:.1f} / {f['p99']:.1f} ms", "", "p99 < 50 ms",
@@ -349,3 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-interval", type=float, default=0.005, help="(c) clients.progress_interval, seconds")
     p.add_argument("--slow-seconds", type=float, default=25.0, help="(c) how long the stall is watched (at most 55)")
     return run_benchmark(measure(p.parse_args(argv)))
+
+
+def _ratio(value: float, base: float) -> str:
+    """value / base as "1.02x", or "n/a" when the baseline did not move (too few sockets to see)."""
+    return f"{value / base:.2f}x" if base > 0 else "n/a"

@@ -35,7 +35,7 @@ def test_control_plane_benchmark_runs() -> None:
 
 
 def test_websockets_benchmark_idle_part_runs() -> None:
-    out = _bench("websockets", "--parts", "a", "--idle", "50", "--idle-seconds", "1")
+    out = _bench("websockets", "--parts", "a", "--idle", "200", "--idle-seconds", "1")
     assert "(a) RSS per idle connection" in out and "keep-alive CPU per message" in out
 
 
