@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,20 +20,7 @@ from bridge import make_app  # noqa: E402
 from comfy.config import BackendConfig, Config  # noqa: E402
 from comfy.services import Services  # noqa: E402
 
-HOST_SCRIPT = """
-import asyncio, json, sys
-from comfy.fake import FakeComfy
-async def main():
-    durations = json.loads(sys.argv[1])
-    fakes = [FakeComfy(duration=d, cache=False) for d in durations]
-    for f in fakes:
-        await f.start()
-    print(json.dumps([f.url for f in fakes]), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    for f in fakes:
-        await f.stop()
-asyncio.run(main())
-"""
+
 
 
 class MeasureError(Exception):
@@ -55,22 +39,10 @@ def run_benchmark(measure: Coroutine[Any, Any, int]) -> int:
 @asynccontextmanager
 async def simulated_backends(durations: list[float]) -> AsyncIterator[list[str]]:
     """Start simulated ComfyUI servers (fixed job time each) in a child process; yields their URLs."""
-    proc = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, json.dumps(durations)], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
-        if not line:
-            raise MeasureError("the simulated backends did not start")
-        yield json.loads(line)
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    from bench.procs import fake_backends  # procs builds on this module
+
+    async with fake_backends(len(durations), durations=durations) as fakes:
+        yield fakes.urls
 
 
 @asynccontextmanager
