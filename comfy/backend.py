@@ -22,6 +22,8 @@ __all__ = ["Backend", "BackendError", "BackendRejected", "BackendUnavailable", "
 log = logging.getLogger(__name__)
 
 Listener = Callable[[dict[str, Any]], None]
+# messages the bridge never uses, recognised without parsing them (ComfyUI writes "type" first)
+IGNORED_PREFIXES = ('{"type": "progress_state"', '{"type":"progress_state"', '{"type": "status"', '{"type":"status"')
 FORGET_DELAY = 1.0  # seconds finished prompts wait to be deleted from a backend's history, in one call
 
 
@@ -175,6 +177,8 @@ class Backend:
                 self.on_state(self)
 
     def _dispatch(self, text: str) -> None:
+        if text.startswith(IGNORED_PREFIXES):
+            return  # ComfyUI repeats its whole per-node state map on every tick; nothing here needs it
         try:
             msg = json.loads(text)
             prompt_id = msg["data"].get("prompt_id")
