@@ -16,44 +16,53 @@ from tornado import httpclient
 
 from bench.harness import MeasureError, running_bridge, simulated_backends
 from comfy.jobs import Job, State
+from comfy.services import Services
+
+
+async def submit_and_wait(services: Services, port: int, count: int, clients: int, timeout: float) -> dict[str, float]:
+    """Submit `count` jobs at once through the HTTP API from `clients` clientIds (0: one each); returns
+    each job's completion time (monotonic). Any failed job stops the run: no figure from a partial run."""
+    done: dict[str, float] = {}
+    failed: list[str] = []
+
+    def on_job(job: Job) -> None:
+        if job.state is State.COMPLETED:
+            done[job.id] = time.monotonic()
+        elif not job.state.active:
+            failed.append(f"{job.id}: {job.error}")
+    services.scheduler.listeners.append(on_job)
+    http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=50)
+    try:
+        body = '{"workflow": "blank-canvas", "1/width": 8, "1/height": 8}'
+        answers = await asyncio.gather(*(
+            http.fetch(f"http://127.0.0.1:{port}/generate-based-workflow?clientId=bench-"
+                       f"{i % clients if clients else uuid.uuid4().hex[:12]}",
+                       method="POST", body=body, headers={"Content-Type": "application/json"})
+            for i in range(count)))
+        if any(a.code != 200 for a in answers):
+            raise MeasureError("a submit was refused")
+        deadline = time.monotonic() + timeout
+        while len(done) < count:
+            if failed:
+                raise MeasureError(f"a job failed: {failed[0]}")
+            if time.monotonic() > deadline:
+                raise MeasureError(f"only {len(done)} of {count} jobs completed in time")
+            await asyncio.sleep(0.01)
+        return done
+    finally:
+        http.close()
 
 
 async def run_jobs(durations: list[float], count: int) -> float:
     """Submit `count` jobs at once through the bridge's API; seconds until the last one completed."""
     async with simulated_backends(durations) as urls, running_bridge(urls, keepalive_interval=60) as (services, port):
-        done: dict[str, float] = {}
-        failed: list[str] = []
-
-        def on_job(job: Job) -> None:
-            if job.state is State.COMPLETED:
-                done[job.id] = time.monotonic()
-            elif not job.state.active:
-                failed.append(f"{job.id}: {job.error}")
-        services.scheduler.listeners.append(on_job)
-        http = httpclient.AsyncHTTPClient(force_instance=True)
-        try:
-            cpu0 = time.process_time()
-            started = time.monotonic()
-            body = '{"workflow": "blank-canvas", "1/width": 8, "1/height": 8}'
-            answers = await asyncio.gather(*(
-                http.fetch(f"http://127.0.0.1:{port}/generate-based-workflow?clientId=bench-{uuid.uuid4().hex[:12]}",
-                           method="POST", body=body, headers={"Content-Type": "application/json"})
-                for _ in range(count)))
-            if any(a.code != 200 for a in answers):
-                raise MeasureError("a submit was refused")
-            deadline = started + 120
-            while len(done) < count:
-                if failed:
-                    raise MeasureError(f"a job failed: {failed[0]}")
-                if time.monotonic() > deadline:
-                    raise MeasureError(f"only {len(done)} of {count} jobs completed in time")
-                await asyncio.sleep(0.01)
-            cpu = time.process_time() - cpu0
-            print(f"    bridge process CPU: {cpu * 1000 / count:.2f} ms per job "
-                  f"({cpu / (time.monotonic() - started) * 100:.0f}% of one core)", flush=True)
-            return max(done.values()) - started
-        finally:
-            http.close()
+        cpu0 = time.process_time()
+        started = time.monotonic()
+        done = await submit_and_wait(services, port, count, clients=0, timeout=120)
+        cpu = time.process_time() - cpu0
+        print(f"    bridge process CPU: {cpu * 1000 / count:.2f} ms per job "
+              f"({cpu / (time.monotonic() - started) * 100:.0f}% of one core)", flush=True)
+        return max(done.values()) - started
 
 
 def ideal_makespan(durations: list[float], count: int) -> float:
@@ -81,30 +90,7 @@ async def dispatch_latency(backends: int, jobs: int, job_time: float) -> tuple[f
             if dispatched > 0:
                 costs.extend([took / dispatched] * dispatched)
         scheduler._pump = timed_pump  # type: ignore[method-assign]
-        done: list[float] = []
-        failed: list[str] = []
-
-        def on_job(job: Job) -> None:
-            if job.state is State.COMPLETED:
-                done.append(1)
-            elif not job.state.active:
-                failed.append(f"{job.id}: {job.error}")
-        scheduler.listeners.append(on_job)
-        http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=50)
-        try:
-            body = '{"workflow": "blank-canvas", "1/width": 8, "1/height": 8}'
-            await asyncio.gather(*(
-                http.fetch(f"http://127.0.0.1:{port}/generate-based-workflow?clientId=c{i % 50}", method="POST",
-                           body=body, headers={"Content-Type": "application/json"}) for i in range(jobs)))
-            deadline = time.monotonic() + 110
-            while len(done) < jobs:
-                if failed:
-                    raise MeasureError(f"a job failed: {failed[0]}")
-                if time.monotonic() > deadline:
-                    raise MeasureError(f"only {len(done)} of {jobs} jobs completed in time")
-                await asyncio.sleep(0.05)
-        finally:
-            http.close()
+        await submit_and_wait(services, port, jobs, clients=50, timeout=110)
         costs.sort()
         return (sum(costs) / len(costs) * 1000, costs[int(0.99 * (len(costs) - 1))] * 1000, len(costs))
 
