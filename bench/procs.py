@@ -184,8 +184,14 @@ def peak_kb(pid: int) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) a process has used."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """CPU seconds a process has used in user mode and in the kernel, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def disk_write_bytes(pid: int) -> int:
@@ -349,7 +355,7 @@ def _profiler(pid: int) -> subprocess.Popen | None:
         return None
     out = Path(folder) / f"bridge-{pid}.txt"
     print(f"  profiling the bridge (pid {pid}) with py-spy into {out}", flush=True)
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", os.environ.get("BENCH_PYSPY_RATE", "250"),
                              "--nonblocking", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

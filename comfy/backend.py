@@ -13,7 +13,8 @@ from urllib.parse import urlencode, urlsplit
 from tornado import httpclient, websocket
 
 from .config import BackendConfig, Config
-from .wire import (BackendError, BackendRejected, BackendUnavailable, CachingResolver, close_if_connected,
+from .httppool import KeepAliveClient, Response
+from .wire import (BackendError, BackendRejected, BackendUnavailable, close_if_connected,
                    commit_file, read_json, short_body, describe_prompt_error, new_client_id)
 
 __all__ = ["Backend", "BackendError", "BackendRejected", "BackendUnavailable", "describe_prompt_error",
@@ -36,12 +37,11 @@ class Backend:
         self.label = cfg.label
         self.slots = cfg.slots
         self.client_id = client_id
-        self.http = httpclient.AsyncHTTPClient(
-            force_instance=True, resolver=CachingResolver(),
-            defaults={"connect_timeout": config.connect_timeout, "request_timeout": config.request_timeout})
+        self.http = KeepAliveClient(cfg.url, connect_timeout=config.connect_timeout,
+                                    request_timeout=config.request_timeout)
         self._connect_timeout = config.connect_timeout
         self._watchers: dict[str, Listener] = {}
-        self._inflight: set[asyncio.Future[httpclient.HTTPResponse]] = set()
+        self._inflight: set[asyncio.Future[Response]] = set()
         self._forget: set[str] = set()
         self._forget_task: asyncio.Task[None] | None = None
         self._ws: websocket.WebSocketClientConnection | None = None
@@ -195,23 +195,22 @@ class Backend:
 
     # HTTP ---------------------------------------------------------------------------------------
     async def _call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-                    headers: dict[str, str] | None = None, **kw: Any) -> httpclient.HTTPResponse:
+                    headers: dict[str, str] | None = None, **kw: Any) -> Response:
         if body is not None:
             raw = json.dumps(body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
-        pending = self.http.fetch(self.url + path, method=method, body=raw, headers=headers,
-                                  raise_error=False, **kw)
+        pending = asyncio.ensure_future(self.http.fetch(method, path, raw, headers, **kw))
         self._inflight.add(pending)
         pending.add_done_callback(self._inflight.discard)
         try:
-            # shielded: a cancelled caller lets the request finish and close its socket cleanly
+            # shielded: a cancelled caller lets the request finish, so its connection stays usable
             return await asyncio.shield(pending)
-        except (OSError, httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
+        except OSError as exc:  # HTTPFailure: no answer (refused, reset, timed out, malformed)
             raise BackendUnavailable(f"{self.label}: {method} {path}: {exc}") from None
 
     @staticmethod
-    def _check(resp: httpclient.HTTPResponse, what: str) -> None:
-        if resp.code == 599 or resp.code >= 500:
+    def _check(resp: Response, what: str) -> None:
+        if resp.code >= 500:
             raise BackendUnavailable(f"{what}: HTTP {resp.code} {short_body(resp)}")
         if resp.code >= 400:
             raise BackendRejected(f"{what}: HTTP {resp.code} {short_body(resp)}")

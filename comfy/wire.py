@@ -9,10 +9,13 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tornado import httpclient, websocket
+from tornado import websocket
 from tornado.netutil import DefaultLoopResolver, Resolver
+
+if TYPE_CHECKING:
+    from .httppool import Response
 
 
 class BackendError(Exception):
@@ -90,7 +93,7 @@ def describe_prompt_error(body: Any) -> str:
     return "; ".join(p for p in parts if p) or "prompt rejected"
 
 
-def read_json(resp: httpclient.HTTPResponse) -> Any:
+def read_json(resp: Response) -> Any:
     """The answer's JSON body, or None when it has none or it is not JSON."""
     try:
         return json.loads(resp.body or b"null")
@@ -98,12 +101,9 @@ def read_json(resp: httpclient.HTTPResponse) -> Any:
         return None
 
 
-def short_body(resp: httpclient.HTTPResponse) -> str:
+def short_body(resp: Response) -> str:
     """The first 200 characters of an answer, for error messages and logs."""
-    try:
-        return (resp.body or b"")[:200].decode("utf-8", "replace")
-    except Exception:  # body unavailable with streaming_callback
-        return ""
+    return (resp.body or b"")[:200].decode("utf-8", "replace")
 
 
 def new_client_id() -> str:
