@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from bench.harness import ROOT, MeasureError
+from bench.harness import ROOT, MeasureError, scratch_dir
 
 # Simulated ComfyUI servers in one child process. Options (JSON in argv[1]): count, duration (or
 # durations, one per server), tick,
@@ -235,13 +234,13 @@ class Fakes:
 async def fake_backends(count: int, *, duration: float = 0.05, tick: float = 0.01, padding: int = 0,
                         record: bool = False, durations: list[float] | None = None) -> AsyncIterator[Fakes]:
     """`count` simulated ComfyUI servers in one child process (`durations`: a job time for each)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         path = Path(tmp) / "events.json" if record else None
         opts = {"count": count, "duration": duration, "tick": tick, "padding": padding,
                 "record": str(path) if path else None, "durations": durations}
         proc = subprocess.Popen([sys.executable, "-c", FAKE_HOST, json.dumps(opts)], cwd=ROOT,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": tmp})
         try:
             assert proc.stdout is not None
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
@@ -299,7 +298,7 @@ async def _get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
 async def bridge_process(urls: list[str], settings: dict[str, Any] | None = None,
                          slots: int = 1) -> AsyncIterator[Bridge]:
     """`python bridge.py --config <tmp settings>` over these backends; ready (every backend up) when yielded."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         port = free_port()
         data = Path(tmp) / "data"
         config = _merge({
@@ -383,7 +382,7 @@ class Baseline:
 @asynccontextmanager
 async def baseline_process(keepalive_interval: float = 5.0) -> AsyncIterator[Baseline]:
     """Start the bare Tornado baseline in its own process; its /files/ folder is a fresh temp dir."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-c", BASELINE, str(port), tmp, str(keepalive_interval)],
                                 cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from tornado import httpclient
 
-from bench.harness import ROOT, MeasureError, run_benchmark
+from bench.harness import ROOT, MeasureError, run_benchmark, scratch_dir
 from comfy.config import BackendConfig, Config
 from comfy.services import Services
 from comfy.store import Store
@@ -82,7 +81,7 @@ async def page_times(data_dir: Path, offsets: list[int], repeat: int) -> dict[in
 
 
 async def measure(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory() as small, tempfile.TemporaryDirectory() as big:
+    with scratch_dir() as small, scratch_dir() as big:
         fill(Path(small), 100, 10, 10, 5)
         t = time.perf_counter()
         fill(Path(big), args.jobs, args.clients, args.unfetched, args.queued)
