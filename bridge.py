@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -23,6 +24,17 @@ from handlers.ops import configure_logging, log_request
 
 log = logging.getLogger("bridge")
 HERE = Path(__file__).resolve().parent
+# Python's default (700, 10, 10) makes a full collection every few seconds while thousands of sockets
+# stream progress, and on 2,000 sockets each full pass held the loop for 60-180 ms (bench/README.md).
+GC_THRESHOLDS = (20_000, 20, 50)
+
+
+def tune_gc() -> None:
+    """Fewer, shorter collector pauses: what start-up made is never scanned again, and young objects (a
+    message's futures and callbacks) get time to die before they are promoted to the old generation."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def make_app(config: Config, services: Services) -> web.Application:
@@ -107,6 +119,7 @@ async def main(argv: list[str] | None = None) -> int:
         await services.stop()
         return 2
     log.info("comfy-bridge listening on http://%s:%d", config.host, config.port)
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -31,6 +31,7 @@ FAKE_HOST = r"""
 import asyncio, json, sys, time
 from comfy.fake import FakeComfy
 from comfy.fake.executor import Instance
+from bridge import tune_gc
 
 opts = json.loads(sys.argv[1])
 served = [0]
@@ -54,6 +55,7 @@ async def main():
         fake.padding = int(opts.get("padding", 0))
         fake._app.settings["log_function"] = count
         await fake.start()
+    tune_gc()  # as the bridge does: the recorded events pile up, and a full collection would delay sends
     print(json.dumps([f.url for f in fakes]), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

@@ -35,6 +35,7 @@ def message(status: str, details: str, **extra: Any) -> str:
 CONNECTED = message("connected", "server connected")
 LISTENING = message("listening", "server is listening")
 PLACES_DELAY = 0.2  # seconds: queue places are re-sent at most this often
+KEEPALIVE_SLICES = 10  # each keep-alive interval is cut in this many ticks; a tick greets one slice of sockets
 
 
 class ClientHub:
@@ -50,7 +51,12 @@ class ClientHub:
         self._last_sent: dict[str, str] = {}        # clientId -> last state, progress or queue place sent
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._places: asyncio.TimerHandle | None = None
-        self._keepalive = PeriodicCallback(self._send_keepalive, config.keepalive_interval * 1000, jitter=0.1)
+        # a timing wheel: a socket hears `listening` one interval after it opened and every interval after
+        # that, and each tick writes to one slice of the sockets, never to all of them in one go
+        self._wheel: list[set[ClientSocket]] = [set() for _ in range(KEEPALIVE_SLICES)]
+        self._slot: dict[ClientSocket, int] = {}
+        self._tick = 0
+        self._keepalive = PeriodicCallback(self._send_keepalive, config.keepalive_interval * 1000 / KEEPALIVE_SLICES)
         scheduler.listeners.append(self.on_job)
 
     async def start(self) -> None:
@@ -70,6 +76,9 @@ class ClientHub:
                 sock.send_text(text)
                 sock.close(1001, reason)
         self.sockets.clear()
+        for ring in self._wheel:
+            ring.clear()
+        self._slot.clear()
 
     @property
     def count(self) -> int:
@@ -80,6 +89,9 @@ class ClientHub:
         """A socket opened: greet it and tell it where the client's work stands."""
         cid = sock.client_id
         self.sockets.setdefault(cid, set()).add(sock)
+        slot = (self._tick - 1) % KEEPALIVE_SLICES  # the slice whose turn is furthest away
+        self._wheel[slot].add(sock)
+        self._slot[sock] = slot
         handle = self._grace.pop(cid, None)
         if handle is not None:
             handle.cancel()
@@ -94,6 +106,9 @@ class ClientHub:
     def remove(self, sock: ClientSocket) -> None:
         """A socket closed: if it was the client's last one while work is pending, cancel after a grace period."""
         cid = sock.client_id
+        slot = self._slot.pop(sock, None)
+        if slot is not None:
+            self._wheel[slot].discard(sock)
         socks = self.sockets.get(cid)
         if socks is None:
             return
@@ -194,6 +209,6 @@ class ClientHub:
                                         queue_position=places.get(job.id)))
 
     def _send_keepalive(self) -> None:
-        for socks in list(self.sockets.values()):
-            for sock in list(socks):
-                sock.send_text(LISTENING, droppable=True)
+        slot, self._tick = self._tick, (self._tick + 1) % KEEPALIVE_SLICES
+        for sock in list(self._wheel[slot]):
+            sock.send_text(LISTENING, droppable=True)

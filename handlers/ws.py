@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from tornado import web, websocket
+from tornado import iostream, web, websocket
 
 from comfy.services import Services
 
@@ -17,6 +18,31 @@ log = logging.getLogger(__name__)
 
 BACKLOG = 64          # unwritten messages after which progress and keep-alives are skipped for a socket
 STALL_SECONDS = 10.0  # how long a socket may stay that far behind before it is closed
+
+
+def text_frame(text: str) -> bytes:
+    """One final, unmasked WebSocket text frame (RFC 6455 section 5.2): what a server sends."""
+    data = text.encode()
+    size = len(data)
+    if size < 126:
+        return bytes((0x81, size)) + data
+    if size < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, size) + data
+    return struct.pack("!BBQ", 0x81, 127, size) + data
+
+
+class _FrameCache:
+    """The frame of the last text sent: the hub hands one text object to every socket of a client (and the
+    keep-alive to all of them), so it is framed once per fan-out, not once per socket."""
+
+    text: str | None = None
+    frame = b""
+
+    @classmethod
+    def get(cls, text: str) -> bytes:
+        if text is not cls.text:
+            cls.text, cls.frame = text, text_frame(text)
+        return cls.frame
 
 
 class StatusSocket(websocket.WebSocketHandler):
@@ -109,9 +135,15 @@ class StatusSocket(websocket.WebSocketHandler):
                 return
             if droppable:
                 return
+        conn = self.ws_connection
+        if conn is None or conn.is_closing():
+            return
         try:
-            pending = self.write_message(text)
-        except websocket.WebSocketClosedError:
+            # the ready-made frame straight to the socket's stream: this is Tornado's write_message without
+            # re-framing the same text for every socket and without the asyncio Task it makes per message
+            # (no compression is negotiated on this socket, so the frame is the same for every reader)
+            pending = conn.stream.write(_FrameCache.get(text))
+        except iostream.StreamClosedError:
             return
         self._backlog += 1
         pending.add_done_callback(self._written)

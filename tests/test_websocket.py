@@ -82,3 +82,45 @@ async def test_a_socket_that_stops_reading_is_dropped(bridge: Bridge, monkeypatc
     assert most <= 8
     assert cid not in hub.sockets
     client.close()
+
+
+async def test_each_socket_hears_listening_every_interval_not_all_at_once(bridge_factory, fake) -> None:  # type: ignore[no-untyped-def]
+    bridge = await bridge_factory([fake], keepalive_interval=0.5)
+    loop = asyncio.get_running_loop()
+
+    async def follow() -> tuple[float, float, float]:
+        conn = await bridge.ws(new_client_id())
+        assert (await next_message(conn))["status"] == "connected"
+        opened = loop.time()
+        heard = []
+        while len(heard) < 2:
+            msg = await next_message(conn, 3)
+            assert msg == {"status": "listening", "details": "server is listening"}
+            heard.append(loop.time())
+        return opened, heard[0], heard[1]
+
+    tasks = []
+    for _ in range(5):  # sockets opened 0.1 s apart
+        tasks.append(asyncio.ensure_future(follow()))
+        await asyncio.sleep(0.1)
+    times = await asyncio.gather(*tasks)
+    for opened, first, second in times:
+        assert 0.3 <= first - opened <= 0.8, (first - opened)
+        assert 0.3 <= second - first <= 0.7, (second - first)
+    # each socket keeps its own phase: the bridge never writes every keep-alive in the same instant
+    firsts = sorted(first for _, first, _ in times)
+    assert firsts[-1] - firsts[0] >= 0.25
+
+
+async def test_long_messages_and_a_client_asking_for_compression_read_correctly(bridge: Bridge) -> None:
+    from tornado import websocket
+    cid = new_client_id()
+    conn = await websocket.websocket_connect(f"ws://127.0.0.1:{bridge.port}/ws?clientId={cid}",
+                                             compression_options={})  # the bridge does not negotiate it
+    bridge.sockets.append(conn)
+    assert (await next_message(conn))["status"] == "connected"
+    server_side = next(iter(bridge.services.hub.sockets[cid]))
+    for size in (10, 125, 126, 65535, 65536, 200_000):  # each length form of RFC 6455's frame header
+        text = '{"status": "progress", "details": "' + "x" * size + '"}'
+        server_side.send_text(text)
+        assert await asyncio.wait_for(conn.read_message(), 5) == text
