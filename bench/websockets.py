@@ -14,11 +14,10 @@
     sent the message whose value the caller sees (the bridge's percentage is recomputed from the
     recorded messages with the bridge's own Progress class, so each received "42.17%" names the backend
     message it came from). Both clocks are CLOCK_MONOTONIC of one machine. This includes the wait for
-    the bridge's progress timer, the fan-out to every socket and the receiving process's own delay
+    the bridge's pacing (at most one message per progress_interval per client), the fan-out to every socket and the receiving process's own delay
     (it is busy too, and tunes its garbage collector as the bridge does), so it is an upper bound on
-    what the bridge adds. Also printed: the spread of one
-    flush across all sockets (receipt time - the first receipt of the same flush) and each socket's
-    message rate (most messages in any one second).
+    what the bridge adds. Also printed: the latency second by second, and each socket's message rate
+    (most messages in any one second).
 (c) stalled readers: K sockets of one client stop reading (a small receive buffer, reading paused)
     while its job streams progress; one more socket keeps reading. To reach a backlog within seconds
     instead of hours, this part sets clients.progress_interval to --slow-interval and the backend
@@ -181,7 +180,7 @@ async def part_follow(args: argparse.Namespace) -> dict[str, Any]:
     if len(timelines) != args.jobs:
         raise MeasureError(f"recorded progress for {len(timelines)} of {args.jobs} jobs")
     backend_rate = statistics.median(len(tl) / args.job_seconds for tl in timelines.values())
-    ages, unmatched, spreads, gaps, worst_rate = [], 0, [], [], 0
+    ages, unmatched, gaps, worst_rate = [], 0, [], 0
     stamped: list[tuple[float, float]] = []
     for i, msgs in enumerate(received):
         first = timelines[seconds[owner[i]]]
@@ -200,12 +199,6 @@ async def part_follow(args: argparse.Namespace) -> dict[str, Any]:
             while times[hi] - times[lo] >= 1.0:
                 lo += 1
             worst_rate = max(worst_rate, hi - lo + 1)
-    every = sorted(t for msgs in received for t, p in msgs if p not in EDGES)
-    start = 0
-    for k in range(1, len(every) + 1):  # a flush: receipts with no gap over 30 ms
-        if k == len(every) or every[k] - every[k - 1] > 0.03:
-            spreads += [(t - every[start]) * 1000 for t in every[start:k]]
-            start = k
     if not ages:
         raise MeasureError("no progress message could be matched to a backend message")
     begin, end = min(t for t, _ in stamped), max(t for t, _ in stamped)
@@ -218,7 +211,6 @@ async def part_follow(args: argparse.Namespace) -> dict[str, Any]:
     total = sum(len(m) for m in received)
     out = {"p50": statistics.median(ages), "p99": percentile(ages, 99), "max": max(ages),
            "steady_p50": statistics.median(steady), "steady_p99": percentile(steady, 99),
-           "spread_p50": statistics.median(spreads), "spread_p99": percentile(spreads, 99),
            "gap_p50": statistics.median(gaps), "worst_rate": worst_rate, "backend_rate": backend_rate,
            "messages": total, "unmatched": unmatched, "bridge_cpu": bridge_cpu / took, "client_cpu": client_cpu / took,
            "cpu_per_msg_us": bridge_cpu / total * 1e6}
@@ -319,8 +311,6 @@ async def measure(args: argparse.Namespace) -> int:
                  ("(b)   the same without the first second", f"{f['steady_p50']:.1f} / {f['steady_p99']:.1f} ms",
                   "", "(report)", None),
                  ("(b) bridge CPU per delivered message", f"{f['cpu_per_msg_us']:.0f} us", "", "(report)", None),
-                 ("(b) spread of one flush p50 / p99", f"{f['spread_p50']:.1f} / {f['spread_p99']:.1f} ms", "",
-                  "(report)", None),
                  ("(b) most progress msgs/s to one socket", f"{f['worst_rate']}", "",
                   f"~10 (backend: {f['backend_rate']:.0f}/s)", f["worst_rate"] <= 11)]
     if "c" in args.parts:

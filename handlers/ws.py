@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 import time
 from typing import Any
@@ -18,6 +19,9 @@ log = logging.getLogger(__name__)
 
 BACKLOG = 64          # unwritten messages after which progress and keep-alives are skipped for a socket
 STALL_SECONDS = 10.0  # how long a socket may stay that far behind before it is closed
+# The kernel's send buffer of a caller socket (Linux keeps twice this). Status messages are small; without
+# a cap the kernel grows it to megabytes, and a reader that stopped would hide its backlog there for hours.
+SEND_BUFFER = 32 * 1024
 
 
 def text_frame(text: str) -> bytes:
@@ -111,6 +115,9 @@ class StatusSocket(websocket.WebSocketHandler):
 
     def open(self, *args: str, **kwargs: str) -> None:
         """Register with the hub, which greets the socket and sends the current state."""
+        sock = self.ws_connection.stream.socket if self.ws_connection is not None else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.services.hub.add(self)
 
     def on_message(self, message: str | bytes) -> None:
