@@ -63,15 +63,19 @@ class HistoryHandler(BaseHandler):
         self.set_header("Content-Length", str(total))
         self.set_header("X-Job-Ids", ",".join(j.id for j in jobs))
         try:
+            buffered = 0
             for head, (_, out) in zip(heads, parts):
                 self.write(head)
                 with open(folder / out.path, "rb") as fh:
                     while chunk := fh.read(CHUNK):
                         self.write(chunk)
-                        await self.flush()
+                        buffered += len(chunk)
+                        if buffered >= CHUNK:  # send it and wait for room (flow control)
+                            await self.flush()
+                            buffered = 0
                 self.write(b"\r\n")
             self.write(tail)
-            await self.flush()
+            await self.flush()  # small results leave in this one write
         except StreamClosedError:
             log.info("history: client %s… left mid-download; its results are kept", client_id[:8])
             return
