@@ -16,8 +16,8 @@
     message it came from). Both clocks are CLOCK_MONOTONIC of one machine. This includes the wait for
     the bridge's pacing (at most one message per progress_interval per client), the fan-out to every
     socket and the receiving process's own delay (it is busy too, and tunes its garbage collector as
-    the bridge does), so it is an upper bound on what the bridge adds. Also printed: the latency second by second, and each socket's message rate
-    (most messages in any one second).
+    the bridge does), so it is an upper bound on what the bridge adds. Also printed: the latency second
+    by second, and each socket's message rate (most messages in any one second).
 (c) stalled readers: K sockets of one client stop reading (a small receive buffer, reading paused)
     while its job streams progress; one more socket keeps reading. To reach a backlog within seconds
     instead of hours, this part sets clients.progress_interval to --slow-interval and the backend

@@ -16,7 +16,7 @@ import base64
 import socket
 import ssl
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from tornado import httputil
@@ -152,11 +152,11 @@ class KeepAliveClient:
             if reader.start is not None:
                 raise  # cut off mid-answer
             open_after = False  # no answer at all (the caller may try a fresh connection)
-        start = reader.start
+        start, got = reader.start, reader.headers
+        delimited = ("Content-Length" in got or "chunked" in got.get("Transfer-Encoding", "").lower()
+                     or (start is not None and start.code in (204, 304)) or method == "HEAD")
         keep = (open_after and start is not None and reader.done and start.version == "HTTP/1.1"
-                and reader.headers.get("Connection", "").lower() != "close"
-                and ("Content-Length" in reader.headers or "chunked" in reader.headers.get("Transfer-Encoding", "").lower()
-                     or start.code in (204, 304) or method == "HEAD"))
+                and got.get("Connection", "").lower() != "close" and delimited)
         return reader, keep
 
     async def _connect(self) -> IOStream:
