@@ -25,14 +25,12 @@ from typing import Any
 
 from bench.harness import MeasureError, run_benchmark
 from bench.load import LoadResult, http_load, wrk_available
+from bench.machine import cpu_seconds, disk_write_bytes, machine_note
 from bench.procs import (
     Bridge,
     baseline_process,
     bridge_process,
-    cpu_seconds,
-    disk_write_bytes,
     fake_backends,
-    machine_note,
 )
 
 CLIENT = "bench-known-client"

@@ -25,16 +25,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.harness import MeasureError
+from bench.machine import machine_note, peak_kb, peak_reset, rss_kb
 from bench.procs import (
     Bridge,
     _get,
     baseline_process,
     bridge_process,
     fake_backends,
-    machine_note,
-    peak_kb,
-    peak_reset,
-    rss_kb,
 )
 
 MB = 1_000_000

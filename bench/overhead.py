@@ -25,7 +25,8 @@ from typing import AsyncIterator
 from tornado import httpclient, websocket
 
 from bench.harness import ROOT, MeasureError, run_benchmark, simulated_backends
-from bench.procs import bridge_process, cpu_split, rss_kb
+from bench.machine import cpu_split, rss_kb
+from bench.procs import bridge_process
 
 BATCH = 50
 IDLE_SECONDS = 3.0

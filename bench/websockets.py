@@ -39,15 +39,12 @@ from typing import Any
 from bench.harness import ROOT, MeasureError, run_benchmark
 from bridge import tune_gc
 from bench.load import WsClient, percentile, ws_open_many
+from bench.machine import cpu_seconds, machine_note, raise_fd_limit, rss_kb
 from bench.procs import (
     _get,
     baseline_process,
     bridge_process,
-    cpu_seconds,
     fake_backends,
-    machine_note,
-    raise_fd_limit,
-    rss_kb,
 )
 from comfy.runner import Progress
 
