@@ -104,6 +104,11 @@ async def caller_only(http: httpclient.AsyncHTTPClient, base: str) -> None:
     await ws.read_message()
 
 
+def busy_since(pid: int, cpu0: float, t0: float, idle: float) -> float:
+    """CPU seconds the process used since (cpu0, t0), less what it uses idle in that time."""
+    return sum(cpu_split(pid)) - cpu0 - idle * (time.monotonic() - t0)
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] * 1000
@@ -132,9 +137,8 @@ async def measure(args: argparse.Namespace) -> int:
                 direct.append(await direct_job(http, backend, ws, client_id, (i * 7919) % 0xFFFFFF))
                 bridged.append(await bridge_job(http, base, (i * 104729) % 0xFFFFFF))
                 if i % BATCH == BATCH - 1:
-                    now_cpu, now_t = sum(cpu_split(pid)), time.monotonic()
-                    batches.append((now_cpu - batch_cpu - sum(idle_rate) * (now_t - batch_t)) / BATCH)
-                    batch_cpu, batch_t = now_cpu, now_t
+                    batches.append(busy_since(pid, batch_cpu, batch_t, sum(idle_rate)) / BATCH)
+                    batch_cpu, batch_t = sum(cpu_split(pid)), time.monotonic()
             await asyncio.sleep(1.5)  # work the bridge defers (history deletes, file removal) lands too
             took = time.monotonic() - run_t
             user, system = ((b - a - rate * took) for a, b, rate in zip(run_cpu, cpu_split(pid), idle_rate))
@@ -142,7 +146,7 @@ async def measure(args: argparse.Namespace) -> int:
             for _ in range(args.jobs):
                 await caller_only(http, base)
             await asyncio.sleep(0.5)
-            floor = (sum(cpu_split(pid)) - floor_cpu - sum(idle_rate) * (time.monotonic() - floor_t)) / args.jobs
+            floor = busy_since(pid, floor_cpu, floor_t, sum(idle_rate)) / args.jobs
             after_rss = rss_kb(pid) / 1024
         ws.close()
         http.close()
