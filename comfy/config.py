@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +21,24 @@ DEFAULT_SETTINGS = HERE / "settings.yaml"
 
 class ConfigError(Exception):
     """A setting is missing or wrong; the message names the key."""
+
+
+ROLES = ("caller", "admin")
+KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One named key: who holds it and what it may do. Only the key's SHA-256 is kept."""
+
+    name: str
+    role: str
+    digest: bytes = field(repr=False)
+
+    @staticmethod
+    def hash(key: str) -> bytes:
+        """The digest a key is stored and compared as."""
+        return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 @dataclass(frozen=True)
@@ -80,13 +101,41 @@ class Config:
     max_client_id_length: int = 128
     submit_rate: float = 10.0   # submits per second per clientId (sustained)
     submit_burst: int = 20      # submits a clientId may make at once before the rate applies
+    upload_ttl: float = 3600.0        # seconds an upload no job uses is kept
+    quota_bytes: int = 2 * 1024**3    # stored bytes (uploads + untaken results) per identity
+    # jobs
+    refetch_grace: float = 600.0      # seconds delivered results can be fetched again (?redeliver=1)
+    # connections
+    trusted_proxies: tuple[str, ...] = ()  # addresses/networks whose X-Forwarded-For is believed
+    allowed_hosts: tuple[str, ...] = ()    # Host names served; empty: the bound address + localhost
+    header_timeout: float = 10.0      # seconds a client may take to send its request line and headers
+    body_timeout: float = 30.0        # seconds a request body may go without a byte arriving
+    body_min_rate: int = 1024         # bytes/s a body must average after its first body_timeout seconds
+    idle_timeout: float = 60.0        # seconds a kept-alive connection may wait for its next request
+    max_connections: int = 10_000     # open client connections; capped below the open-file limit
+    max_header_bytes: int = 64 * 1024  # request line + headers; beyond it 431
+    ws_ping_interval: float = 20.0    # seconds between pings on /ws
+    ws_ping_timeout: float = 20.0     # seconds a socket may leave a ping unanswered before it is closed
     # shutdown
     drain_timeout: float = 30.0  # seconds running jobs may take to finish on SIGTERM
     # backend connections
     connect_timeout: float = 5.0
     request_timeout: float = 30.0
     # auth
-    api_key: str = field(default="", repr=False)
+    api_key: str = field(default="", repr=False)  # BRIDGE_API_KEY: one caller key named "default"
+    keys: tuple[ApiKey, ...] = ()
+
+    @property
+    def api_keys(self) -> tuple[ApiKey, ...]:
+        """Every key the bridge accepts (auth.keys, and api_key as the caller key "default")."""
+        if not self.api_key:
+            return self.keys
+        return (*self.keys, ApiKey("default", "caller", ApiKey.hash(self.api_key)))
+
+    @property
+    def key_mode(self) -> bool:
+        """True when callers must present a key (open mode otherwise)."""
+        return bool(self.api_key or self.keys)
 
     @property
     def uploads_dir(self) -> Path:
@@ -105,22 +154,27 @@ class Config:
 
 # settings.yaml section/key -> Config field
 _SECTIONS: dict[str, dict[str, str]] = {
-    "server": {"host": "host", "port": "port", "drain_timeout": "drain_timeout"},
+    "server": {"host": "host", "port": "port", "drain_timeout": "drain_timeout",
+               "trusted_proxies": "trusted_proxies", "allowed_hosts": "allowed_hosts",
+               "header_timeout": "header_timeout", "body_timeout": "body_timeout",
+               "body_min_rate": "body_min_rate", "idle_timeout": "idle_timeout",
+               "max_connections": "max_connections", "max_header_bytes": "max_header_bytes"},
     "jobs": {"timeout": "job_timeout", "max_queue": "max_queue",
              "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait",
-             "max_attempts": "max_attempts", "results_ttl": "results_ttl"},
+             "max_attempts": "max_attempts", "results_ttl": "results_ttl", "refetch_grace": "refetch_grace"},
     "health": {"probe_interval": "probe_interval", "down_after": "down_after", "up_after": "up_after",
                "failover_grace": "failover_grace"},
     "clients": {"keepalive_interval": "keepalive_interval", "progress_interval": "progress_interval",
                 "disconnect_grace": "disconnect_grace", "allowed_origins": "allowed_origins",
                 "cors_origins": "cors_origins", "max_ws_per_client": "max_ws_per_client",
-                "max_ws_total": "max_ws_total"},
+                "max_ws_total": "max_ws_total", "ping_interval": "ws_ping_interval",
+                "ping_timeout": "ws_ping_timeout"},
     "limits": {"max_upload_bytes": "max_upload_bytes", "max_upload_files": "max_upload_files",
                "max_body_bytes": "max_body_bytes", "max_string_length": "max_string_length",
                "max_client_id_length": "max_client_id_length", "submit_rate": "submit_rate",
-               "submit_burst": "submit_burst"},
+               "submit_burst": "submit_burst", "upload_ttl": "upload_ttl", "quota_bytes": "quota_bytes"},
     "backend_connection": {"connect_timeout": "connect_timeout", "request_timeout": "request_timeout"},
-    "auth": {"api_key": "api_key"},
+    "auth": {"api_key": "api_key", "keys": "keys"},
 }
 _TOP_LEVEL = {"backends", "workflows_dir", "data_dir", *_SECTIONS}
 _ENV = {"BRIDGE_HOST": "host", "BRIDGE_PORT": "port", "BRIDGE_BACKENDS": "backends",
@@ -129,7 +183,9 @@ _POSITIVE = {"port", "max_queue", "max_upload_bytes", "max_upload_files", "max_b
              "max_string_length", "job_timeout", "history_poll_interval", "interrupt_wait",
              "keepalive_interval", "progress_interval", "connect_timeout", "request_timeout",
              "max_attempts", "results_ttl", "probe_interval", "max_ws_per_client", "max_ws_total",
-             "max_client_id_length", "submit_rate", "submit_burst", "drain_timeout", "down_after", "up_after"}
+             "max_client_id_length", "submit_rate", "submit_burst", "drain_timeout", "down_after", "up_after",
+             "upload_ttl", "quota_bytes", "refetch_grace", "header_timeout", "body_timeout", "body_min_rate",
+             "idle_timeout", "max_connections", "max_header_bytes", "ws_ping_interval", "ws_ping_timeout"}
 
 
 def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,
@@ -189,11 +245,19 @@ def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
                 raise ConfigError(f"{key}: must be a path")
             p = Path(val).expanduser()
             kwargs[fld] = p if p.is_absolute() else (base / p)
-        elif fld in ("allowed_origins", "cors_origins"):
+        elif fld == "keys":
+            kwargs[fld] = _keys(key, val)
+        elif fld in ("allowed_origins", "cors_origins", "trusted_proxies", "allowed_hosts"):
             if isinstance(val, str):
                 val = [v.strip() for v in val.split(",") if v.strip()]
             if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
-                raise ConfigError(f"{key}: must be a list of origins")
+                raise ConfigError(f"{key}: must be a list of {'origins' if 'origins' in fld else 'names'}")
+            if fld == "trusted_proxies":
+                for item in val:
+                    try:
+                        ipaddress.ip_network(item, strict=False)
+                    except ValueError:
+                        raise ConfigError(f"{key}: {item!r} is not an IP address or network") from None
             kwargs[fld] = tuple(val)
         elif isinstance(default, str):
             kwargs[fld] = "" if val is None else str(val)
@@ -201,7 +265,48 @@ def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
             kwargs[fld] = _number(key, val, type(default), fld in _POSITIVE)
             if fld == "port" and kwargs[fld] > 65535:
                 raise ConfigError(f"{key}: must be at most 65535")
-    return Config(**kwargs)
+    config = Config(**kwargs)
+    if config.ws_ping_timeout > config.ws_ping_interval:
+        raise ConfigError("clients.ping_timeout: must not exceed clients.ping_interval")
+    names = [k.name for k in config.api_keys]
+    if len(set(names)) != len(names):
+        raise ConfigError("auth.keys: two keys share a name (\"default\" is BRIDGE_API_KEY's)")
+    return config
+
+
+def _keys(key: str, val: Any) -> tuple[ApiKey, ...]:
+    """auth.keys: [{name, role, key | key_sha256}]; a key is kept only as its SHA-256."""
+    if val is None:
+        return ()
+    if not isinstance(val, list):
+        raise ConfigError(f"{key}: must be a list of {{name, role, key}} mappings")
+    out: list[ApiKey] = []
+    for i, item in enumerate(val):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: must be a mapping with name, role and key (or key_sha256)")
+        unknown = set(item) - {"name", "role", "key", "key_sha256"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
+        name = item.get("name")
+        if not isinstance(name, str) or not KEY_NAME.match(name):
+            raise ConfigError(f"{where}.name: must be 1-64 letters, digits and _ . -")
+        role = item.get("role", "caller")
+        if role not in ROLES:
+            raise ConfigError(f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}")
+        secret, hexed = item.get("key"), item.get("key_sha256")
+        if (secret is None) == (hexed is None):
+            raise ConfigError(f"{where}: give exactly one of key and key_sha256")
+        if secret is not None:
+            if not isinstance(secret, str) or len(secret) < 16:
+                raise ConfigError(f"{where}.key: must be a string of at least 16 characters")
+            digest = ApiKey.hash(secret)
+        else:
+            if not isinstance(hexed, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", hexed):
+                raise ConfigError(f"{where}.key_sha256: must be 64 hex digits (sha256sum of the key)")
+            digest = bytes.fromhex(hexed)
+        out.append(ApiKey(name, role, digest))
+    return tuple(out)
 
 
 def _number(key: str, val: Any, kind: type, positive: bool) -> int | float:
