@@ -18,7 +18,7 @@ from comfy.catalog import CatalogError
 from comfy.check import run_check
 from comfy.config import BackendConfig, Config, ConfigError, load_config
 from comfy.services import Services
-from handlers import backends, docs, history, jobs, ops, upload, workflows, ws
+from handlers import backends, docs, history, jobs, ops, results, upload, workflows, ws
 from handlers.base import NotFoundHandler
 from handlers.ops import configure_logging, log_request
 
@@ -40,7 +40,7 @@ def tune_gc() -> None:
 def make_app(config: Config, services: Services) -> web.Application:
     """The Tornado application: every module's URL table, static files last."""
     table: list[Any] = []
-    for module in (workflows, upload, jobs, history, ws, backends, ops, docs):
+    for module in (workflows, upload, jobs, history, results, ws, backends, ops, docs):
         table += module.routes(services)
     static = HERE / "static"
     if (static / "index.html").exists():

@@ -138,7 +138,7 @@ async def make_results(bridge: Bridge, clients: list[str]) -> float:
     body = json.dumps({"workflow": "blank-canvas", "1/width": 8, "1/height": 8})
     for cid in clients:
         reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-        writer.write(f"POST /generate-based-workflow?clientId={cid} HTTP/1.0\r\nHost: x\r\n"
+        writer.write(f"POST /generate-based-workflow?clientId={cid} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
         status, answer, _ = await _answer(reader)
         writer.close()

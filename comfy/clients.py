@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from tornado.ioloop import PeriodicCallback
 
 from .config import Config
+from .identity import client_tag
 from .jobs import Job, State
 from .scheduler import Scheduler
 
@@ -95,7 +96,7 @@ class ClientHub:
         handle = self._grace.pop(cid, None)
         if handle is not None:
             handle.cancel()
-            log.info("client %s… reconnected within the grace period; its jobs continue", cid[:8])
+            log.info("client %s reconnected within the grace period; its jobs continue", client_tag(cid))
         sock.send_text(CONNECTED)
         job = self.scheduler.status_job(cid)
         if job is not None and (job.state.active or not job.fetched):
@@ -116,6 +117,8 @@ class ClientHub:
         if socks:
             return
         del self.sockets[cid]
+        for per_client in (self._sent_at, self._last_sent):  # nothing of a client without sockets stays here
+            per_client.pop(cid, None)
         if self._active(cid) and cid not in self._grace:
             loop = asyncio.get_running_loop()
             self._grace[cid] = loop.call_later(self.config.disconnect_grace, self._disconnected, cid)
@@ -126,7 +129,7 @@ class ClientHub:
             return
         n = self.scheduler.cancel_client(cid, "cancelled: the client disconnected")
         if n:
-            log.info("client %s… gone for %.1fs: cancelled %d job(s)", cid[:8], self.config.disconnect_grace, n)
+            log.info("client %s gone for %.1fs: cancelled %d job(s)", client_tag(cid), self.config.disconnect_grace, n)
 
     def _active(self, cid: str) -> bool:
         return any(j.state.active for j in self.scheduler.client_jobs(cid))

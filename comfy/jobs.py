@@ -59,6 +59,9 @@ class Job:
     outputs: list[Output] = field(default_factory=list)
     counted: bool = False
     fetched: bool = False
+    owner: str = ""  # the key's name, or "@address" in open mode: whose results and quota these are
+    fetched_at: float | None = None
+    expired: bool = False  # its results were deleted untaken after results_ttl
     seq: int = 0
     cancel_reason: str | None = None
     run_started: float | None = None  # monotonic time this attempt started running (not persisted)

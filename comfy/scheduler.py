@@ -16,6 +16,7 @@ from .clientviews import ClientViews
 from .config import Config
 from .fairqueue import FairQueue
 from .health import HealthMonitor
+from .identity import client_tag
 from .jobs import Job, State
 from .runner import Requeue, Runner, error_text
 from .store import GenerationCounter, Store
@@ -39,6 +40,7 @@ class Scheduler(ClientViews):
         self.queue = FairQueue()
         self.jobs: dict[str, Job] = {}
         self.clients: dict[str, list[Job]] = {}
+        self.delivering: set[str] = set()
         self.listeners: list[Callable[[Job], None]] = []
         self.runner = Runner(config, store, self._announce, self._started)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -48,7 +50,8 @@ class Scheduler(ClientViews):
         self._recheck_when = 0.0
         self.draining = False  # shutting down: no new job starts
         self.health = HealthMonitor(config, backends, self._backend_state)
-        self._sweeper = PeriodicCallback(self.expire_results, min(config.results_ttl / 4, 600.0) * 1000, jitter=0.1)
+        sweep = min(config.results_ttl, config.refetch_grace, config.upload_ttl) / 4
+        self._sweeper = PeriodicCallback(self.expire_results, min(max(sweep, 0.05), 60.0) * 1000, jitter=0.1)
         for b in backends:
             b.on_state = self._backend_state
 
@@ -68,9 +71,6 @@ class Scheduler(ClientViews):
                 job.state, job.backend, job.prompt_id, job.progress = State.QUEUED, None, None, 0.0
                 self.store.save_job(job)
                 self.queue.push(job)  # in their original order
-        for job in self.store.latest_per_client():
-            if job.id not in self.jobs:
-                self._remember(job)
         for b in self.backends:
             await b.start()
         for job, backend in resume:
@@ -93,8 +93,8 @@ class Scheduler(ClientViews):
             await b.stop()
 
     # submit -------------------------------------------------------------------------------------
-    def submit(self, client_id: str, body: dict[str, Any]) -> Job:
-        """Validate a caller's request, record it and queue it. Raises InputError or QueueFull."""
+    def submit(self, client_id: str, body: dict[str, Any], owner: str = "") -> Job:
+        """Validate a caller's request, record it as `owner`'s and queue it. Raises InputError or QueueFull."""
         workflow = self.catalog.get(body.get("workflow"))
         if workflow is None:
             name = body.get("workflow")
@@ -108,11 +108,11 @@ class Scheduler(ClientViews):
         if len(self.queue) >= self.config.max_queue:
             raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); try again later")
         job = Job(client_id=client_id, workflow=workflow.alias, inputs=values, prompt=workflow.build(values),
-                  files=files, timeout=workflow.timeout)
+                  files=files, timeout=workflow.timeout, owner=owner)
         self.store.add_job(job)
         self._remember(job)
         self.queue.push(job)
-        log.info("job %s: queued (workflow %s, client %s…)", job.id, job.workflow, client_id[:8])
+        log.info("job %s: queued (workflow %s, client %s)", job.id, job.workflow, client_tag(client_id))
         self._announce(job)
         self._pump()
         return job
@@ -338,6 +338,8 @@ class Scheduler(ClientViews):
         log.info("job %s: %s after %.2fs on %s%s", job.id, state.value, took, job.backend or "-",
                  f": {error}" if error else "")
         self._announce(job)
+        if not job.outputs:
+            self._forget(job)  # nothing to hand over: the store answers for it from now on
 
     # cancel -------------------------------------------------------------------------------------
     def cancel_client(self, client_id: str, reason: str) -> int:

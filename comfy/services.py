@@ -10,6 +10,7 @@ from .backend import Backend, new_client_id
 from .catalog import Catalog, CatalogError
 from .clients import ClientHub
 from .config import Config
+from .identity import Resolver
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .store import GenerationCounter, Store
@@ -31,6 +32,7 @@ class Services:
     scheduler: Scheduler
     hub: ClientHub
     metrics: Metrics
+    resolver: Resolver
     shutting_down: bool = False
     _watch: PeriodicCallback | None = field(default=None, repr=False)
     _seen: tuple[tuple[str, int, int], ...] = ()
@@ -50,7 +52,7 @@ class Services:
         hub = ClientHub(config, scheduler)
         metrics = Metrics()
         metrics.attach(scheduler, hub, counter)
-        return cls(config, catalog, store, counter, backends, scheduler, hub, metrics)
+        return cls(config, catalog, store, counter, backends, scheduler, hub, metrics, Resolver(config))
 
     async def start(self) -> None:
         """Recover jobs, connect to backends, start the client timers and the catalog watch."""

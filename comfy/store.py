@@ -8,7 +8,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .jobs import Job, Output, State
 
@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     counted INTEGER NOT NULL DEFAULT 0,
     fetched INTEGER NOT NULL DEFAULT 0,
-    expired INTEGER NOT NULL DEFAULT 0
+    expired INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT '',
+    fetched_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_client ON jobs (client_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -56,17 +58,27 @@ CREATE TABLE IF NOT EXISTS uploads (
     size INTEGER NOT NULL,
     content_type TEXT NOT NULL,
     original TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# indexes on columns that stores made by earlier versions gain in _migrate(), so made after it
+INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
+CREATE INDEX IF NOT EXISTS jobs_taken ON jobs (fetched_at) WHERE fetched_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS uploads_owner ON uploads (owner);
+CREATE INDEX IF NOT EXISTS uploads_age ON uploads (created_at);
+"""
 
 # columns added after the first release, with their declarations, for _migrate()
-ADDED_COLUMNS = {"expired": "INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {"jobs": {"expired": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''",
+                          "fetched_at": "REAL"},
+                 "uploads": {"owner": "TEXT NOT NULL DEFAULT ''"}}
 
 _JOB_FIELDS = ("id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "state", "backend",
                "prompt_id", "attempts", "error", "created_at", "started_at", "finished_at", "counted",
-               "fetched")
+               "fetched", "owner", "fetched_at")
 
 
 class Store:
@@ -83,14 +95,17 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self._migrate()
+        self.db.executescript(INDEXES)
+        self._usage: dict[str, int] = {}  # owner -> stored bytes (uploads + untaken results), filled lazily
 
     def _migrate(self) -> None:
         """Bring a store made by an earlier version up to this schema (columns are only ever added)."""
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        for column, decl in ADDED_COLUMNS.items():
-            if column not in have:
-                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
-                log.info("store: added column jobs.%s", column)
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in columns.items():
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                    log.info("store: added column %s.%s", table, column)
 
     def close(self) -> None:
         """Close the database."""
@@ -121,13 +136,62 @@ class Store:
                 [(job.id, i, o.node_id, o.filename, o.content_type, o.path, o.size)
                  for i, o in enumerate(job.outputs)])
             self.save_job(job)
+        self._count(job.owner, sum(o.size for o in job.outputs))
 
-    def mark_fetched(self, job_ids: list[str], expired: bool = False) -> None:
-        """The caller took these jobs' outputs (or they expired untaken): forget the output records."""
+    def mark_fetched(self, jobs: list[Job], expired: bool = False) -> list[str]:
+        """The caller took these jobs' outputs, or they expired untaken. Taken outputs stay on record for
+        refetch_grace (see purge_taken); expired ones are forgotten now. Returns the paths to delete now."""
+        now = time.time()
+        ids = [(j.id,) for j in jobs]
+        paths: list[str] = []
         with self._tx():
-            self.db.executemany(f"UPDATE jobs SET fetched=1, expired={int(expired)} WHERE id=?",
-                                [(j,) for j in job_ids])
-            self.db.executemany("DELETE FROM outputs WHERE job_id=?", [(j,) for j in job_ids])
+            self.db.executemany(f"UPDATE jobs SET fetched=1, expired={int(expired)}, fetched_at={now!r} WHERE id=?",
+                                ids)
+            if expired:
+                paths = [r[0] for j in ids for r in self.db.execute("SELECT path FROM outputs WHERE job_id=?", j)]
+                self.db.executemany("DELETE FROM outputs WHERE job_id=?", ids)
+        for job in jobs:  # taken results no longer count against their owner's quota
+            self._count(job.owner, -sum(o.size for o in job.outputs))
+        return paths
+
+    def purge_taken(self, before: float) -> list[str]:
+        """Forget the outputs of results taken before `before` (their grace is over); returns their paths."""
+        with self._tx():
+            rows = self.db.execute("SELECT o.job_id, o.path FROM outputs o JOIN jobs j ON j.id = o.job_id"
+                                   " WHERE j.fetched_at IS NOT NULL AND j.fetched_at < ?", [before]).fetchall()
+            self.db.executemany("DELETE FROM outputs WHERE job_id=?", {(r[0],) for r in rows})
+        return [r[1] for r in rows]
+
+    def taken_jobs(self, client_id: str, since: float) -> list[Job]:
+        """The client's results taken at or after `since` whose outputs are still on record (oldest first)."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE client_id=? AND fetched_at >= ? AND expired=0 ORDER BY seq",
+                               [client_id, since]).fetchall()
+        return [job for job in map(self._job, rows) if self._load_outputs(job)]
+
+    def job(self, job_id: str) -> Job | None:
+        """One job by id with the outputs still on record, or None."""
+        row = self.db.execute("SELECT * FROM jobs WHERE id=?", [job_id]).fetchone()
+        if row is None:
+            return None
+        job = self._job(row)
+        self._load_outputs(job)
+        return job
+
+    def latest_job(self, client_id: str) -> Job | None:
+        """The client's newest job (any state), or None if it never submitted."""
+        row = self.db.execute("SELECT * FROM jobs WHERE client_id=? ORDER BY seq DESC LIMIT 1", [client_id]).fetchone()
+        return self._job(row) if row is not None else None
+
+    def latest_backend(self, client_id: str) -> str | None:
+        """The backend the client's newest dispatched job went to."""
+        row = self.db.execute("SELECT backend FROM jobs WHERE client_id=? AND backend IS NOT NULL"
+                              " ORDER BY seq DESC LIMIT 1", [client_id]).fetchone()
+        return row[0] if row is not None else None
+
+    def _load_outputs(self, job: Job) -> list[Output]:
+        job.outputs = [Output(o["node_id"], o["filename"], o["content_type"], o["path"], o["size"])
+                       for o in self.db.execute("SELECT * FROM outputs WHERE job_id=? ORDER BY idx", [job.id])]
+        return job.outputs
 
     def unfinished_jobs(self) -> list[Job]:
         """Jobs still waiting or running, oldest first (for recovery after a restart)."""
@@ -136,8 +200,9 @@ class Store:
         return [self._job(r) for r in rows]
 
     def unfetched_jobs(self) -> list[Job]:
-        """Completed jobs whose outputs the caller has not taken yet."""
-        rows = self.db.execute("SELECT * FROM jobs WHERE state=? AND fetched=0 ORDER BY seq",
+        """Completed jobs with outputs the caller has not taken yet."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE state=? AND fetched=0"
+                               " AND EXISTS (SELECT 1 FROM outputs WHERE job_id=jobs.id) ORDER BY seq",
                                [State.COMPLETED.value]).fetchall()
         jobs = [self._job(r) for r in rows]
         by_id = {j.id: j for j in jobs}
@@ -147,32 +212,62 @@ class Store:
                 job.outputs.append(Output(o["node_id"], o["filename"], o["content_type"], o["path"], o["size"]))
         return jobs
 
-    def latest_per_client(self) -> Iterator[Job]:
-        """Every client's newest job (so /execution-info knows clients from before a restart)."""
-        rows = self.db.execute("SELECT * FROM jobs WHERE seq IN (SELECT MAX(seq) FROM jobs GROUP BY client_id)")
-        return (self._job(r) for r in rows)
-
     def count_counted(self) -> int:
         """How many jobs have started running (the floor of the generation count)."""
         return int(self.db.execute("SELECT COUNT(*) FROM jobs WHERE counted=1").fetchone()[0])
 
-    def log_page(self, limit: int, offset: int) -> tuple[list[sqlite3.Row], int]:
-        """One page of the generation log, newest first, and the total number of jobs."""
-        total = int(self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+    def log_page(self, limit: int, offset: int, owner: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """One page of the generation log, newest first, and the number of jobs in it (one owner's, or all)."""
+        where, args = ("WHERE owner=?", [owner]) if owner is not None else ("", [])
+        total = int(self.db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0])
         rows = self.db.execute(
-            "SELECT id, client_id, workflow, state, error, created_at, finished_at, fetched, expired FROM jobs"
-            " ORDER BY seq DESC LIMIT ? OFFSET ?", [limit, offset]).fetchall()
-        return rows, total
+            "SELECT id, workflow, state, error, created_at, finished_at, fetched, expired,"
+            " EXISTS (SELECT 1 FROM outputs WHERE job_id=jobs.id) AS stored"
+            f" FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+        return [dict(r) for r in rows], total
 
     # uploads ----------------------------------------------------------------------------------
-    def add_upload(self, name: str, sha256: str, size: int, content_type: str, original: str) -> None:
-        """Record a stored upload."""
-        self.db.execute("INSERT INTO uploads (name, sha256, size, content_type, original, created_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?)", [name, sha256, size, content_type, original, time.time()])
+    def add_upload(self, name: str, sha256: str, size: int, content_type: str, original: str,
+                   owner: str = "") -> None:
+        """Record a stored upload and whose it is."""
+        self.db.execute("INSERT INTO uploads (name, sha256, size, content_type, original, created_at, owner)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)", [name, sha256, size, content_type, original, time.time(), owner])
+        self._count(owner, size)
 
-    def upload(self, name: str) -> sqlite3.Row | None:
-        """A stored upload by its saved name."""
-        return self.db.execute("SELECT * FROM uploads WHERE name=?", [name]).fetchone()
+    def upload(self, name: str, owner: str | None = None) -> dict[str, Any] | None:
+        """A stored upload by its saved name (only if `owner` holds it, when one is given)."""
+        row = self.db.execute("SELECT * FROM uploads WHERE name=?", [name]).fetchone()
+        if row is None or (owner is not None and row["owner"] != owner):
+            return None
+        return dict(row)
+
+    def stale_uploads(self, before: float) -> list[str]:
+        """Names of uploads made before `before`, oldest first."""
+        return [r[0] for r in self.db.execute("SELECT name FROM uploads WHERE created_at < ? ORDER BY created_at",
+                                              [before])]
+
+    def delete_uploads(self, names: list[str]) -> None:
+        """Forget these uploads (their files are the caller's to delete)."""
+        with self._tx():
+            for name in names:
+                row = self.db.execute("DELETE FROM uploads WHERE name=? RETURNING owner, size", [name]).fetchone()
+                if row is not None:
+                    self._count(row[0], -row[1])
+
+    # quota ------------------------------------------------------------------------------------
+    def usage(self, owner: str) -> int:
+        """Bytes an owner has stored: its uploads and its results not yet taken."""
+        if owner not in self._usage:
+            uploads = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM uploads WHERE owner=?", [owner]).fetchone()[0]
+            results = self.db.execute(
+                "SELECT COALESCE(SUM(o.size), 0) FROM outputs o JOIN jobs j ON j.id = o.job_id"
+                " WHERE j.owner=? AND j.fetched=0", [owner]).fetchone()[0]
+            self._usage[owner] = int(uploads) + int(results)
+        return self._usage[owner]
+
+    def _count(self, owner: str, delta: int) -> None:
+        if owner in self._usage:  # owners not yet asked about are summed from the tables when they are
+            self._usage[owner] = max(0, self._usage[owner] + delta)
 
     # meta -------------------------------------------------------------------------------------
     def meta(self, key: str, make: Any) -> str:
@@ -203,7 +298,8 @@ class Store:
                 "files": json.dumps(job.files), "timeout": job.timeout, "state": job.state.value,
                 "backend": job.backend, "prompt_id": job.prompt_id, "attempts": job.attempts,
                 "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
-                "finished_at": job.finished_at, "counted": int(job.counted), "fetched": int(job.fetched)}
+                "finished_at": job.finished_at, "counted": int(job.counted), "fetched": int(job.fetched),
+                "owner": job.owner, "fetched_at": job.fetched_at}
 
     @staticmethod
     def _job(row: sqlite3.Row) -> Job:
@@ -213,7 +309,8 @@ class Store:
                    backend=row["backend"], prompt_id=row["prompt_id"], attempts=row["attempts"],
                    error=row["error"], created_at=row["created_at"], started_at=row["started_at"],
                    finished_at=row["finished_at"], counted=bool(row["counted"]),
-                   fetched=bool(row["fetched"]), seq=row["seq"])
+                   fetched=bool(row["fetched"]), seq=row["seq"], owner=row["owner"],
+                   fetched_at=row["fetched_at"], expired=bool(row["expired"]))
 
 
 class GenerationCounter:

@@ -31,7 +31,8 @@ class DrainHandler(BaseHandler):
         self.drain = drain
 
     def post(self) -> None:
-        """Drain lets the backend finish its running jobs while new ones go elsewhere."""
+        """Drain lets the backend finish its running jobs while new ones go elsewhere (operators only)."""
+        self.require_operator()
         name = self.get_query_argument("name", None)
         backend = next((b for b in self.services.backends if b.label == name), None)
         if backend is None:

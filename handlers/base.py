@@ -1,15 +1,14 @@
 """The base handler: JSON answers, {"detail": ...} errors, and the checks every route shares."""
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 from tornado import web
 
+from comfy.identity import Identity, bearer, find_key, host_name, same_origin
 from comfy.services import Services
 
 log = logging.getLogger(__name__)
@@ -20,7 +19,9 @@ CLIENT_ID_CHARS = re.compile(r"^[A-Za-z0-9._:-]+$")
 PUBLIC_PATHS = frozenset({"/docs", "/openapi.json", "/openapi.yaml", "/health"})
 CORS_ALLOW_HEADERS = "Authorization, Content-Type"
 CORS_EXPOSE_HEADERS = "Retry-After, X-Detail, X-Job-Ids"
-SECRET_PARAMS = ("token",)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# what a cross-site page can send without a CORS preflight; JSON never is one of them
+SIMPLE_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 
 
 def api_error(status: int, detail: str, headers: dict[str, str] | None = None,
@@ -32,17 +33,6 @@ def api_error(status: int, detail: str, headers: dict[str, str] | None = None,
     return err
 
 
-def authorized(config_key: str, headers: Any, token: str | None = None) -> bool:
-    """True when no API key is set, or the request carries it (Bearer header, or a token for sockets)."""
-    if not config_key:
-        return True
-    scheme, _, given = headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        given = token or ""
-    # compare_digest takes the same time wherever the first difference is
-    return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), config_key.encode())
-
-
 def check_client_id(value: str | None, max_length: int = 128) -> str:
     """A usable clientId, or a 400 saying what is wrong."""
     if value is None or value == "":
@@ -52,19 +42,49 @@ def check_client_id(value: str | None, max_length: int = 128) -> str:
     return value
 
 
-def redacted_uri(uri: str) -> str:
-    """The request URI with secrets in its query (a socket's ?token=) replaced, for logs."""
-    path, sep, query = uri.partition("?")
-    if not sep:
-        return uri
-    pairs = [(k, "***" if k in SECRET_PARAMS else v) for k, v in parse_qsl(query, keep_blank_values=True)]
-    return f"{path}?{urlencode(pairs, safe='*')}"
-
-
 def safe_summary(handler: web.RequestHandler) -> str:
-    """Tornado's request summary for its warning lines, with a socket's ?token= masked."""
+    """Tornado's request summary for its warning lines: no query string (it carries clientIds and tokens)."""
     req = handler.request
-    return f"{req.method} {redacted_uri(req.uri or '')} ({req.remote_ip})"
+    return f"{req.method} {req.path} ({req.remote_ip})"
+
+
+def check_request(handler: web.RequestHandler, services: Services, public: bool = False,
+                  token: str | None = None) -> Identity:
+    """The checks every request passes, in order: a Host this bridge serves, a key (unless the path is
+    public or the bridge is open), and no state change from another site. Returns who is asking."""
+    req = handler.request
+    host = req.headers.get("Host", "")
+    if req.path != "/health" and not services.resolver.host_allowed(host):
+        raise api_error(403, f"this bridge does not serve the host {host_name(host)[:100]!r} "
+                             "(server.allowed_hosts)")
+    config = services.config
+    key = None
+    if config.key_mode:
+        given = bearer(req.headers, token)
+        key = find_key(config.api_keys, given) if given else None
+        if key is None and not public:
+            raise api_error(401, "missing or wrong API key; send Authorization: Bearer <key>",
+                            {"WWW-Authenticate": "Bearer"})
+    if req.method not in SAFE_METHODS:
+        refuse_cross_site(req, config.cors_origins)
+    return services.resolver.identify(req.remote_ip or "", req.headers, key)
+
+
+def refuse_cross_site(req: Any, cors_origins: tuple[str, ...]) -> None:
+    """403 for a state-changing request a page of another site made (CSRF), in open mode as well.
+
+    Browsers say where a request comes from (Sec-Fetch-Site, Origin); scripts and curl say neither and
+    pass. Origins listed in clients.cors_origins are the operator's own sites and pass."""
+    origin = req.headers.get("Origin")
+    if origin is not None and origin in cors_origins:
+        return
+    site = req.headers.get("Sec-Fetch-Site", "").lower()
+    if site in ("cross-site", "same-site"):
+        raise api_error(403, "requests that change state are not accepted from other sites' pages "
+                             "(clients.cors_origins lists the sites that may)")
+    if origin is not None and not same_origin(origin, req.headers.get("Host", "")):
+        raise api_error(403, "requests that change state are not accepted from other sites' pages "
+                             "(clients.cors_origins lists the sites that may)")
 
 
 def allowed_methods(cls: type[web.RequestHandler]) -> list[str]:
@@ -108,6 +128,8 @@ class BaseHandler(web.RequestHandler):
         self._too_big = False
         self._cors_headers()
 
+    identity: Identity
+
     def prepare(self) -> None:
         """Refuse a body over max_body_bytes before reading it (the body is streamed, so this runs first)."""
         self.check_auth()
@@ -119,12 +141,24 @@ class BaseHandler(web.RequestHandler):
             raise api_error(413, f"the body is larger than {limit} bytes")
 
     def check_auth(self) -> None:
-        """401 unless the API key is off, the path is public, or the request carries the key."""
-        if self.request.method == "OPTIONS" or self.request.path in PUBLIC_PATHS:
-            return  # a CORS preflight never carries credentials
-        if not authorized(self.services.config.api_key, self.request.headers):
-            raise api_error(401, "missing or wrong API key; send Authorization: Bearer <key>",
-                            {"WWW-Authenticate": "Bearer"})
+        """Host, key and cross-site checks (see check_request); sets self.identity."""
+        # a CORS preflight never carries credentials
+        public = self.request.method == "OPTIONS" or self.request.path in PUBLIC_PATHS
+        self.identity = check_request(self, self.services, public)
+
+    def require_operator(self) -> None:
+        """403 unless the caller may change the bridge itself (admin key; loopback in open mode)."""
+        if self.identity.operator:
+            return
+        if self.services.config.key_mode:
+            raise api_error(403, "this action needs an admin key")
+        raise api_error(403, "without keys, operator actions are accepted only from the bridge's own machine "
+                             "(loopback, not through a proxy); configure an admin key in auth.keys")
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """A refusal (HTTPError) is logged once, by the access log; anything else with its traceback."""
+        if not isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)
 
     def data_received(self, chunk: bytes) -> None:
         """Collect the body up to the limit; past it, remember that it was too big."""
@@ -173,9 +207,10 @@ class BaseHandler(web.RequestHandler):
 
     def json_body(self) -> dict[str, Any]:
         """The request body as a JSON object, or a 4xx saying why not."""
-        ctype = self.request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
-        if ctype not in ("application/json", "text/json", ""):
-            raise api_error(415, "send the body as application/json")
+        ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            # also what keeps a cross-site <form> from submitting: it cannot send this type
+            raise api_error(415, "send the body as application/json (Content-Type: application/json)")
         if self._too_big:
             raise api_error(413, f"the body is larger than {self.services.config.max_body_bytes} bytes")
         try:
@@ -194,17 +229,22 @@ class BaseHandler(web.RequestHandler):
         return data
 
     def client_id(self) -> str:
-        """The clientId query argument, checked."""
+        """The clientId query argument as the caller wrote it, checked."""
         return check_client_id(self.get_query_argument("clientId", None),
                                self.services.config.max_client_id_length)
 
-    def known_client_id(self) -> str:
-        """A clientId that has submitted before, or 400."""
+    def scoped_client_id(self) -> tuple[str, str]:
+        """(the caller's clientId, the same id scoped to the caller's key, as the bridge keeps it)."""
         client_id = self.client_id()
-        if not self.services.scheduler.known_client(client_id):
+        return client_id, self.identity.scope(client_id)
+
+    def known_client_id(self) -> tuple[str, str]:
+        """A clientId this identity has submitted with before (caller's, scoped), or 400."""
+        client_id, scoped = self.scoped_client_id()
+        if not self.services.scheduler.known_client(scoped):
             raise api_error(400, f"The client ID has not been submitted to the server before. "
                                      f"It is not recognized. / {client_id}")
-        return client_id
+        return client_id, scoped
 
 
 class NotFoundHandler(BaseHandler):

@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from tornado.iostream import StreamClosedError
 
+from comfy.identity import client_tag
 from comfy.jobs import Job, Output, State
 from comfy.services import Services
 
@@ -29,32 +30,59 @@ class HistoryHandler(BaseHandler):
         # checked in both modes: a bad parameter is a bad request even where it would be ignored
         limit = self._int_arg("limit", 10, 1, MAX_PAGE)
         offset = self._int_arg("offset", 0, 0, None)
+        again = self._flag("redeliver")
         if self.get_query_argument("clientId", None) is not None:
-            await self._results(self.client_id())
+            client_id, scoped = self.scoped_client_id()
+            await (self._again(client_id, scoped) if again else self._results(client_id, scoped))
         else:
             self._generation_log(limit, offset)
 
-    def _no_content(self, detail: str) -> None:
-        # a 204 has no body on the wire, so the reason travels in a header (and the log)
-        log.info("history: %s", detail)
+    def _no_content(self, detail: str, scoped: str) -> None:
+        # a 204 has no body on the wire, so the reason travels in a header; the log gets no clientId
+        log.info("history: client %s: %s", client_tag(scoped), detail.partition(" / ")[0])
         self.set_status(204)
         self.set_header("X-Detail", detail)
         self.clear_header("Content-Type")
         self.finish()
 
-    async def _results(self, client_id: str) -> None:
+    async def _results(self, client_id: str, scoped: str) -> None:
+        """Take the client's results: exactly one of any number of concurrent requests gets them."""
         scheduler = self.services.scheduler
-        if not scheduler.known_client(client_id):
+        if not scheduler.known_client(scoped):
             return self._no_content("The client ID has not been submitted to the server before. "
-                                    f"It is not recognized. / {client_id}")
+                                    f"It is not recognized. / {client_id}", scoped)
+        jobs = scheduler.claim_results(scoped)
+        if jobs is None:
+            raise api_error(409, "another request is receiving this clientId's results right now; if it does "
+                                 "not receive them whole they can be taken again", {"Retry-After": "1"})
+        delivered = False
+        try:
+            if jobs:
+                delivered = await self._send(jobs)
+            else:
+                return self._no_content(f"No contents with that client id / {client_id}", scoped)
+        finally:
+            if not delivered:
+                scheduler.release(jobs)
+        if not delivered:
+            return
+        # only now, with every byte handed to the connection, are the results taken; their files stay for
+        # refetch_grace in case the caller's side lost them after all (?redeliver=1)
+        scheduler.mark_fetched(jobs)
+        self.finish()
+
+    async def _again(self, client_id: str, scoped: str) -> None:
+        """?redeliver=1: the results this client took within refetch_grace, sent again (nothing is taken)."""
+        jobs = self.services.scheduler.taken_results(scoped)
+        if not jobs:
+            return self._no_content(f"No contents with that client id / {client_id}", scoped)
+        if await self._send(jobs):
+            self.finish()
+
+    async def _send(self, jobs: list[Job]) -> bool:
+        """Write the jobs' outputs as one multipart answer; False if the caller left before all of it was sent."""
         folder = self.services.config.results_dir
-        jobs = [j for j in scheduler.unfetched(client_id) if j.outputs]
         parts = [(j, o) for j in jobs for o in j.outputs if (folder / o.path).is_file()]
-        if not parts:
-            empty = [j for j in scheduler.unfetched(client_id) if not j.outputs]
-            if empty:
-                scheduler.mark_fetched(empty)  # finished with nothing to hand over
-            return self._no_content(f"No contents with that client id / {client_id}")
         boundary = uuid.uuid4().hex
         heads = [self._part_head(boundary, j, o) for j, o in parts]
         tail = f"--{boundary}--\r\n".encode()
@@ -77,11 +105,9 @@ class HistoryHandler(BaseHandler):
             self.write(tail)
             await self.flush()  # small results leave in this one write
         except StreamClosedError:
-            log.info("history: client %s… left mid-download; its results are kept", client_id[:8])
-            return
-        # only now, with every byte handed to the connection, are the results deleted
-        scheduler.mark_fetched(jobs)
-        self.finish()
+            log.info("history: a caller left mid-download; its results are kept")
+            return False
+        return True
 
     @staticmethod
     def _part_head(boundary: str, job: Job, out: Output) -> bytes:
@@ -93,7 +119,11 @@ class HistoryHandler(BaseHandler):
                 f"Content-Length: {out.size}\r\n\r\n").encode("utf-8")
 
     def _generation_log(self, limit: int, offset: int) -> None:
-        rows, total = self.services.store.log_page(limit, min(offset, MAX_OFFSET))
+        """The log: every job in open mode and for admin; with keys a caller's own jobs only. It names no
+        clientId; result_url is the job's resource, which only its owner (or admin) can read."""
+        me = self.identity
+        owner = me.name if me.key_mode and not me.admin else None
+        rows, total = self.services.store.log_page(limit, min(offset, MAX_OFFSET), owner)
         entries = []
         for row in rows:
             entry: dict[str, Any] = {
@@ -104,8 +134,10 @@ class HistoryHandler(BaseHandler):
             }
             if row["finished_at"]:
                 entry["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["finished_at"]))
-            if row["state"] == State.COMPLETED.value and not row["fetched"]:
-                entry["result_url"] = f"/history?clientId={quote(row['client_id'])}"
+            if row["state"] == State.COMPLETED.value and row["stored"]:
+                entry["result_url"] = f"/jobs/{row['id']}"
+                if row["fetched"]:
+                    entry["result_taken"] = True
             if row["expired"]:
                 entry["result_expired"] = True
             if row["error"] and row["state"] != State.COMPLETED.value:
@@ -113,6 +145,14 @@ class HistoryHandler(BaseHandler):
             entries.append(entry)
         self.write_json({"history": entries, "total_count": total, "page": offset // limit + 1,
                          "page_size": limit})
+
+    def _flag(self, name: str) -> bool:
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw.lower() in ("0", "false", "no"):
+            return False
+        if raw.lower() in ("", "1", "true", "yes"):
+            return True
+        raise api_error(400, f"{name} must be 1 or 0 (true or false), got {raw[:20]!r}")
 
     def _int_arg(self, name: str, default: int, low: int, high: int | None) -> int:
         raw = self.get_query_argument(name, None)

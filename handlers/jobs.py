@@ -23,7 +23,7 @@ class GenerateHandler(BaseHandler):
 
     def post(self) -> None:
         """Validate the body against the workflow's inputs and queue it."""
-        client_id = self.client_id()
+        _, client_id = self.scoped_client_id()
         wait = self.limiter.take(client_id)
         if wait:
             config = self.services.config
@@ -32,8 +32,14 @@ class GenerateHandler(BaseHandler):
                             {"Retry-After": self.limiter.retry_after(wait)})
         body = self.json_body()
         self.check_file_inputs(body)
+        owner = self.identity.owner
+        used, quota = self.services.store.usage(owner), self.services.config.quota_bytes
+        if used >= quota:
+            raise api_error(429, f"this caller stores {used} bytes of uploads and untaken results, its quota "
+                                 f"is {quota}; take results (GET /history?clientId=…) before submitting more",
+                            {"Retry-After": "30"})
         try:
-            job = self.services.scheduler.submit(client_id, body)
+            job = self.services.scheduler.submit(client_id, body, owner)
         except InputError as exc:
             raise api_error(400, str(exc)) from None
         except QueueFull as exc:
@@ -55,7 +61,7 @@ class GenerateHandler(BaseHandler):
             spec = workflow.inputs.get(key)
             if spec is None or not spec.upload or not isinstance(value, str) or value == spec.default:
                 continue
-            if self.services.store.upload(value) is None:
+            if self.services.store.upload(value, self.identity.owner if self.identity.key_mode else None) is None:
                 raise api_error(400, f"{key}: no uploaded file named {value!r} (upload it with POST /upload first)")
 
 
@@ -64,9 +70,9 @@ class ExecutionInfoHandler(BaseHandler):
 
     def get(self) -> None:
         """The latest active job's state, else the latest job's outcome."""
-        client_id = self.known_client_id()
+        client_id, scoped = self.known_client_id()
         scheduler = self.services.scheduler
-        job = scheduler.status_job(client_id)
+        job = scheduler.status_job(scoped)
         if job is None:
             raise api_error(400, f"no job is known for that client ID / {client_id}")
         status, text = job.client_status()
@@ -83,8 +89,8 @@ class InterruptHandler(BaseHandler):
 
     def post(self) -> None:
         """Drop queued jobs; interrupt a running one on its backend (only that prompt)."""
-        client_id = self.known_client_id()
-        count = self.services.scheduler.cancel_client(client_id, "interrupted by the client")
+        client_id, scoped = self.known_client_id()
+        count = self.services.scheduler.cancel_client(scoped, "interrupted by the client")
         self.write_json({"detail": f"interrupted that clientId will be ignored. / {client_id}",
                          "cancelled": count})
 
@@ -98,8 +104,8 @@ class FreeHandler(BaseHandler):
             backends = [b for b in self.services.backends if b.up]
             target = "ALL"
         else:
-            target = self.known_client_id()
-            backend = self.services.scheduler.backend_for(target)
+            target, scoped = self.known_client_id()
+            backend = self.services.scheduler.backend_for(scoped)
             if backend is None:
                 raise api_error(400, f"no backend has been assigned to that client yet / {target}")
             backends = [backend]

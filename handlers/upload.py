@@ -93,6 +93,8 @@ class UploadHandler(BaseHandler):
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise api_error(413, f"the upload is larger than {config.max_upload_bytes} bytes")
+        if length is not None and length.isdigit():
+            self.check_quota(int(length) - MULTIPART_SLACK)
         ctype, params = parse_options_header(self.request.headers.get("Content-Type", ""))
         if ctype != b"multipart/form-data" or not params.get(b"boundary"):
             raise api_error(415, "send files as multipart/form-data, e.g. curl -F \"file=@photo.png\"")
@@ -139,6 +141,7 @@ class UploadHandler(BaseHandler):
         if self.gone:  # the caller left while the files were synced
             self._cleanup()
             return
+        self.check_quota(sum(part.size for part in self.parts))
         saved = {}
         store = self.services.store
         for part in self.parts:
@@ -147,11 +150,21 @@ class UploadHandler(BaseHandler):
             ext, ctype = found
             name = uuid.uuid4().hex + ext
             os.replace(part.tmp, self.services.config.uploads_dir / name)
-            store.add_upload(name, part.sha.hexdigest(), part.size, ctype, part.filename)
+            store.add_upload(name, part.sha.hexdigest(), part.size, ctype, part.filename, self.identity.owner)
             saved[part.field] = name
             self.services.metrics.upload_bytes.inc(part.size)
-        log.info("stored %d upload(s): %s", len(saved), ", ".join(saved.values()))
+        # the saved names are how callers refer to their files: they stay out of the log
+        log.info("stored %d upload(s), %d bytes", len(saved), sum(part.size for part in self.parts))
         self.write_json(saved)
+
+    def check_quota(self, incoming: int) -> None:
+        """413 when these bytes would take the caller past its stored-bytes quota (uploads + untaken results)."""
+        quota = self.services.config.quota_bytes
+        used = self.services.store.usage(self.identity.owner)
+        if incoming > 0 and used + incoming > quota:
+            raise api_error(413, f"this upload would take the caller's stored files past its quota of {quota} bytes "
+                                 f"({used} in use); take results or wait for old uploads to expire "
+                                 "(limits.upload_ttl)")
 
     def on_finish(self) -> None:
         self._cleanup()

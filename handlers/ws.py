@@ -7,13 +7,12 @@ import socket
 import struct
 import time
 from typing import Any
-from urllib.parse import urlsplit
-
 from tornado import iostream, web, websocket
 
+from comfy.identity import client_tag, same_origin
 from comfy.services import Services
 
-from .base import api_error, authorized, check_client_id, json_error, safe_summary
+from .base import api_error, check_client_id, check_request, json_error, safe_summary
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +83,18 @@ class StatusSocket(websocket.WebSocketHandler):
             raise api_error(426, "unsupported WebSocket version; use 13", {"Sec-WebSocket-Version": "13"})
         if not headers.get("Sec-WebSocket-Key"):
             raise api_error(400, "the WebSocket handshake needs Sec-WebSocket-Key")
-        if not authorized(config.api_key, headers, self.get_query_argument("token", None)):
-            raise api_error(401, "missing or wrong API key; send ?token=<key> or a Bearer header")
+        try:
+            identity = check_request(self, self.services, token=self.get_query_argument("token", None))
+        except web.HTTPError as exc:
+            if exc.status_code == 401:
+                raise api_error(401, "missing or wrong API key; send ?token=<key> or a Bearer header") from None
+            raise
         origin = headers.get("Origin") or headers.get("Sec-Websocket-Origin")
         if origin and not self.check_origin(origin):
             raise api_error(403, "this page's origin may not open the socket (clients.allowed_origins)")
-        self.client_id = check_client_id(self.get_query_argument("clientId", None), config.max_client_id_length)
+        # the socket follows the clientId as scoped to its key: another key's same string is another client
+        self.client_id = identity.scope(check_client_id(self.get_query_argument("clientId", None),
+                                                        config.max_client_id_length))
         hub = self.services.hub
         # no await between this count and hub.add() in open(), so concurrent upgrades cannot overshoot
         if len(hub.sockets.get(self.client_id, ())) >= config.max_ws_per_client:
@@ -104,14 +109,19 @@ class StatusSocket(websocket.WebSocketHandler):
         allowed = self.services.config.allowed_origins
         if "*" in allowed or origin in allowed:
             return True
-        return urlsplit(origin).netloc.lower() == self.request.headers.get("Host", "").lower()
+        return same_origin(origin, self.request.headers.get("Host", ""))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Refusals before the upgrade are {"detail": ...} like every other answer."""
         json_error(self, status_code, kwargs)
 
     def _request_summary(self) -> str:
-        return safe_summary(self)  # Tornado's own warning lines must not carry a ?token=
+        return safe_summary(self)  # Tornado's own warning lines must not carry a ?token= or a clientId
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """A refused handshake is logged once, by the access log."""
+        if not isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)
 
     def open(self, *args: str, **kwargs: str) -> None:
         """Register with the hub, which greets the socket and sends the current state."""
@@ -135,7 +145,7 @@ class StatusSocket(websocket.WebSocketHandler):
             if self._stalled_since is None:
                 self._stalled_since = now
             elif now - self._stalled_since > STALL_SECONDS:
-                log.warning("client %s…: socket not reading for %.0fs; closing it", self.client_id[:8],
+                log.warning("client %s: socket not reading for %.0fs; closing it", client_tag(self.client_id),
                             now - self._stalled_since)
                 self.close(1013, "not reading")
                 self.on_connection_close()  # do not wait for a closing handshake it will never read

@@ -125,8 +125,10 @@ async def test_history_log_pages(bridge: Bridge) -> None:
     assert "outside the output folder" in newest["error_message"]
     older = await bridge.get_json("/history?limit=2&offset=2")
     assert older["page"] == 2 and [e["status"] for e in older["history"]] == ["completed", "completed"]
-    assert older["history"][0]["result_url"] == f"/history?clientId={cid}"
-    assert older["history"][0]["timestamp"].endswith("Z")
+    entry = older["history"][0]
+    assert entry["result_url"] == f"/jobs/{entry['id']}"
+    assert entry["timestamp"].endswith("Z")
+    assert cid not in json.dumps(page) + json.dumps(older)  # the log never names a clientId
     default = await bridge.get_json("/history")
     assert default["page_size"] == 10 and len(default["history"]) == 4
 

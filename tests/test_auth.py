@@ -11,7 +11,9 @@ from tornado import httpclient, websocket
 
 from bridge import make_app
 from conftest import Bridge, multipart, new_client_id
-from handlers.base import PUBLIC_PATHS, allowed_methods, authorized
+from comfy.config import ApiKey
+from comfy.identity import bearer, find_key
+from handlers.base import PUBLIC_PATHS, allowed_methods
 from test_openapi import app_routes
 
 KEY = "k3y-Zq9-do-not-log-me"
@@ -32,7 +34,8 @@ def _requests(bridge: Bridge) -> list[tuple[str, str, type]]:
     for path, handler in app_routes(make_app(bridge.config, bridge.services)).items():
         for method in allowed_methods(handler):
             if method not in ("OPTIONS", "HEAD"):
-                out.append((method, path.replace("{path}", "app.js"), handler))
+                out.append((method, path.replace("{path}", "app.js").replace("{job_id}", "gen_0")
+                            .replace("{index}", "0"), handler))
     return out
 
 
@@ -94,17 +97,23 @@ async def test_websocket_takes_the_header_or_a_token(keyed: Bridge) -> None:
 
 
 def test_key_comparison_is_constant_time_and_strict() -> None:
-    assert authorized("", {}) is True
-    assert authorized(KEY, {"Authorization": f"Bearer {KEY}"}) is True
-    assert authorized(KEY, {"Authorization": f"bearer  {KEY} "}) is True
-    assert authorized(KEY, {}, token=KEY) is True
-    assert authorized(KEY, {"Authorization": f"Bearer {WRONG}"}, token=KEY) is False  # the header wins
-    assert authorized(KEY, {"Authorization": "Bearer \udcff"}) is False
-    assert authorized(KEY, {}, token=KEY[:-1]) is False
+    keys = (ApiKey("default", "caller", ApiKey.hash(KEY)), ApiKey("ops", "admin", ApiKey.hash(WRONG + "!")))
+
+    def found(headers: dict[str, str], token: str | None = None) -> str | None:
+        key = find_key(keys, bearer(headers, token))
+        return key.name if key else None
+    assert found({"Authorization": f"Bearer {KEY}"}) == "default"
+    assert found({"Authorization": f"bearer  {KEY} "}) == "default"
+    assert found({}, token=KEY) == "default"
+    assert found({"Authorization": f"Bearer {WRONG}!"}) == "ops"
+    assert found({"Authorization": f"Bearer {WRONG}"}, token=KEY) is None  # the header wins
+    assert found({"Authorization": "Bearer \udcff"}) is None
+    assert found({}, token=KEY[:-1]) is None
+    assert found({}) is None
     import inspect
 
-    import handlers.base
-    assert "compare_digest" in inspect.getsource(handlers.base.authorized)
+    import comfy.identity
+    assert "compare_digest" in inspect.getsource(comfy.identity.find_key)
 
 
 async def test_the_key_never_reaches_a_log(keyed: Bridge, caplog: pytest.LogCaptureFixture) -> None:

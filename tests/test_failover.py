@@ -10,7 +10,7 @@ FAST_HEALTH = {"probe_interval": 0.05, "down_after": 2, "up_after": 2, "failover
 
 
 def job_of(bridge: Bridge, job_id: str):  # type: ignore[no-untyped-def]
-    return bridge.services.scheduler.jobs[job_id]
+    return bridge.services.scheduler.find_job(job_id)
 
 
 async def test_dead_backend_job_completes_elsewhere(bridge_factory, fakes, png: bytes) -> None:  # type: ignore[no-untyped-def]

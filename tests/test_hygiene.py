@@ -115,7 +115,8 @@ async def test_static_files_have_nosniff_and_json_errors(tmp_path: Path) -> None
 async def test_callers_origin_cookies_and_authorization_are_never_forwarded(bridge_factory, fake,
                                                                             png: bytes) -> None:  # type: ignore[no-untyped-def]
     key = "fwd-test-key-123"
-    bridge = await bridge_factory([fake], api_key=key, allowed_origins=("https://app.example",))
+    bridge = await bridge_factory([fake], api_key=key, allowed_origins=("https://app.example",),
+                                  cors_origins=("https://app.example",))
     hostile = {"Authorization": f"Bearer {key}", "Cookie": "session=caller-cookie", "Origin": "https://app.example",
                "X-Forwarded-For": "6.6.6.6", "Referer": "https://app.example/page", "X-Api-Key": "caller-x"}
     body, ctype = multipart({"file": ("me.png", png)})
@@ -153,7 +154,7 @@ async def test_only_configured_backends_are_ever_contacted(bridge: Bridge, fakes
                  {"workflow": "text-to-image", "6/text": url, "7/text": f"//{host}/x"},
                  {"workflow": "invert-image", "1/image": f"//{host}/x.png"}, {"workflow": "blank-canvas", url: 1}):
         await bridge.fetch("POST", f"/generate-based-workflow?clientId={cid}&url={quote(url)}&callback={quote(url)}",
-                           body, headers={"Referer": url, "X-Forwarded-Host": host, "Origin": url})
+                           body, headers={"Referer": url, "X-Forwarded-Host": host})
     q = f"url={quote(url)}&server={quote(url)}&backend={quote(url)}&redirect={quote(url)}"
     for method, path in (("GET", f"/workflow-info?workflow={quote(url)}&{q}"), ("GET", f"/workflow-list?{q}"),
                          ("GET", f"/execution-info?clientId={cid}&{q}"), ("GET", f"/history?clientId={cid}&{q}"),

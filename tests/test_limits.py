@@ -32,7 +32,7 @@ async def raw_request(bridge: Bridge, head: str, body: bytes = b"") -> tuple[int
 
 @pytest.mark.parametrize("path", ["/upload", "/generate-based-workflow?clientId=c1"])
 async def test_too_large_is_refused_before_the_body_is_read(bridge: Bridge, path: str) -> None:
-    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             f"Content-Length: {10**12}\r\n")
     code, headers, payload = await raw_request(bridge, head, b"--b\r\n")  # and then nothing
     assert code == 413
@@ -189,7 +189,7 @@ async def test_limits_have_settings_with_defaults() -> None:
 
 async def test_a_stalled_body_does_not_block_others(bridge: Bridge) -> None:
     stream = await tcpclient.TCPClient().connect("127.0.0.1", bridge.port)
-    await stream.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    await stream.write(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                        b"Content-Length: 1000\r\n\r\n--b\r\n")
     try:
         assert await bridge.get_json("/workflow-list")  # answered while that upload hangs

@@ -22,7 +22,8 @@ def app_routes(app: web.Application) -> dict[str, type]:
     out = {}
     for rule in app.wildcard_router.rules:
         pattern = rule.matcher.regex.pattern.rstrip("$")
-        path = pattern.replace("()", "").replace("(.*)", "{path}") or "/"
+        path = re.sub(r"\(\?P<(\w+)>\[\^/\]\+\)", r"{\1}", pattern)  # (?P<job_id>[^/]+) -> {job_id}
+        path = path.replace("()", "").replace("(.*)", "{path}") or "/"
         assert not re.search(r"[()\[\]*+?\\]", path), f"a route the test cannot name: {pattern}"
         out[path] = rule.target
     return out

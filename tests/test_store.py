@@ -21,9 +21,12 @@ def test_store_from_an_earlier_version_is_migrated(tmp_path: Path) -> None:
         VALUES ('gen_old', 'c1', 'blank-canvas', '{}', '{}', '{}', 60, 'completed', 1, 1);""")
     db.close()
     store = Store(tmp_path)
-    store.mark_fetched(["gen_old"], expired=True)
+    old = store.job("gen_old")
+    assert old is not None and old.owner == ""  # a column the first release did not have
+    store.mark_fetched([old], expired=True)
     rows, total = store.log_page(10, 0)
     assert total == 1 and rows[0]["expired"] == 1 and rows[0]["fetched"] == 1
+    assert store.log_page(10, 0, owner="alice") == ([], 0)
     store.close()
 
 
