@@ -1,6 +1,7 @@
 """load_config: defaults, settings.yaml, .env, environment, overrides, and bad settings."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,37 @@ def test_api_key_is_not_in_the_config_repr(base: Path) -> None:
     config = load_config(settings(base), environ={"BRIDGE_API_KEY": "hunter2-very-secret"})
     assert config.api_key == "hunter2-very-secret"
     assert "hunter2-very-secret" not in repr(config)
+
+
+def test_named_keys_are_kept_only_as_digests(base: Path) -> None:
+    digest = hashlib.sha256(b"ops-secret-0123456789").hexdigest()
+    path = settings(base, "auth:\n  keys:\n    - {name: alice, key: alice-secret-0123456789}\n"
+                          f"    - {{name: ops, role: admin, key_sha256: {digest}}}\n")
+    config = load_config(path, environ={"BRIDGE_API_KEY": "shared-secret-key"})
+    assert [(k.name, k.role) for k in config.api_keys] == [("alice", "caller"), ("ops", "admin"),
+                                                           ("default", "caller")]
+    assert config.api_keys[1].digest == bytes.fromhex(digest)
+    assert "alice-secret" not in repr(config) and config.key_mode
+    assert not load_config(settings(base, "auth: {keys: []}\n"), environ={}).key_mode
+
+
+@pytest.mark.parametrize("keys, message", [
+    ("- {name: a b, key: 0123456789abcdef}", "auth.keys[0].name"),
+    ("- {name: a, role: root, key: 0123456789abcdef}", "auth.keys[0].role"),
+    ("- {name: a, key: short}", "auth.keys[0].key: must be a string of at least 16"),
+    ("- {name: a}", "exactly one of key and key_sha256"),
+    ("- {name: a, key_sha256: nothex}", "auth.keys[0].key_sha256"),
+    ("- {name: a, key: 0123456789abcdef, scope: x}", "auth.keys[0].scope: unknown"),
+    ("- {name: a, key: 0123456789abcdef}\n    - {name: a, key: fedcba9876543210}", "share a name"),
+    ("- just-a-string", "auth.keys[0]: must be a mapping"),
+])
+def test_bad_named_keys_name_the_key(base: Path, keys: str, message: str) -> None:
+    assert message in bad(settings(base, f"auth:\n  keys:\n    {keys}\n"))
+
+
+def test_security_settings_are_checked(base: Path) -> None:
+    assert "server.trusted_proxies" in bad(settings(base, "server: {trusted_proxies: [not-an-ip]}\n"))
+    assert "clients.ping_timeout" in bad(settings(base, "clients: {ping_interval: 5, ping_timeout: 10}\n"))
+    config = load_config(settings(base, "server: {trusted_proxies: [127.0.0.1, 10.0.0.0/8],"
+                                        " allowed_hosts: gpu.example.com}\n"), environ={})
+    assert config.trusted_proxies == ("127.0.0.1", "10.0.0.0/8") and config.allowed_hosts == ("gpu.example.com",)
