@@ -17,6 +17,9 @@ from tornado.httpserver import HTTPServer
 from comfy.catalog import CatalogError
 from comfy.check import run_check
 from comfy.config import BackendConfig, Config, ConfigError, load_config
+from comfy.connlimits import ConnLimits, make_server
+from comfy.listener import raise_open_file_limit
+from comfy.partfiles import remove_part_files
 from comfy.services import Services
 from handlers import backends, docs, history, jobs, ops, results, upload, workflows, ws
 from handlers.base import NotFoundHandler
@@ -50,8 +53,8 @@ def make_app(config: Config, services: Services) -> web.Application:
         table,
         default_handler_class=NotFoundHandler,
         default_handler_args={"services": services},
-        websocket_ping_interval=20,
-        websocket_ping_timeout=20,
+        websocket_ping_interval=config.ws_ping_interval,
+        websocket_ping_timeout=config.ws_ping_timeout,
         websocket_max_message_size=64 * 1024,
         log_function=log_request,
     )
@@ -103,6 +106,15 @@ async def main(argv: list[str] | None = None) -> int:
     fakes: list[Any] = []
     if args.demo:
         config, fakes = await start_demo_backends(config)
+    soft, hard = raise_open_file_limit()
+    limits = ConnLimits.from_config(config, soft)
+    log.info("open-file limit %d (hard %d): up to %d client connections%s", soft, hard, limits.max_connections,
+             "" if limits.max_connections == config.max_connections
+             else f" (server.max_connections {config.max_connections} does not fit under it)")
+    # what a killed bridge was writing (uploads, downloaded results) is incomplete: nothing refers to it
+    removed = remove_part_files(config.uploads_dir, config.results_dir)
+    if removed:
+        log.info("removed %d unfinished temporary file(s) left by an earlier run", removed)
     try:
         services = Services.build(config)
     except (CatalogError, OSError) as exc:
@@ -111,7 +123,7 @@ async def main(argv: list[str] | None = None) -> int:
             await fake.stop()
         return 2
     await services.start()
-    server = HTTPServer(make_app(config, services), max_body_size=config.max_body_bytes * 2 + 1024)
+    server = make_server(make_app(config, services), config, limits)
     try:
         server.listen(config.port, address=config.host)
     except OSError as exc:
