@@ -19,8 +19,10 @@ import json
 import os
 import re
 import statistics
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,8 +41,11 @@ GOAL_RATE, GOAL_RSS = 300.0, 50.0
 
 
 def png_payload(size: int) -> bytes:
-    """`size` bytes that start like a PNG and are otherwise random (incompressible)."""
-    return b"\x89PNG\r\n\x1a\n" + os.urandom(size - 8)
+    """`size` bytes that start like a PNG (signature and a valid 64x64 IHDR, which the upload check reads) and
+    are otherwise random (incompressible)."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
+    head = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    return head + os.urandom(size - len(head))
 
 
 async def _answer(reader: asyncio.StreamReader, sink: bool = False) -> tuple[int, bytes, int]:

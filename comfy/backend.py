@@ -26,6 +26,7 @@ Listener = Callable[[dict[str, Any]], None]
 # messages the bridge never uses, recognised without parsing them (ComfyUI writes "type" first)
 IGNORED_PREFIXES = ('{"type": "progress_state"', '{"type":"progress_state"', '{"type": "status"', '{"type":"status"')
 FORGET_DELAY = 1.0  # seconds finished prompts wait to be deleted from a backend's history, in one call
+FREE_REUSE = 2.0  # seconds a finished /free answers later requests for it, while no prompt was posted since
 
 
 class Backend:
@@ -63,6 +64,9 @@ class Backend:
         self.draining = False
         self.job_seconds: float | None = None  # moving average of a job's run time here (dispatch preference)
         self.orphans: set[str] = set()  # our prompts abandoned here while it was down; stopped when it is back
+        self._prompts_posted = 0
+        self._freeing: asyncio.Future[None] | None = None
+        self._freed: tuple[int, float] | None = None  # (prompts posted, loop time) when the last /free succeeded
 
     def describe(self) -> dict[str, Any]:
         """The public view of this backend (its URL without any credentials)."""
@@ -217,6 +221,7 @@ class Backend:
 
     async def post_prompt(self, graph: dict[str, Any], prompt_id: str) -> None:
         """Queue a prompt under our clientId; raise BackendRejected with ComfyUI's reason if it refuses."""
+        self._prompts_posted += 1  # models it loads are not freed by an earlier /free (see free())
         resp = await self._call("POST", "/prompt",
                                 {"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id})
         if 400 <= resp.code < 500:
@@ -289,8 +294,21 @@ class Backend:
         self._check(await self._call("POST", "/interrupt", {"prompt_id": prompt_id}), "POST /interrupt")
 
     async def free(self) -> None:
-        """Ask the server to unload models and free memory."""
+        """Ask the server to unload models and free memory. One call at a time: callers who ask while it is in
+        flight share it, and so do those who ask just after it succeeded while no prompt was posted since."""
+        now = asyncio.get_running_loop().time()
+        if self._freeing is None or self._freeing.done():
+            if self._freed is not None and self._freed[0] == self._prompts_posted and now - self._freed[1] < FREE_REUSE:
+                return  # nothing has been loaded since: ComfyUI would have nothing to unload
+            self._freeing = asyncio.ensure_future(self._free_once())
+            # retrieved here too, so a failure whose callers all left is not reported as never retrieved
+            self._freeing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(self._freeing)  # a caller that goes away does not cancel the others' call
+
+    async def _free_once(self) -> None:
+        posted = self._prompts_posted
         self._check(await self._call("POST", "/free", {"unload_models": True, "free_memory": True}), "POST /free")
+        self._freed = (posted, asyncio.get_running_loop().time())
 
     async def fetch_object_info(self, classes: set[str]) -> dict[str, Any]:
         """Node definitions for these classes (unknown classes are left out)."""

@@ -14,6 +14,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from tornado import web
 
+from comfy.imagecheck import HEAD_BYTES, hopeless, identify
 from comfy.services import Services
 
 from .base import BaseHandler, api_error
@@ -21,26 +22,18 @@ from .base import BaseHandler, api_error
 log = logging.getLogger(__name__)
 
 IDENTIFIER = re.compile(r"^[A-Za-z0-9._/ -]{1,128}$")
-MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", 0, ".png", "image/png"),
-    (b"\xff\xd8\xff", 0, ".jpg", "image/jpeg"),
-    (b"GIF87a", 0, ".gif", "image/gif"),
-    (b"GIF89a", 0, ".gif", "image/gif"),
-    (b"WEBP", 8, ".webp", "image/webp"),
-)
 MULTIPART_SLACK = 64 * 1024  # room for part headers and boundaries on top of the file bytes
+MAX_BOUNDARY = 70  # RFC 2046; python-multipart refuses more than 256 with an exception of its own
+NOT_AN_IMAGE = "is not a PNG, JPEG, WebP or GIF image"
 
 
-def sniff(head: bytes) -> tuple[str, str] | None:
-    """(extension, content type) of an image from its first bytes, or None."""
-    for magic, offset, ext, ctype in MAGIC:
-        if head[offset:offset + len(magic)] == magic and (offset == 0 or head[:4] == b"RIFF"):
-            return ext, ctype
-    return None
+def sniff(head: bytes, size: int) -> tuple[str, str] | None:
+    """(extension, content type) of a complete file from its first bytes and size, or None (comfy.imagecheck)."""
+    return identify(head, size)
 
 
 class _Part:
-    """One file part being written to a temporary file."""
+    """One file part being written to a temporary file (closed at its end: an upload holds one descriptor)."""
 
     def __init__(self, field: str, filename: str, folder: Path) -> None:
         self.field = field
@@ -53,18 +46,25 @@ class _Part:
 
     def write(self, data: bytes) -> None:
         assert self.fh is not None
-        if len(self.head) < 16:
-            self.head += data[:16 - len(self.head)]
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[:HEAD_BYTES - len(self.head)]
         self.sha.update(data)
         self.size += len(data)
         self.fh.write(data)
 
-    def close(self) -> None:
+    def end(self) -> None:
+        """The part is complete: close the file now, sync it later (sync())."""
         if self.fh is not None:
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
             self.fh.close()
             self.fh = None
+
+    def sync(self) -> None:
+        """Wait until the file is on disk (blocking: run it in a thread)."""
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def discard(self) -> None:
         if self.fh is not None:
@@ -98,6 +98,8 @@ class UploadHandler(BaseHandler):
         ctype, params = parse_options_header(self.request.headers.get("Content-Type", ""))
         if ctype != b"multipart/form-data" or not params.get(b"boundary"):
             raise api_error(415, "send files as multipart/form-data, e.g. curl -F \"file=@photo.png\"")
+        if len(params[b"boundary"]) > MAX_BOUNDARY:
+            raise api_error(400, f"the multipart boundary is longer than {MAX_BOUNDARY} characters (RFC 2046)")
         self._part_headers: dict[str, bytes] = {}
         self._hname = self._hvalue = b""
         callbacks: Any = {
@@ -109,7 +111,7 @@ class UploadHandler(BaseHandler):
         self.parser = MultipartParser(params[b"boundary"], callbacks)
 
     def data_received(self, chunk: bytes) -> None:
-        """Feed the parser; after the first error the rest is read and dropped."""
+        """Feed the parser; the first error is answered at once (the connection then drops the rest)."""
         if self.parser is None or self.error is not None:
             return
         try:
@@ -118,9 +120,17 @@ class UploadHandler(BaseHandler):
             self._fail(exc.status_code, exc.get_message() or "bad upload")
         except (MultipartParseError, ValueError):
             self._fail(400, "the multipart body is malformed")
+        except OSError as exc:  # the disk is full, or the process is out of file descriptors
+            log.warning("upload not stored: %s", exc.strerror or exc)
+            self._fail(503, "the bridge cannot store files right now; try again later")
+        if self.error is not None and not self._finished:
+            # answer now, not after the rest of a body that may be gigabytes long
+            self.send_error(self.error.status_code, exc_info=(type(self.error), self.error, None))
 
     async def post(self) -> None:
         """Answer {identifier: saved name} once every part is on disk and recorded."""
+        if self._finished:  # refused while the body arrived
+            return
         try:
             if self.parser is not None and self.error is None:
                 self.parser.finalize()
@@ -135,7 +145,7 @@ class UploadHandler(BaseHandler):
         # fsync waits on the disk (~0.1 s for 50 MB): in a thread, so other uploads keep flowing meanwhile
         self.syncing = True
         try:
-            await asyncio.to_thread(_close_all, self.parts)
+            await asyncio.to_thread(_sync_all, self.parts)
         finally:
             self.syncing = False
         if self.gone:  # the caller left while the files were synced
@@ -145,7 +155,7 @@ class UploadHandler(BaseHandler):
         saved = {}
         store = self.services.store
         for part in self.parts:
-            found = sniff(part.head)
+            found = sniff(part.head, part.size)
             assert found is not None
             ext, ctype = found
             name = uuid.uuid4().hex + ext
@@ -170,12 +180,16 @@ class UploadHandler(BaseHandler):
         self._cleanup()
 
     def on_connection_close(self) -> None:
+        """The caller left: drop its files and end the request (Tornado's own method ends the body wait;
+        without it the handler and its task stay alive for good)."""
+        super().on_connection_close()
         if getattr(self, "syncing", False):
             self.gone = True  # post() cleans up once the worker thread no longer uses the files
             return
         self._cleanup()
 
     def _cleanup(self) -> None:
+        self.parser = None  # its callbacks are this handler's methods: a cycle only the collector would break
         for part in self.parts:
             if part.tmp.exists():
                 part.discard()
@@ -222,25 +236,27 @@ class UploadHandler(BaseHandler):
         part = self.current
         if part is None:
             return
+        limit = self.services.config.max_upload_bytes
+        if part.size + (end - start) > limit:
+            raise api_error(413, f"{part.field!r} is larger than {limit} bytes")
         part.write(data[start:end])
-        if part.size > self.services.config.max_upload_bytes:
-            raise api_error(413, f"{part.field!r} is larger than {self.services.config.max_upload_bytes} bytes")
-        if len(part.head) >= 12 and sniff(part.head) is None:
-            raise api_error(415, f"{part.field!r} is not a PNG, JPEG, WebP or GIF image")
+        if hopeless(part.head):
+            raise api_error(415, f"{part.field!r} {NOT_AN_IMAGE}")
 
     def _part_end(self) -> None:
         part, self.current = self.current, None
         if part is None:
             return
-        if sniff(part.head) is None:
+        part.end()
+        if sniff(part.head, part.size) is None:
             part.discard()
-            raise api_error(415, f"{part.field!r} is not a PNG, JPEG, WebP or GIF image")
-        self.parts.append(part)  # fsynced and closed in post(), off the event loop
+            raise api_error(415, f"{part.field!r} {NOT_AN_IMAGE}")
+        self.parts.append(part)  # fsynced in post(), off the event loop
 
 
-def _close_all(parts: list[_Part]) -> None:
+def _sync_all(parts: list[_Part]) -> None:
     for part in parts:
-        part.close()
+        part.sync()
 
 
 def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
