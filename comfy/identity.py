@@ -131,8 +131,8 @@ class Resolver:
 
     def host_allowed(self, host_header: str) -> bool:
         """True if the Host header names this bridge (protects loopback services from DNS rebinding)."""
-        if "*" in self.hosts:
-            return True
+        if "*" in self.hosts or not host_header:
+            return True  # browsers always send Host: a request without one comes from no web page
         return host_name(host_header) in self.hosts
 
 

@@ -20,8 +20,6 @@ PUBLIC_PATHS = frozenset({"/docs", "/openapi.json", "/openapi.yaml", "/health"})
 CORS_ALLOW_HEADERS = "Authorization, Content-Type"
 CORS_EXPOSE_HEADERS = "Retry-After, X-Detail, X-Job-Ids"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# what a cross-site page can send without a CORS preflight; JSON never is one of them
-SIMPLE_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 
 
 def api_error(status: int, detail: str, headers: dict[str, str] | None = None,
@@ -78,11 +76,8 @@ def refuse_cross_site(req: Any, cors_origins: tuple[str, ...]) -> None:
     origin = req.headers.get("Origin")
     if origin is not None and origin in cors_origins:
         return
-    site = req.headers.get("Sec-Fetch-Site", "").lower()
-    if site in ("cross-site", "same-site"):
-        raise api_error(403, "requests that change state are not accepted from other sites' pages "
-                             "(clients.cors_origins lists the sites that may)")
-    if origin is not None and not same_origin(origin, req.headers.get("Host", "")):
+    foreign_site = req.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site")
+    if foreign_site or (origin is not None and not same_origin(origin, req.headers.get("Host", ""))):
         raise api_error(403, "requests that change state are not accepted from other sites' pages "
                              "(clients.cors_origins lists the sites that may)")
 
@@ -120,6 +115,7 @@ class BaseHandler(web.RequestHandler):
     """JSON in, JSON out; every error is {"detail": "..."} and never a traceback."""
 
     services: Services
+    identity: Identity  # who is asking; set by check_auth() in prepare()
 
     def initialize(self, services: Services) -> None:
         """Receive the bridge's services (no globals)."""
@@ -127,8 +123,6 @@ class BaseHandler(web.RequestHandler):
         self._body = bytearray()
         self._too_big = False
         self._cors_headers()
-
-    identity: Identity
 
     def prepare(self) -> None:
         """Refuse a body over max_body_bytes before reading it (the body is streamed, so this runs first)."""

@@ -13,7 +13,7 @@ from comfy.identity import client_tag
 from comfy.jobs import Job, Output, State
 from comfy.services import Services
 
-from .base import BaseHandler, api_error
+from .base import BaseHandler, api_error, refuse_cross_site
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class HistoryHandler(BaseHandler):
 
     async def _results(self, client_id: str, scoped: str) -> None:
         """Take the client's results: exactly one of any number of concurrent requests gets them."""
+        # taking is a change of state, though a GET: another site's page may not do it (an <img> would)
+        refuse_cross_site(self.request, self.services.config.cors_origins)
         scheduler = self.services.scheduler
         if not scheduler.known_client(scoped):
             return self._no_content("The client ID has not been submitted to the server before. "

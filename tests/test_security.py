@@ -179,6 +179,11 @@ async def test_foreign_host_names_are_refused(bridge: Bridge) -> None:
     for host in ("localhost", f"localhost:{bridge.port}", f"127.0.0.1:{bridge.port}", "[::1]"):
         assert (await bridge.fetch("GET", "/workflow-list", headers={"Host": host})).code == 200, host
     assert (await bridge.fetch("GET", "/health", headers={"Host": "probe.internal"})).code == 200
+    # no Host at all (HTTP/1.0 scripts, probes) comes from no browser, so from no rebound page
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    writer.write(b"GET /workflow-list HTTP/1.0\r\n\r\n")
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()
 
 
 async def test_named_hosts_are_served_when_configured(bridge_factory, fake) -> None:  # type: ignore[no-untyped-def]
@@ -204,6 +209,12 @@ async def test_cross_site_pages_cannot_change_state(bridge: Bridge, png: bytes) 
             resp = await bridge.fetch("POST", path, headers=headers)
             assert resp.code == 403 and "other sites" in json.loads(resp.body)["detail"], (path, headers)
     assert not bridge.services.scheduler.known_client(cid)
+    # taking results is a change of state too: an <img src=".../history?clientId=..."> on another site
+    theirs = new_client_id()
+    await finished_job(bridge, theirs)
+    resp = await bridge.fetch("GET", f"/history?clientId={theirs}", headers={"Sec-Fetch-Site": "cross-site"})
+    assert resp.code == 403
+    assert (await bridge.fetch("GET", f"/history?clientId={theirs}")).code == 200
     # the bridge's own page, and scripts that send no Origin, are served
     own = {"Origin": bridge.url, "Sec-Fetch-Site": "same-origin"}
     assert (await bridge.fetch("POST", "/upload", raw=body, headers={"Content-Type": ctype, **own})).code == 200
