@@ -55,3 +55,8 @@ def test_overhead_benchmark_runs() -> None:
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "added" in proc.stdout and "bridge CPU per job" in proc.stdout
+
+
+def test_abuse_benchmark_runs() -> None:
+    out = _bench("abuse", "--idle", "100", "--stalled", "10", "--flood", "2", "--seconds", "0.5", "--probes", "40")
+    assert "/health p99" in out and "bridge RSS (peak)" in out and "/health after the abuse: 200" in out
