@@ -85,5 +85,8 @@ def log_request(handler: web.RequestHandler) -> None:
     level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if access_log.isEnabledFor(level):
         req = handler.request
-        access_log.log(level, "%d %s %s (%s) %.1fms", status, req.method, req.path, req.remote_ip,
+        # the caller's address as resolved through trusted proxies, once the request got that far
+        identity = getattr(handler, "identity", None)
+        address = identity.address if identity is not None else req.remote_ip
+        access_log.log(level, "%d %s %s (%s) %.1fms", status, req.method, req.path, address,
                        1000.0 * req.request_time())

@@ -84,7 +84,8 @@ class StatusSocket(websocket.WebSocketHandler):
         if not headers.get("Sec-WebSocket-Key"):
             raise api_error(400, "the WebSocket handshake needs Sec-WebSocket-Key")
         try:
-            identity = check_request(self, self.services, token=self.get_query_argument("token", None))
+            self.identity = identity = check_request(self, self.services,
+                                                     token=self.get_query_argument("token", None))
         except web.HTTPError as exc:
             if exc.status_code == 401:
                 raise api_error(401, "missing or wrong API key; send ?token=<key> or a Bearer header") from None

@@ -151,6 +151,15 @@ async def test_operator_actions_need_admin_or_plain_loopback(bridge_factory, fak
     assert (await call(keyed, "POST", f"/backends/resume?name={name}", OPS)).code == 200
 
 
+async def test_access_log_shows_the_callers_address_behind_a_trusted_proxy(bridge_factory, fake,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    bridge = await bridge_factory([fake], trusted_proxies=("127.0.0.1",))
+    caplog.set_level(logging.DEBUG, logger="tornado.access")
+    logging.getLogger("tornado.access").setLevel(logging.DEBUG)
+    await bridge.fetch("GET", "/workflow-list", headers={"X-Forwarded-For": "198.51.100.7"})
+    assert any("(198.51.100.7)" in r.getMessage() for r in caplog.records if r.name == "tornado.access")
+
+
 def test_forwarded_addresses_are_believed_only_from_trusted_proxies() -> None:
     from tornado.httputil import HTTPHeaders
 
