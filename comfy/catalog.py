@@ -141,39 +141,44 @@ class Workflow:
 class Catalog:
     """The workflows on offer; reloaded as a whole, so readers never see half a catalog."""
 
-    def __init__(self, workflows: dict[str, Workflow], root: Path) -> None:
+    def __init__(self, workflows: dict[str, Workflow], root: Path, errors: dict[str, str] | None = None) -> None:
         self.workflows = workflows
         self.root = root
+        self.errors = errors or {}  # file name or alias -> what is wrong with it (left out of the catalog)
 
     @classmethod
     def load(cls, root: Path, default_timeout: float = 60.0) -> Catalog:
-        """Read every *.json in root and the optional workflows.yaml; raise CatalogError on any fault."""
+        """Read every *.json in root and the optional workflows.yaml. A broken file or entry is left out
+        and recorded in `errors` (by file name or alias); the rest is served."""
+        errors: dict[str, str] = {}
         if not root.is_dir():
-            raise CatalogError(f"workflows_dir: {root} is not a folder")
+            errors["workflows_dir"] = f"workflows_dir: {root} is not a folder"
+            return cls({}, root, errors)
         graphs: dict[str, tuple[Path, dict[str, Any]]] = {}
         for path in sorted(root.glob("*.json")):
-            graphs[path.name] = (path, _read_graph(path))
-        manifest = _read_manifest(root / MANIFEST)
+            try:
+                graphs[path.name] = (path, _read_graph(path))
+            except CatalogError as exc:
+                errors[path.name] = str(exc)
+        try:
+            manifest = _read_manifest(root / MANIFEST)
+        except CatalogError as exc:
+            errors[MANIFEST] = str(exc)
+            manifest = {}
         workflows: dict[str, Workflow] = {}
         claimed: set[str] = set()
         for alias, entry in manifest.items():
-            fname = entry.get("file", f"{alias}.json")
-            if not isinstance(fname, str):
-                raise CatalogError(f"{MANIFEST}: {alias}.file: must be a file name")
-            if fname not in graphs:
-                raise CatalogError(f"{MANIFEST}: {alias}.file: no such workflow file {fname!r} in {root}")
-            claimed.add(fname)
-            path, graph = graphs[fname]
-            inputs = _inputs(alias, graph, entry.get("inputs") or [])
-            timeout = entry.get("timeout", default_timeout)
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-                raise CatalogError(f"{MANIFEST}: {alias}.timeout: must be a number of seconds > 0")
-            workflows[alias] = Workflow(alias, path, graph, inputs, float(timeout),
-                                        str(entry.get("description", "")))
+            fname = entry.get("file", f"{alias}.json") if isinstance(entry, dict) else None
+            if isinstance(fname, str):
+                claimed.add(fname)  # an entry that is broken must not leave its file on offer under its stem
+            try:
+                workflows[alias] = _workflow(root, alias, entry, graphs, errors, default_timeout)
+            except CatalogError as exc:
+                errors[str(alias)] = str(exc)
         for fname, (path, graph) in graphs.items():
-            if fname not in claimed and path.stem not in workflows:
+            if fname not in claimed and path.stem not in workflows and path.stem not in errors:
                 workflows[path.stem] = Workflow(path.stem, path, graph, {}, float(default_timeout))
-        return cls(workflows, root)
+        return cls(workflows, root, errors)
 
     @staticmethod
     def fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
@@ -220,26 +225,43 @@ def _read_graph(path: Path) -> dict[str, Any]:
     return graph
 
 
-def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+def _read_manifest(path: Path) -> dict[Any, Any]:
     if not path.exists():
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise CatalogError(f"{MANIFEST}: not readable YAML: {exc}") from None
     if not isinstance(data, dict):
         raise CatalogError(f"{MANIFEST}: must map aliases to entries")
-    for alias, entry in data.items():
-        if not isinstance(alias, str) or not alias or "/" in alias:
-            raise CatalogError(f"{MANIFEST}: {alias!r} is not a usable alias")
-        if entry is None:
-            data[alias] = {}
-        elif not isinstance(entry, dict):
-            raise CatalogError(f"{MANIFEST}: {alias}: must be a mapping (file, inputs, timeout)")
-        unknown = set(data[alias]) - {"file", "inputs", "timeout", "description"}
-        if unknown:
-            raise CatalogError(f"{MANIFEST}: {alias}.{sorted(unknown)[0]}: unknown key")
     return data
+
+
+def _workflow(root: Path, alias: Any, entry: Any, graphs: dict[str, tuple[Path, dict[str, Any]]],
+              errors: dict[str, str], default_timeout: float) -> Workflow:
+    """One manifest entry as a Workflow; raises CatalogError naming the alias and what is wrong."""
+    if not isinstance(alias, str) or not alias or "/" in alias:
+        raise CatalogError(f"{MANIFEST}: {alias!r} is not a usable alias")
+    if entry is None:
+        entry = {}
+    elif not isinstance(entry, dict):
+        raise CatalogError(f"{MANIFEST}: {alias}: must be a mapping (file, inputs, timeout)")
+    unknown = set(entry) - {"file", "inputs", "timeout", "description"}
+    if unknown:
+        raise CatalogError(f"{MANIFEST}: {alias}.{sorted(unknown)[0]}: unknown key")
+    fname = entry.get("file", f"{alias}.json")
+    if not isinstance(fname, str):
+        raise CatalogError(f"{MANIFEST}: {alias}.file: must be a file name")
+    if fname in errors:
+        raise CatalogError(f"{MANIFEST}: {alias}.file: {errors[fname]}")
+    if fname not in graphs:
+        raise CatalogError(f"{MANIFEST}: {alias}.file: no such workflow file {fname!r} in {root}")
+    path, graph = graphs[fname]
+    inputs = _inputs(alias, graph, entry.get("inputs") or [])
+    timeout = entry.get("timeout", default_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise CatalogError(f"{MANIFEST}: {alias}.timeout: must be a number of seconds > 0")
+    return Workflow(alias, path, graph, inputs, float(timeout), str(entry.get("description", "")))
 
 
 def _inputs(alias: str, graph: dict[str, Any], entries: list[Any]) -> dict[str, InputSpec]:
