@@ -18,7 +18,8 @@ TYPES = {"str": str, "int": int, "float": float}
 # (class_type, input) pairs whose value names a file in the backend's input folder.
 FILE_INPUTS = {("LoadImage", "image"), ("LoadImageMask", "image"), ("LoadImageOutput", "image"),
                ("LoadVideo", "file"), ("LoadAudio", "audio"), ("VHS_LoadVideo", "video")}
-_OVERRIDABLE = {"title", "type", "min", "max", "step", "choices", "multiline", "upload", "description"}
+_OVERRIDABLE = {"title", "type", "min", "max", "step", "choices", "multiline", "upload", "description",
+                "display"}
 
 
 class CatalogError(Exception):
@@ -47,6 +48,7 @@ class InputSpec:
     multiline: bool = False
     upload: bool = False
     description: str = ""
+    display: str = ""  # "color": ComfyUI shows this integer as a colour picker (0xRRGGBB)
     overridden: frozenset[str] = frozenset()
 
     def info(self) -> dict[str, Any]:
@@ -62,6 +64,8 @@ class InputSpec:
             out["multiline"] = True
         if self.upload:
             out["upload"] = True
+        if self.display:
+            out["display"] = self.display
         if self.description:
             out["description"] = self.description
         return out
@@ -311,6 +315,8 @@ def _spec(key: str, node_id: str, name: str, node: dict[str, Any], default: Any,
             raise CatalogError(f"{where}: {key}: {bound} must be a number")
         if v is not None and kind == "str":
             raise CatalogError(f"{where}: {key}: {bound} applies to numbers, not a str input")
+    if over.get("display") not in (None, "color") or (over.get("display") and kind != "int"):
+        raise CatalogError(f"{where}: {key}: display may only be color, on an int input")
     choices = over.get("choices")
     if choices is not None and not isinstance(choices, list):
         raise CatalogError(f"{where}: {key}: choices must be a list")
@@ -321,7 +327,8 @@ def _spec(key: str, node_id: str, name: str, node: dict[str, Any], default: Any,
                      max=over.get("max"), step=over.get("step"),
                      choices=tuple(choices) if choices is not None else None,
                      multiline=bool(over.get("multiline", False)), upload=upload,
-                     description=str(over.get("description", "")), overridden=frozenset(over))
+                     description=str(over.get("description", "")), display=str(over.get("display", "")),
+                     overridden=frozenset(over))
 
 
 def _enrich(spec: InputSpec, info: Any) -> InputSpec:
@@ -347,6 +354,8 @@ def _enrich(spec: InputSpec, info: Any) -> InputSpec:
         for bound in ("min", "max", "step"):
             if isinstance(opts.get(bound), (int, float)) and not isinstance(opts.get(bound), bool):
                 changes[bound] = opts[bound]
+        if raw[0] == "INT" and opts.get("display") == "color":
+            changes["display"] = "color"
     elif raw[0] == "STRING" and opts.get("multiline"):
         changes["multiline"] = True
     display = info.get("display_name")
