@@ -62,6 +62,9 @@ def test_pyz_serves_the_demo_page_and_runs_a_job(tmp_path: Path, pyz: Path) -> N
             time.sleep(0.2)
         status, headers, page = get(base + "/")
         assert status == 200 and b"<html" in page.lower()
+        # Pillow is not in the archive: the simulated backends make placeholders, and /health (the page) says so
+        demo = json.loads(get(base + "/health")[2])["demo"]
+        assert demo["realistic_images"] is False and "Pillow is not installed" in demo["note"]
         cid = "pyz-test"
         status, _, body = get(f"{base}/generate-based-workflow?clientId={cid}",
                               json.dumps({"workflow": "blank-canvas", "1/width": 32}).encode())

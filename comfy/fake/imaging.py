@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 MAX_SIDE = 512  # pixels are computed at most this large per side, keeping the aspect ratio (the fake stays fast)
 # node classes whose pixel work is worth moving off the event loop
 HEAVY = frozenset({"LoadImage", "ImageInvert", "ImageBlur", "ImageScale", "VAEDecode", "SaveImage",
-                   "PreviewImage", "SaveAnimatedWEBP", "EmptyImage"})
+                   "PreviewImage", "SaveAnimatedWEBP", "EmptyImage", "ImageBatch"})
 _RESAMPLE = {"nearest-exact": 0, "bilinear": 2, "area": 4, "bicubic": 3, "lanczos": 1}  # PIL.Image.Resampling
 
 

@@ -264,6 +264,13 @@ def _simple(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple,
     if class_type == "ImageInvert":
         img: Img = args["image"]
         return (replace(img, rgb=tuple(255 - c for c in img.rgb), frames=img.each(imaging.invert)),), None
+    if class_type == "ImageBatch":
+        # like ComfyUI: image2 is scaled to image1's size, then the two batches are joined
+        first, second = args["image1"], args["image2"]
+        frames = None
+        if first.frames and second.frames:
+            frames = first.frames + second.each(lambda f: f.resize(first.frames[0].size))
+        return (replace(first, batch=first.batch + second.batch, frames=frames),), None
     if class_type == "ImageBlur":
         img = args["image"]
         radius, sigma = int(args["blur_radius"]), float(args["sigma"])
