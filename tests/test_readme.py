@@ -71,3 +71,19 @@ def test_the_run_command_works_in_a_fresh_checkout(tmp_path: Path) -> None:
         out = proc.communicate(timeout=60)[0]
     assert "Traceback" not in out and "externally-managed-environment" not in out, out
     assert (checkout / ".venv" / "bin" / "python").exists()
+
+
+def test_the_gpu_box_unit_is_a_valid_systemd_unit(tmp_path: Path) -> None:
+    verify = shutil.which("systemd-analyze")
+    if verify is None:
+        pytest.skip("systemd-analyze is not installed")
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```ini\n(.*?)```", readme[readme.index("### A GPU box"):], re.S)
+    assert block, "the walk-through has no unit file"
+    unit = "\n".join(line[3:] if line.startswith("   ") else line for line in block.group(1).splitlines())
+    for needed in ("DynamicUser=yes", "StateDirectory=comfy-bridge", "LimitNOFILE=", "comfy-bridge.pyz"):
+        assert needed in unit
+    (tmp_path / "comfy-bridge.service").write_text(unit + "\n")
+    out = subprocess.run([verify, "verify", str(tmp_path / "comfy-bridge.service")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "comfy-bridge.service" not in out.stderr, out.stderr
