@@ -43,7 +43,11 @@ async def test_workflow_info_learns_bounds_from_backend(bridge: Bridge) -> None:
 
 
 async def test_workflow_info_full_view_serves_the_description(bridge: Bridge) -> None:
-    plain = await bridge.get_json("/workflow-info?workflow=blank-canvas")
+    async def enriched() -> dict:  # once the backend's /object_info is in, the answer stops changing
+        while "step" not in (info := await bridge.get_json("/workflow-info?workflow=blank-canvas"))["1/width"]:
+            await asyncio.sleep(0.02)
+        return info
+    plain = await asyncio.wait_for(enriched(), 5)
     full = await bridge.get_json("/workflow-info?workflow=blank-canvas&view=full")
     assert full == {"workflow": "blank-canvas", "description": "A plain image of one colour", "timeout": 60.0,
                     "inputs": plain}
