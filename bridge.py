@@ -134,7 +134,8 @@ async def main(argv: list[str] | None = None) -> int:
 
 
 async def shutdown(server: HTTPServer, services: Services, fakes: list[Any]) -> None:
-    """The fixed, bounded order: stop accepting, tell sockets, drain running jobs, stop services."""
+    """The fixed, bounded order: stop accepting, drain running jobs (their sockets hear how they end), tell the
+    remaining sockets the server stops, stop services."""
     config = services.config
     log.info("shutdown 1/5: no longer accepting connections or new jobs")
     server.stop()

@@ -30,11 +30,10 @@ import zipfile
 
 
 def places(archive):
-    """Folders to unpack into, best first: systemd's cache/runtime folders, the XDG cache, a folder beside
-    the archive, and last a private temporary folder (removed at exit)."""
-    home = os.path.expanduser("~")
-    for base in (os.environ.get("CACHE_DIRECTORY", "").split(":")[0], os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0],
-                 os.environ.get("XDG_CACHE_HOME"), os.path.join(home, ".cache") if home != "~" else ""):
+    """Folders to unpack into, best first: systemd's cache/runtime folders, $XDG_CACHE_HOME, a folder beside
+    the archive (never the home folder, which a service account may not have)."""
+    for name in ("CACHE_DIRECTORY", "RUNTIME_DIRECTORY", "XDG_CACHE_HOME"):
+        base = os.environ.get(name, "").split(":")[0]
         if base:
             yield os.path.join(base, "comfy-bridge")
     yield os.path.join(os.path.dirname(archive), ".comfy-bridge")

@@ -44,15 +44,19 @@ class DataDirLock:
 
     @staticmethod
     def holder(data_dir: Path) -> int | None:
-        """The pid holding data_dir's lock now, or None when it is free (the lock is not kept)."""
+        """The pid holding data_dir's lock now, or None when it is free. Writes nothing (--check may run as
+        another user than the service, and must not leave a lock file that user owns)."""
         try:
-            lock = DataDirLock.acquire(data_dir)
-        except DataDirInUse as exc:
-            text = str(exc).split("(pid ", 1)[1].split(")", 1)[0]
+            fd = os.open(data_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None  # never locked here, or not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             return int(text) if text.isdigit() else -1
-        except FileNotFoundError:
-            return None
-        lock.release()
+        finally:
+            os.close(fd)  # closing drops a shared lock we may have taken
         return None
 
     def release(self) -> None:
