@@ -20,7 +20,7 @@ class WorkflowListHandler(BaseHandler):
 
 
 class WorkflowInfoHandler(BaseHandler):
-    """GET /workflow-info?workflow=ALIAS[&view=full]: the inputs a caller may set (with view=full, the description too)."""
+    """GET /workflow-info?workflow=ALIAS[&view=full]: the inputs a caller may set (view=full: with the description)."""
 
     def get(self) -> None:
         """Describe the settable inputs of one workflow."""
