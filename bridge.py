@@ -14,13 +14,14 @@ from typing import Any
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-from comfy.catalog import CatalogError
 from comfy.check import run_check
-from comfy.config import BackendConfig, Config, ConfigError, load_config
+from comfy.config import Config, ConfigError, load_config
 from comfy.connlimits import ConnLimits, make_server
+from comfy.demo import demo_info, start_demo_backends
 from comfy.listener import raise_open_file_limit
 from comfy.partfiles import remove_part_files
 from comfy.services import Services
+from comfy.starter import write_starter
 from handlers import backends, docs, history, jobs, ops, results, upload, workflows, ws
 from handlers.base import NotFoundHandler
 from handlers.ops import configure_logging, log_request
@@ -61,8 +62,9 @@ def make_app(config: Config, services: Services) -> web.Application:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line: --config, --host, --port, --demo, --log-level."""
-    p = argparse.ArgumentParser(prog="bridge.py", description=__doc__)
+    """The command line: --config, --host, --port, --demo, --log-level, --log-format, --check."""
+    p = argparse.ArgumentParser(prog="bridge.py", description=__doc__,
+                                epilog="'bridge.py init DIR' writes a starter settings.yaml and workflows/ into DIR.")
     p.add_argument("--config", help="settings file (default: settings.yaml beside bridge.py)")
     p.add_argument("--host", help="address to listen on (overrides server.host)")
     p.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
@@ -71,30 +73,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="plain lines or JSON lines")
     p.add_argument("--check", action="store_true",
-                   help="check the settings, the catalog and every backend, print a report and exit")
+                   help="check the settings, data_dir, the catalog and every backend (node classes and the model "
+                        "files each workflow names), print a report and exit 1 on any problem; with --demo, "
+                        "check the demo set-up")
     return p.parse_args(argv)
-
-
-async def start_demo_backends(config: Config) -> tuple[Config, list[Any]]:
-    """Start two simulated ComfyUI servers and point the config at them."""
-    from comfy.fake import FakeComfy
-
-    fakes = [FakeComfy(duration=3.0, tick=0.05) for _ in range(2)]
-    for fake in fakes:
-        await fake.start()
-    log.warning("DEMO MODE: the backends are SIMULATED ComfyUI servers at %s; no real images are generated",
-                ", ".join(f.url for f in fakes))
-    backends = tuple(BackendConfig(url=f.url, name=f"simulated-{i + 1}") for i, f in enumerate(fakes))
-    return config.replace(backends=backends, data_dir=config.data_dir / "demo"), fakes
 
 
 async def main(argv: list[str] | None = None) -> int:
     """Load the config, start the services and the server, run until SIGINT/SIGTERM."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init"]:
+        return write_starter(argv[1:])
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     overrides = {"host": args.host, "port": args.port}
     if args.check:
-        ok, lines = await run_check(args.config, overrides)
+        ok, lines = await run_check(args.config, overrides, demo=args.demo)
         print("\n".join(lines))
         print("check: OK" if ok else "check: FAILED")
         return 0 if ok else 1
@@ -106,22 +100,25 @@ async def main(argv: list[str] | None = None) -> int:
     fakes: list[Any] = []
     if args.demo:
         config, fakes = await start_demo_backends(config)
+    try:
+        services = Services.build(config)
+    except OSError as exc:  # data_dir unusable, or held by another bridge (the line names its pid)
+        print(f"bridge: cannot start: {exc}", file=sys.stderr)
+        for fake in fakes:
+            await fake.stop()
+        return 2
+    # only now, holding data_dir's lock: what a killed bridge was writing (uploads, downloaded results) is
+    # incomplete and nothing refers to it, while another live bridge's files would be in use
+    removed = remove_part_files(config.uploads_dir, config.results_dir)
+    if removed:
+        log.info("removed %d unfinished temporary file(s) left by an earlier run", removed)
     soft, hard = raise_open_file_limit()
     limits = ConnLimits.from_config(config, soft)
     log.info("open-file limit %d (hard %d): up to %d client connections%s", soft, hard, limits.max_connections,
              "" if limits.max_connections == config.max_connections
              else f" (server.max_connections {config.max_connections} does not fit under it)")
-    # what a killed bridge was writing (uploads, downloaded results) is incomplete: nothing refers to it
-    removed = remove_part_files(config.uploads_dir, config.results_dir)
-    if removed:
-        log.info("removed %d unfinished temporary file(s) left by an earlier run", removed)
-    try:
-        services = Services.build(config)
-    except (CatalogError, OSError) as exc:
-        print(f"bridge: cannot start: {exc}", file=sys.stderr)
-        for fake in fakes:
-            await fake.stop()
-        return 2
+    if args.demo:
+        services.demo = demo_info()
     await services.start()
     server = make_server(make_app(config, services), config, limits)
     try:
@@ -150,18 +147,21 @@ async def main(argv: list[str] | None = None) -> int:
 
 
 async def shutdown(server: HTTPServer, services: Services, fakes: list[Any]) -> None:
-    """The fixed, bounded order: stop accepting, tell sockets, drain running jobs, stop services."""
+    """The fixed, bounded order: stop accepting, drain running jobs (their sockets hear how they end), tell the
+    remaining sockets the server stops, stop services."""
     config = services.config
     log.info("shutdown 1/5: no longer accepting connections or new jobs")
     server.stop()
     services.shutting_down = True
-    log.info("shutdown 2/5: closing %d client WebSocket(s) with 1001", services.hub.count)
-    await services.hub.stop("server shutting down")
     running = sum(len(b.running) for b in services.backends)
-    log.info("shutdown 3/5: letting %d running job(s) finish (up to %gs)", running, config.drain_timeout)
+    # callers' sockets stay open meanwhile, so a job that finishes now is reported as it ends (closed/error)
+    log.info("shutdown 2/5: letting %d running job(s) finish (up to %gs)", running, config.drain_timeout)
     left = await services.scheduler.drain(config.drain_timeout)
     if left:
         log.warning("shutdown: %d job(s) still running; they resume at the next start", left)
+    log.info("shutdown 3/5: telling %d client WebSocket(s) of unfinished jobs that the server stops; closing "
+             "them with 1001", services.hub.count)
+    await services.hub.stop("server shutting down")
     log.info("shutdown 4/5: stopping services (queued jobs stay queued in the store)")
     await services.stop()
     log.info("shutdown 5/5: closing open connections")

@@ -18,37 +18,67 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 APP = ["bridge.py", "settings.yaml", "comfy", "handlers", "static", "workflows"]
 
-MAIN = '''"""Run comfy-bridge from this zip: unpack it once into a cache folder, then start bridge.main()."""
+MAIN = '''"""Run comfy-bridge from this zip: its files unpacked once where this user may write, then bridge.main()."""
 import asyncio
+import atexit
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import zipfile
 
 
-def unpack() -> str:
-    """The bundle's files on disk (workflows and the page are read as files), unpacked once per build."""
-    archive = os.path.abspath(sys.argv[0])
-    with open(archive, "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "comfy-bridge")
-    target = os.path.join(cache, digest)
-    if not os.path.isdir(target):
-        os.makedirs(cache, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cache)
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process unpacked it first
-            pass
+def places(archive):
+    """Folders to unpack into, best first: systemd's cache/runtime folders, $XDG_CACHE_HOME, a folder beside
+    the archive (never the home folder, which a service account may not have)."""
+    for name in ("CACHE_DIRECTORY", "RUNTIME_DIRECTORY", "XDG_CACHE_HOME"):
+        base = os.environ.get(name, "").split(":")[0]
+        if base:
+            yield os.path.join(base, "comfy-bridge")
+    yield os.path.join(os.path.dirname(archive), ".comfy-bridge")
+
+
+def unpack_into(folder, archive, digest):
+    """The unpacked bundle in folder/<digest>, made if missing; OSError when folder is not writable."""
+    target = os.path.join(folder, digest)
+    if os.path.isfile(os.path.join(target, "bridge.py")):
+        return target
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=folder)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process unpacked it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-home = unpack()
+def unpack():
+    """The bundle's files on disk (the page and the workflows are served as files), never in a place this
+    user may not write; with no such place, a private temporary folder for this run."""
+    archive = os.path.abspath(sys.argv[0])
+    with open(archive, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+    for folder in places(archive):
+        try:
+            return unpack_into(folder, archive, digest)
+        except OSError:
+            continue
+    tmp = tempfile.mkdtemp(prefix="comfy-bridge-")
+    atexit.register(shutil.rmtree, tmp, True)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp)
+    return tmp
+
+
+try:
+    home = unpack()
+except OSError as exc:
+    sys.exit(f"comfy-bridge: cannot unpack {sys.argv[0]}: {exc}")
 sys.path[:0] = [home, os.path.join(home, "_deps")]
-if "--config" not in sys.argv:
+if "--config" not in sys.argv and sys.argv[1:2] != ["init"]:
     # without a settings file of the operator's, keep data beside where the bridge is started
     os.environ.setdefault("BRIDGE_DATA_DIR", os.path.abspath("data"))
 import bridge  # noqa: E402

@@ -77,6 +77,8 @@ async def page_times(data_dir: Path, offsets: list[int], repeat: int) -> dict[in
         server.stop()
         await services.scheduler.stop()
         services.store.close()
+        if services.lock is not None:
+            services.lock.release()
     return out
 
 
@@ -92,6 +94,8 @@ async def measure(args: argparse.Namespace) -> int:
             waiting = len(services.scheduler.queue)
             await services.scheduler.stop()
             services.store.close()
+            if services.lock is not None:
+                services.lock.release()  # the next start on this data_dir needs it
             recovery[name] = took
             print(f"  start-up with {name}: {took * 1000:.0f} ms ({waiting} jobs queued again)")
         deep = args.jobs - 20

@@ -1,11 +1,15 @@
 """REST walk-through: upload an image, submit a job, poll /execution-info, save the results.
 
     python client/rest_example.py --server http://127.0.0.1:8000 --image workflows/example.png
+    BRIDGE_API_KEY=... python client/rest_example.py      # or --api-key, when the bridge needs a key
+
+Needs only Python's standard library.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -16,9 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import encode_multipart, save_parts  # noqa: E402
 
 
+API_KEY = ""  # set from --api-key / BRIDGE_API_KEY in main()
+
+
 def call(method: str, url: str, body: bytes | None = None, ctype: str | None = None) -> tuple[int, dict, bytes]:
-    """One HTTP call; returns status, headers and body (errors included)."""
-    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": ctype} if ctype else {})
+    """One HTTP call with the API key, if any; returns status, headers and body (errors included)."""
+    headers = {"Content-Type": ctype} if ctype else {}
+    if API_KEY:
+        headers["Authorization"] = f"Bearer {API_KEY}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, dict(resp.headers), resp.read()
@@ -27,17 +37,28 @@ def call(method: str, url: str, body: bytes | None = None, ctype: str | None = N
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--server", default="http://127.0.0.1:8000")
-    p.add_argument("--workflow", default="invert-image")
-    p.add_argument("--image", type=Path, default=Path(__file__).resolve().parent.parent / "workflows" / "example.png")
-    p.add_argument("--image-input", default="1/image", help="the workflow's file input key")
-    p.add_argument("--out", type=Path, default=Path("results"))
+    """Parse the flags and run the walk-through; the exit code is 0 when the results were saved."""
+    global API_KEY
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="the bridge's address")
+    p.add_argument("--workflow", default="invert-image", help="a workflow alias from /workflow-list")
+    p.add_argument("--image", type=Path, default=Path(__file__).resolve().parent.parent / "workflows" / "example.png",
+                   help="the image to upload")
+    p.add_argument("--image-input", default="1/image", help="the workflow's file input key ('' to upload nothing)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for the results")
+    # SUPPRESS: --help must never print a key taken from the environment
+    p.add_argument("--api-key", default=argparse.SUPPRESS,
+                   help="the bridge's API key (default: $BRIDGE_API_KEY, else none)")
     args = p.parse_args()
+    API_KEY = getattr(args, "api_key", os.environ.get("BRIDGE_API_KEY", ""))
     server = args.server.rstrip("/")
     client_id = uuid.uuid4().hex
 
     status, _, body = call("GET", f"{server}/workflow-info?workflow={args.workflow}")
+    if status != 200:
+        print(f"workflow-info: {status} {body.decode(errors='replace')}")
+        return 1
     print("inputs:", json.dumps(json.loads(body), indent=1))
     job: dict = {"workflow": args.workflow}
     if args.image_input:

@@ -18,7 +18,8 @@ TYPES = {"str": str, "int": int, "float": float}
 # (class_type, input) pairs whose value names a file in the backend's input folder.
 FILE_INPUTS = {("LoadImage", "image"), ("LoadImageMask", "image"), ("LoadImageOutput", "image"),
                ("LoadVideo", "file"), ("LoadAudio", "audio"), ("VHS_LoadVideo", "video")}
-_OVERRIDABLE = {"title", "type", "min", "max", "step", "choices", "multiline", "upload", "description"}
+_OVERRIDABLE = {"title", "type", "min", "max", "step", "choices", "multiline", "upload", "description",
+                "display"}
 
 
 class CatalogError(Exception):
@@ -47,6 +48,7 @@ class InputSpec:
     multiline: bool = False
     upload: bool = False
     description: str = ""
+    display: str = ""  # "color": ComfyUI shows this integer as a colour picker (0xRRGGBB)
     overridden: frozenset[str] = frozenset()
 
     def info(self) -> dict[str, Any]:
@@ -62,6 +64,8 @@ class InputSpec:
             out["multiline"] = True
         if self.upload:
             out["upload"] = True
+        if self.display:
+            out["display"] = self.display
         if self.description:
             out["description"] = self.description
         return out
@@ -141,39 +145,44 @@ class Workflow:
 class Catalog:
     """The workflows on offer; reloaded as a whole, so readers never see half a catalog."""
 
-    def __init__(self, workflows: dict[str, Workflow], root: Path) -> None:
+    def __init__(self, workflows: dict[str, Workflow], root: Path, errors: dict[str, str] | None = None) -> None:
         self.workflows = workflows
         self.root = root
+        self.errors = errors or {}  # file name or alias -> what is wrong with it (left out of the catalog)
 
     @classmethod
     def load(cls, root: Path, default_timeout: float = 60.0) -> Catalog:
-        """Read every *.json in root and the optional workflows.yaml; raise CatalogError on any fault."""
+        """Read every *.json in root and the optional workflows.yaml. A broken file or entry is left out
+        and recorded in `errors` (by file name or alias); the rest is served."""
+        errors: dict[str, str] = {}
         if not root.is_dir():
-            raise CatalogError(f"workflows_dir: {root} is not a folder")
+            errors["workflows_dir"] = f"workflows_dir: {root} is not a folder"
+            return cls({}, root, errors)
         graphs: dict[str, tuple[Path, dict[str, Any]]] = {}
         for path in sorted(root.glob("*.json")):
-            graphs[path.name] = (path, _read_graph(path))
-        manifest = _read_manifest(root / MANIFEST)
+            try:
+                graphs[path.name] = (path, _read_graph(path))
+            except CatalogError as exc:
+                errors[path.name] = str(exc)
+        try:
+            manifest = _read_manifest(root / MANIFEST)
+        except CatalogError as exc:
+            errors[MANIFEST] = str(exc)
+            manifest = {}
         workflows: dict[str, Workflow] = {}
         claimed: set[str] = set()
         for alias, entry in manifest.items():
-            fname = entry.get("file", f"{alias}.json")
-            if not isinstance(fname, str):
-                raise CatalogError(f"{MANIFEST}: {alias}.file: must be a file name")
-            if fname not in graphs:
-                raise CatalogError(f"{MANIFEST}: {alias}.file: no such workflow file {fname!r} in {root}")
-            claimed.add(fname)
-            path, graph = graphs[fname]
-            inputs = _inputs(alias, graph, entry.get("inputs") or [])
-            timeout = entry.get("timeout", default_timeout)
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-                raise CatalogError(f"{MANIFEST}: {alias}.timeout: must be a number of seconds > 0")
-            workflows[alias] = Workflow(alias, path, graph, inputs, float(timeout),
-                                        str(entry.get("description", "")))
+            fname = entry.get("file", f"{alias}.json") if isinstance(entry, dict) else None
+            if isinstance(fname, str):
+                claimed.add(fname)  # an entry that is broken must not leave its file on offer under its stem
+            try:
+                workflows[alias] = _workflow(root, alias, entry, graphs, errors, default_timeout)
+            except CatalogError as exc:
+                errors[str(alias)] = str(exc)
         for fname, (path, graph) in graphs.items():
-            if fname not in claimed and path.stem not in workflows:
+            if fname not in claimed and path.stem not in workflows and path.stem not in errors:
                 workflows[path.stem] = Workflow(path.stem, path, graph, {}, float(default_timeout))
-        return cls(workflows, root)
+        return cls(workflows, root, errors)
 
     @staticmethod
     def fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
@@ -220,26 +229,43 @@ def _read_graph(path: Path) -> dict[str, Any]:
     return graph
 
 
-def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+def _read_manifest(path: Path) -> dict[Any, Any]:
     if not path.exists():
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise CatalogError(f"{MANIFEST}: not readable YAML: {exc}") from None
     if not isinstance(data, dict):
         raise CatalogError(f"{MANIFEST}: must map aliases to entries")
-    for alias, entry in data.items():
-        if not isinstance(alias, str) or not alias or "/" in alias:
-            raise CatalogError(f"{MANIFEST}: {alias!r} is not a usable alias")
-        if entry is None:
-            data[alias] = {}
-        elif not isinstance(entry, dict):
-            raise CatalogError(f"{MANIFEST}: {alias}: must be a mapping (file, inputs, timeout)")
-        unknown = set(data[alias]) - {"file", "inputs", "timeout", "description"}
-        if unknown:
-            raise CatalogError(f"{MANIFEST}: {alias}.{sorted(unknown)[0]}: unknown key")
     return data
+
+
+def _workflow(root: Path, alias: Any, entry: Any, graphs: dict[str, tuple[Path, dict[str, Any]]],
+              errors: dict[str, str], default_timeout: float) -> Workflow:
+    """One manifest entry as a Workflow; raises CatalogError naming the alias and what is wrong."""
+    if not isinstance(alias, str) or not alias or "/" in alias:
+        raise CatalogError(f"{MANIFEST}: {alias!r} is not a usable alias")
+    if entry is None:
+        entry = {}
+    elif not isinstance(entry, dict):
+        raise CatalogError(f"{MANIFEST}: {alias}: must be a mapping (file, inputs, timeout)")
+    unknown = set(entry) - {"file", "inputs", "timeout", "description"}
+    if unknown:
+        raise CatalogError(f"{MANIFEST}: {alias}.{sorted(unknown)[0]}: unknown key")
+    fname = entry.get("file", f"{alias}.json")
+    if not isinstance(fname, str):
+        raise CatalogError(f"{MANIFEST}: {alias}.file: must be a file name")
+    if fname in errors:
+        raise CatalogError(f"{MANIFEST}: {alias}.file: {errors[fname]}")
+    if fname not in graphs:
+        raise CatalogError(f"{MANIFEST}: {alias}.file: no such workflow file {fname!r} in {root}")
+    path, graph = graphs[fname]
+    inputs = _inputs(alias, graph, entry.get("inputs") or [])
+    timeout = entry.get("timeout", default_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise CatalogError(f"{MANIFEST}: {alias}.timeout: must be a number of seconds > 0")
+    return Workflow(alias, path, graph, inputs, float(timeout), str(entry.get("description", "")))
 
 
 def _inputs(alias: str, graph: dict[str, Any], entries: list[Any]) -> dict[str, InputSpec]:
@@ -289,6 +315,8 @@ def _spec(key: str, node_id: str, name: str, node: dict[str, Any], default: Any,
             raise CatalogError(f"{where}: {key}: {bound} must be a number")
         if v is not None and kind == "str":
             raise CatalogError(f"{where}: {key}: {bound} applies to numbers, not a str input")
+    if over.get("display") not in (None, "color") or (over.get("display") and kind != "int"):
+        raise CatalogError(f"{where}: {key}: display may only be color, on an int input")
     choices = over.get("choices")
     if choices is not None and not isinstance(choices, list):
         raise CatalogError(f"{where}: {key}: choices must be a list")
@@ -299,7 +327,8 @@ def _spec(key: str, node_id: str, name: str, node: dict[str, Any], default: Any,
                      max=over.get("max"), step=over.get("step"),
                      choices=tuple(choices) if choices is not None else None,
                      multiline=bool(over.get("multiline", False)), upload=upload,
-                     description=str(over.get("description", "")), overridden=frozenset(over))
+                     description=str(over.get("description", "")), display=str(over.get("display", "")),
+                     overridden=frozenset(over))
 
 
 def _enrich(spec: InputSpec, info: Any) -> InputSpec:
@@ -325,6 +354,8 @@ def _enrich(spec: InputSpec, info: Any) -> InputSpec:
         for bound in ("min", "max", "step"):
             if isinstance(opts.get(bound), (int, float)) and not isinstance(opts.get(bound), bool):
                 changes[bound] = opts[bound]
+        if raw[0] == "INT" and opts.get("display") == "color":
+            changes["display"] = "color"
     elif raw[0] == "STRING" and opts.get("multiline"):
         changes["multiline"] = True
     display = info.get("display_name")

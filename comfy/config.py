@@ -234,8 +234,11 @@ def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | 
 def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
     """Check and convert every value; the first bad one stops the start with its key named."""
     defaults = Config()
-    # Paths not given are relative to the settings file too.
-    kwargs: dict[str, Any] = {"workflows_dir": base / "workflows", "data_dir": base / "data"}
+    # Paths not given are relative to the settings file too; with no workflows folder beside it, the
+    # workflows shipped with the bridge serve (a settings file of its own next to the single-file build).
+    beside = base / "workflows"
+    kwargs: dict[str, Any] = {"workflows_dir": beside if beside.is_dir() else HERE / "workflows",
+                              "data_dir": base / "data"}
     for fld, (key, val) in values.items():
         default = getattr(defaults, fld)
         if fld == "backends":

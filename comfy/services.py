@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
 from .backend import Backend, new_client_id
-from .catalog import Catalog, CatalogError
+from .catalog import MANIFEST, Catalog
 from .clients import ClientHub
 from .config import Config
+from .datalock import DataDirLock
 from .identity import Resolver
 from .metrics import Metrics
 from .scheduler import Scheduler
@@ -34,16 +36,26 @@ class Services:
     metrics: Metrics
     resolver: Resolver
     shutting_down: bool = False
+    demo: dict[str, Any] | None = None  # what /health says about --demo's simulated backends
+    lock: DataDirLock | None = field(default=None, repr=False)
     _watch: PeriodicCallback | None = field(default=None, repr=False)
     _seen: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def build(cls, config: Config) -> Services:
-        """Load the catalog and the store; raise CatalogError/OSError on a broken setup."""
+        """Load the catalog and the store; raise OSError when data_dir cannot be used."""
         catalog = Catalog.load(config.workflows_dir, config.job_timeout)
+        for name, problem in catalog.errors.items():
+            # a broken entry is left out and the rest serves, so a bad edit never keeps the service down
+            log.error("catalog: %s left out: %s", name, problem)
         for d in (config.data_dir, config.uploads_dir, config.results_dir):
             d.mkdir(parents=True, exist_ok=True)
-        store = Store(config.data_dir)
+        lock = DataDirLock.acquire(config.data_dir)  # before the store: two bridges must never share one
+        try:
+            store = Store(config.data_dir)
+        except BaseException:
+            lock.release()
+            raise
         counter = GenerationCounter(config.data_dir / "current_state.json", floor=store.count_counted())
         # the clientId a backend knows us by is stable across restarts, so our prompts can be found again
         backends = [Backend(b, config, store.meta(f"backend_client_id:{b.url}", new_client_id))
@@ -52,7 +64,7 @@ class Services:
         hub = ClientHub(config, scheduler)
         metrics = Metrics()
         metrics.attach(scheduler, hub, counter)
-        return cls(config, catalog, store, counter, backends, scheduler, hub, metrics, Resolver(config))
+        return cls(config, catalog, store, counter, backends, scheduler, hub, metrics, Resolver(config), lock=lock)
 
     async def start(self) -> None:
         """Recover jobs, connect to backends, start the client timers and the catalog watch."""
@@ -70,16 +82,27 @@ class Services:
             self.reload_catalog()
 
     def reload_catalog(self) -> bool:
-        """Load workflows_dir again (on a file change or SIGHUP); a broken edit keeps the old catalog."""
-        try:
-            new = Catalog.load(self.config.workflows_dir, self.config.job_timeout)
-        except CatalogError as exc:
-            log.warning("catalog not reloaded, the old one stays in use: %s", exc)
+        """Load workflows_dir again (on a file change or SIGHUP). An unreadable manifest keeps the old catalog;
+        a broken entry keeps its previous version, if it had one."""
+        new = Catalog.load(self.config.workflows_dir, self.config.job_timeout)
+        whole = [new.errors[k] for k in ("workflows_dir", MANIFEST) if k in new.errors]
+        if whole:
+            log.warning("catalog not reloaded, the old one stays in use: %s", "; ".join(whole))
+            self.catalog.errors = new.errors
             return False
+        old = self.catalog.workflows
+        for name, problem in new.errors.items():
+            alias = name[:-5] if name.endswith(".json") else name
+            if alias in old and alias not in new.workflows:
+                new.workflows[alias] = old[alias]
+                log.error("catalog: %s: %s; its previous version stays in use", name, problem)
+            else:
+                log.error("catalog: %s left out: %s", name, problem)
         self.catalog.workflows = new.workflows  # one assignment: readers see the old or the new catalog
+        self.catalog.errors = new.errors
         self.scheduler.refresh_catalog()
         log.info("catalog reloaded: %d workflow(s): %s", len(new.workflows), ", ".join(new.aliases()))
-        return True
+        return not new.errors
 
     async def stop(self) -> None:
         """Close client sockets, stop following jobs, close backends and the store."""
@@ -89,3 +112,5 @@ class Services:
         await self.scheduler.stop()
         self.counter.flush()
         self.store.close()
+        if self.lock is not None:
+            self.lock.release()

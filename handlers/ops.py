@@ -17,8 +17,11 @@ class HealthHandler(BaseHandler):
     """GET /health: the process is alive and its event loop answers. Never touches a backend or the disk."""
 
     def get(self) -> None:
-        """Always 200 while the bridge runs."""
-        self.write_json({"status": "ok"})
+        """Always 200 while the bridge runs; lists workflow catalog entries that were left out, and why."""
+        body: dict[str, Any] = {"status": "ok", "catalog_errors": dict(self.services.catalog.errors)}
+        if self.services.demo is not None:
+            body["demo"] = self.services.demo
+        self.write_json(body)
 
 
 class ReadyHandler(BaseHandler):

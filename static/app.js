@@ -1,6 +1,8 @@
 // comfy-bridge demo page: every action below is one documented API call (see the README).
 // Plain JavaScript, no framework and no build step; loaded as a module, so it runs in strict mode.
 
+import { parseExact } from "./exactjson.js";
+
 const KEY_STORE = "comfy-bridge.api-key";
 const POLL_MS = 250;
 const STATUS_MS = 3000;
@@ -12,7 +14,8 @@ const el = {
   generate: $("generate"), cancel: $("cancel"), message: $("message"), progress: $("progress"),
   progressText: $("progress-text"), details: $("run-details"), gallery: $("gallery"),
   galleryEmpty: $("gallery-empty"), keyDialog: $("key-dialog"), keyInput: $("api-key"),
-  keyReason: $("key-reason"),
+  keyReason: $("key-reason"), keyButton: $("key-button"), description: $("workflow-description"),
+  run: $("run"), demoNote: $("demo-note"),
 };
 
 const state = {
@@ -36,6 +39,8 @@ class ApiError extends Error {
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+const jsonOf = async (resp) => parseExact(await resp.text());
 const apiUrl = (path) => new URL(path, document.baseURI).href;
 
 // ---------------------------------------------------------------------------------------------
@@ -56,7 +61,10 @@ async function api(path, options = {}) {
       if (!resp.ok) throw new ApiError(resp.status, await detailOf(resp));
       return resp;
     }
-    if (state.keyRefused) throw new ApiError(401, "this bridge needs an API key");
+    if (state.keyRefused) {
+      el.keyButton.hidden = false;  // the user can still enter a key later, without reloading the page
+      throw new ApiError(401, "this bridge needs an API key");
+    }
     // another request may already have obtained a new key while this one was on its way
     if (state.key === sentKey) await askForKey(Boolean(sentKey));
   }
@@ -104,7 +112,7 @@ function plainError(err) {
   switch (err.status) {
     case 0: return "Cannot reach the bridge. Is it running?";
     case 400: return `The bridge refused the request: ${err.detail}`;
-    case 401: return "This bridge needs an API key; reload the page to enter it.";
+    case 401: return "This bridge needs an API key; press “Enter API key” at the top to give it.";
     case 413: return `That is too large: ${err.detail}`;
     case 415: return `That file type is not accepted: ${err.detail}`;
     case 429: return "The queue is full right now. Please try again in a few seconds.";
@@ -115,6 +123,20 @@ function plainError(err) {
 
 // ---------------------------------------------------------------------------------------------
 // Status strip: GET /backends and GET /generation-count, refreshed every few seconds.
+
+async function showDemoNote() {
+  // GET /health says whether the backends are simulated, and whether they compute real pictures
+  try {
+    const health = await jsonOf(await api("health"));
+    if (health.demo) {
+      el.demoNote.textContent = health.demo.note;
+      el.demoNote.classList.toggle("warn", !health.demo.realistic_images);
+      el.demoNote.hidden = false;
+    }
+  } catch {
+    // the page works without the note
+  }
+}
 
 async function refreshStatus() {
   let delay = STATUS_MS;
@@ -156,8 +178,11 @@ async function loadInputs() {
   const token = ++state.loading;
   state.alias = "";
   updateButtons();
-  const specs = await (await api(`workflow-info?workflow=${encodeURIComponent(alias)}`)).json();
+  const full = await jsonOf(await api(`workflow-info?workflow=${encodeURIComponent(alias)}&view=full`));
   if (token !== state.loading) return;
+  const specs = full.inputs;
+  el.description.textContent = full.description || "";
+  el.description.hidden = !full.description;
   history.replaceState(null, "", `#${encodeURIComponent(alias)}`);
   state.alias = alias;
   state.specs = specs;
@@ -224,19 +249,26 @@ function buildField(key, spec) {
       required: "", autocomplete: "off", spellcheck: "false", "aria-describedby": hintId });
     row.append(control, hint, buildDropZone(id, control));
   } else if (isNumber) {
-    control = make("input", { id, name: key, type: "number", required: "",
-      inputmode: spec.type === "int" ? "numeric" : "decimal", "aria-describedby": hintId,
-      min: spec.min, max: spec.max, step: spec.step ?? (spec.type === "int" ? 1 : "any") });
+    // integers past 2^53 (seeds) would be rounded by a number field: they get a text field of digits
+    const huge = spec.type === "int" && [spec.min, spec.max, spec.default].some((v) => typeof v === "string");
+    control = huge
+      ? make("input", { id, name: key, type: "text", required: "", inputmode: "numeric", pattern: "-?[0-9]+",
+        autocomplete: "off", spellcheck: "false", "aria-describedby": hintId })
+      : make("input", { id, name: key, type: "number", required: "",
+        inputmode: spec.type === "int" ? "numeric" : "decimal", "aria-describedby": hintId,
+        min: spec.min, max: spec.max, step: spec.step ?? (spec.type === "int" ? 1 : "any") });
     control.value = spec.default === undefined ? "" : String(spec.default);
     if (control.validity.stepMismatch) control.step = "any";  // never refuse the workflow's own default
     if (/seed/i.test(key) || /seed/i.test(spec.title || "")) {
       const dice = make("button", { type: "button", className: "small",
         "aria-label": `Random ${labelText(key, spec)}`, textContent: "Random seed" });
       dice.addEventListener("click", () => {
-        control.value = String(randomInt(spec.min ?? 0, spec.max ?? MAX_SAFE));
+        control.value = randomInt(spec.min ?? 0, spec.max ?? MAX_SAFE).toString();
         control.dispatchEvent(new Event("input", { bubbles: true }));
       });
       row.append(make("div", { className: "with-button" }, control, dice), hint);
+    } else if (spec.type === "int" && (spec.display === "color" || /colou?r/i.test(key))) {
+      row.append(make("div", { className: "with-button" }, control, colourPicker(id, control, spec)), hint);
     } else {
       row.append(control, hint);
     }
@@ -253,13 +285,32 @@ function buildField(key, spec) {
   return row;
 }
 
+function colourPicker(id, control, spec) {
+  // ComfyUI colours are integers 0xRRGGBB; the picker and the number field stay in step both ways
+  const picker = make("input", { id: `${id}-picker`, type: "color", className: "swatch",
+    "aria-label": `Pick ${labelText(control.name, spec)}` });
+  const toHex = () => {
+    const n = Number(control.value);
+    if (Number.isInteger(n) && n >= 0 && n <= 0xffffff) picker.value = `#${n.toString(16).padStart(6, "0")}`;
+  };
+  toHex();
+  control.addEventListener("input", toHex);
+  picker.addEventListener("input", () => {
+    control.value = String(parseInt(picker.value.slice(1), 16));
+  });
+  return picker;
+}
+
 function randomInt(lo, hi) {
   // integers beyond 2^53 do not survive a JavaScript number, so the range is capped there
-  const low = Math.max(0, Math.ceil(lo));
-  const high = Math.min(MAX_SAFE, Math.floor(hi));
-  const [a, b] = crypto.getRandomValues(new Uint32Array(2));
-  const r = a * 2 ** 21 + (b >>> 11);  // 53 random bits
-  return low + (r % (high - low + 1));
+  // BigInt throughout: a seed's range goes to 2^64-1, which a JavaScript number cannot hold
+  const big = (v) => BigInt(typeof v === "string" ? v : Math.trunc(v));
+  const low = big(lo);
+  const high = big(hi);
+  if (high < low) return low;
+  const [a, b, c] = crypto.getRandomValues(new Uint32Array(3));
+  const r = (BigInt(a) << 64n) | (BigInt(b) << 32n) | BigInt(c);  // 96 random bits: a negligible bias
+  return low + (r % (high - low + 1n));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -450,6 +501,8 @@ async function generate(event) {
   updateButtons();
   setProgress("0");
   el.progress.classList.remove("stopped");
+  el.run.classList.add("active");
+  el.run.scrollIntoView({ block: "nearest" });
   el.details.textContent = `clientId ${run.clientId} · following by ${run.polling ? "polling" : "WebSocket"}`;
   try {
     if (!run.polling) {
@@ -595,8 +648,14 @@ function main() {
   // a file dropped beside a drop zone must not make the browser navigate away from the page
   window.addEventListener("dragover", (event) => event.preventDefault());
   window.addEventListener("drop", (event) => event.preventDefault());
+  el.keyButton.addEventListener("click", () => {
+    state.keyRefused = false;
+    el.keyButton.hidden = true;
+    loadWorkflows().catch((err) => say(plainError(err), "error"));
+  });
   loadWorkflows().catch((err) => say(plainError(err), "error"));
   refreshStatus();
+  showDemoNote();
 }
 
 main();

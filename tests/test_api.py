@@ -42,6 +42,22 @@ async def test_workflow_info_learns_bounds_from_backend(bridge: Bridge) -> None:
     assert "choices" not in inv["1/image"]
 
 
+async def test_workflow_info_full_view_serves_the_description(bridge: Bridge) -> None:
+    async def enriched() -> dict:  # once the backend's /object_info is in, the answer stops changing
+        while "step" not in (info := await bridge.get_json("/workflow-info?workflow=blank-canvas"))["1/width"]:
+            await asyncio.sleep(0.02)
+        return info
+    plain = await asyncio.wait_for(enriched(), 5)
+    full = await bridge.get_json("/workflow-info?workflow=blank-canvas&view=full")
+    assert full == {"workflow": "blank-canvas", "description": "A plain image of one colour", "timeout": 60.0,
+                    "inputs": plain}
+    assert all("/" in key for key in plain)  # the default answer keeps its specified shape
+    assert plain["1/color"]["display"] == "color"  # the page offers a colour picker for it
+    assert await bridge.get_json("/workflow-info?workflow=blank-canvas&view=inputs") == plain
+    resp = await bridge.fetch("GET", "/workflow-info?workflow=blank-canvas&view=everything")
+    assert resp.code == 400 and "view must be one of inputs, full" in json.loads(resp.body)["detail"]
+
+
 @pytest.mark.parametrize("query", ["", "?workflow=", "?workflow=nope"])
 async def test_workflow_info_unknown(bridge: Bridge, query: str) -> None:
     resp = await bridge.fetch("GET", "/workflow-info" + query)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from comfy.catalog import Catalog, CatalogError, InputError, Workflow
+from comfy.catalog import Catalog, InputError, Workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,7 +135,7 @@ paint:
     assert info["12/enabled"]["type"] == "int"  # a boolean input is offered once it is given a type
 
 
-# a broken catalog stops the start --------------------------------------------------------------
+# a broken entry is left out, the rest serves --------------------------------------------------------------
 
 UI_FORMAT = {"last_node_id": 9, "nodes": [{"id": 3, "type": "KSampler"}], "links": [[1, 4, 0, 3, 0, "MODEL"]]}
 
@@ -172,17 +172,28 @@ UI_FORMAT = {"last_node_id": 9, "nodes": [{"id": 3, "type": "KSampler"}], "links
                  id="node-without-class"),
     pytest.param({"empty.json": {}}, None, ["empty.json"], id="empty-graph"),
 ])
-def test_broken_catalog_raises_catalog_error_naming_the_problem(
+def test_broken_entry_is_left_out_and_named_while_the_rest_serves(
         tmp_path: Path, graphs: dict[str, Any] | None, manifest: str | None, words: list[str]) -> None:
-    with pytest.raises(CatalogError) as info:
-        Catalog.load(folder(tmp_path, graphs, manifest))
+    root = folder(tmp_path, graphs, manifest)
+    (root / "good.json").write_text(json.dumps({"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}))
+    catalog = Catalog.load(root)
+    assert "good" in catalog.workflows  # a bad edit never takes the other workflows down
+    assert "paint" not in catalog.workflows
+    report = " | ".join(f"{k}: {v}" for k, v in catalog.errors.items())
+    assert len(catalog.errors) == 1, report
     for word in words:
-        assert word in str(info.value), str(info.value)
+        assert word in report, report
 
 
-def test_missing_workflows_folder_is_a_catalog_error(tmp_path: Path) -> None:
-    with pytest.raises(CatalogError, match="workflows_dir"):
-        Catalog.load(tmp_path / "nowhere")
+def test_missing_workflows_folder_is_reported(tmp_path: Path) -> None:
+    catalog = Catalog.load(tmp_path / "nowhere")
+    assert catalog.workflows == {}
+    assert "workflows_dir" in catalog.errors["workflows_dir"]
+
+
+def test_a_broken_entry_does_not_offer_its_file_under_the_stem(tmp_path: Path) -> None:
+    catalog = Catalog.load(folder(tmp_path, manifest='paint:\n  file: graph.json\n  inputs: ["99/text"]\n'))
+    assert catalog.aliases() == [] and list(catalog.errors) == ["paint"]
 
 
 # validating a caller's values ------------------------------------------------------------------

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from comfy.config import BackendConfig, Config, ConfigError, load_config
 
 
@@ -36,11 +37,16 @@ def test_empty_settings_file_gives_the_documented_defaults(base: Path) -> None:
     assert config.host == "127.0.0.1"
     assert config.port == 8000
     assert config.backends == (BackendConfig(url="http://127.0.0.1:8188", slots=1),)
-    assert config.workflows_dir == base / "workflows"
+    assert config.workflows_dir == ROOT / "workflows"  # no folder beside the settings: the shipped ones
     assert config.data_dir == base / "data"
     assert config.api_key == ""
     assert config.job_timeout == 60.0
     assert config.max_queue == 1000
+
+
+def test_a_workflows_folder_beside_the_settings_is_used_when_none_is_named(base: Path) -> None:
+    (base / "workflows").mkdir()
+    assert load_config(settings(base), environ={}).workflows_dir == base / "workflows"
 
 
 def test_missing_keys_and_empty_sections_keep_their_defaults(base: Path) -> None:

@@ -30,7 +30,7 @@ class BridgeProcess:
         self.fakes = fakes
         self.settings = tmp_path / "settings.yaml"
         config = {
-            "server": {"host": "127.0.0.1", "port": self.port},
+            "server": {"host": "127.0.0.1", "port": self.port, **settings.pop("server", {})},
             "backends": [{"url": f.url} for f in fakes],
             "workflows_dir": str(ROOT / "workflows"),
             "data_dir": str(tmp_path / "data"),

@@ -7,6 +7,8 @@ to also write the README's screenshot (the page after a finished invert-image ru
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import os
 import re
@@ -34,6 +36,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from comfy.demo import demo_info
+
 IMAGE = ROOT / "workflows" / "example.png"
 SAVED_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
 UNAUTHORIZED = "the server responded with a status of 401"
@@ -41,7 +45,7 @@ CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     # without these the browser keeps trying to reach Google's services and logs every failure
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--window-size=1280,1000",
+    "--disable-dev-shm-usage", "--window-size=1366,768",  # a common laptop screen
 )
 
 # the fake runs invert-image's 5 nodes in this many seconds: long enough to see 20%, 40%, ... by polling
@@ -120,10 +124,75 @@ def generate_and_finish(driver: WebDriver, queued_behind: str = "") -> list[str]
     if queued_behind:
         occupy_backend(queued_behind, f"other-caller-{time.monotonic_ns()}")
     driver.find_element(By.ID, "generate").send_keys(Keys.ENTER)
+    check_in_view(driver, "progress")
+    check_in_view(driver, "message")
     if queued_behind:
         wait(driver, "the queue position", lambda d: text(d, "message") == "Queued: position 1 in the bridge's queue.")
     wait(driver, "the run to finish", lambda d: text(d, "message").startswith("Done in"), timeout=15)
     return driver.execute_script("return window.__seen")
+
+
+def check_in_view(driver: WebDriver, element_id: str) -> None:
+    """The element is wholly inside the window, without the user scrolling."""
+    box = driver.execute_script(f"""const r = document.getElementById('{element_id}').getBoundingClientRect();
+        return [r.top, r.bottom, r.left, r.right, innerHeight, innerWidth]""")
+    top, bottom, left, right, height, width = box
+    assert 0 <= top and bottom <= height and 0 <= left and right <= width, f"#{element_id} is out of view: {box}"
+
+
+def result_image(driver: WebDriver, index: int = 0) -> Any:
+    """The newest (index 0) gallery image, as a Pillow image (read from the page's blob URL)."""
+    from PIL import Image
+    data = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const img = document.querySelectorAll('#gallery img')[arguments[0]];
+        fetch(img.src).then(r => r.arrayBuffer()).then(b => {
+          let s = ''; new Uint8Array(b).forEach(x => { s += String.fromCharCode(x); }); done(btoa(s)); });
+    """, index)
+    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+def check_inverted(result: Any) -> None:
+    """invert-image's output is the shipped example, inverted (within the blur), at 384x384."""
+    from PIL import Image, ImageOps
+    source = Image.open(IMAGE).convert("RGB").resize(result.size)
+    pixels = result.tobytes()
+    diff = sum(abs(a - b) for a, b in zip(pixels, ImageOps.invert(source).tobytes())) / len(pixels)
+    plain = sum(abs(a - b) for a, b in zip(pixels, source.tobytes())) / len(pixels)
+    assert diff < 12, f"the result is not the inverse of the example (mean difference {diff:.1f})"
+    assert plain > 60, f"the result looks like the example itself (mean difference {plain:.1f})"
+
+
+def check_text_to_image(driver: WebDriver) -> None:
+    """Two seeds, two pictures; the seed's 2^64-1 bound is shown exactly and reaches the backend as typed."""
+    choose_workflow(driver, "text-to-image", "in-3-seed")
+    assert "0 to 18446744073709551615" in text(driver, "in-3-seed-hint")
+    set_value(driver, "in-5-width", "256")
+    set_value(driver, "in-5-height", "256")
+    set_value(driver, "in-3-steps", "4")
+    set_value(driver, "in-3-seed", "18446744073709551615")
+    driver.execute_script("window.scrollTo(0, 0)")
+    generate_and_finish(driver)
+    first = result_image(driver)
+    set_value(driver, "in-3-seed", "7")
+    generate_and_finish(driver)
+    second = result_image(driver)
+    assert first.size == second.size == (256, 256)
+    assert first.tobytes() != second.tobytes(), "two seeds gave the same picture"
+
+
+def check_colour_picker(driver: WebDriver) -> None:
+    """blank-canvas's colour input has a picker; the picked colour is the colour of the result."""
+    choose_workflow(driver, "blank-canvas", "in-1-color")
+    assert "A plain image of one colour" == text(driver, "workflow-description")
+    set_value(driver, "in-1-width", "64")
+    set_value(driver, "in-1-height", "48")
+    driver.execute_script("""const p = document.getElementById('in-1-color-picker');
+        p.value = '#12ab34'; p.dispatchEvent(new Event('input', {bubbles: true}));""")
+    assert driver.find_element(By.ID, "in-1-color").get_attribute("value") == str(0x12AB34)
+    generate_and_finish(driver)
+    image = result_image(driver)
+    assert image.size == (64, 48) and image.getpixel((10, 10)) == (0x12, 0xAB, 0x34)
 
 
 def check_progress_moved(seen: list[str]) -> None:
@@ -210,12 +279,15 @@ def demo_scenario(driver: WebDriver, base: str, shots: Path) -> None:
     wait(driver, "the saved upload name in the form",
          lambda d: SAVED_NAME.match(d.find_element(By.ID, "in-1-image").get_attribute("value") or ""))
     assert driver.execute_script("return document.querySelector('.preview').naturalWidth") > 0
+    assert text(driver, "workflow-description").startswith("Invert an uploaded image")
     check_progress_moved(generate_and_finish(driver, queued_behind=base))
     assert gallery_images(driver) == [384]  # the workflow scales to 384x384
+    check_inverted(result_image(driver))
     link = driver.find_element(By.CSS_SELECTOR, "#gallery figcaption a")
     assert link.get_attribute("download") == "inverted_00001_.png"
     assert link.get_attribute("href").startswith("blob:")
     wait(driver, "the generation count", lambda d: text(d, "generation-count") == "2")
+    assert "computed with Pillow" in text(driver, "demo-note")
     full_page_screenshot(driver, shots / "demo-page.png")
     if target := os.environ.get("COMFY_BRIDGE_SCREENSHOT"):
         shutil.copy(shots / "demo-page.png", target)
@@ -233,9 +305,23 @@ def demo_scenario(driver: WebDriver, base: str, shots: Path) -> None:
     assert "interrupted" in start_and_cancel(driver, base)
 
     wait(driver, "the generation count", lambda d: text(d, "generation-count") == "6", timeout=8)
+    driver.find_element(By.ID, "use-polling").send_keys(Keys.SPACE)  # back to the WebSocket
+
+    # 4. text-to-image: the seed matters; blank-canvas: the colour picker
+    check_text_to_image(driver)
+    check_colour_picker(driver)
     driver.save_screenshot(str(shots / "demo-page-end.png"))
     check_accessible(driver)
+
+    # 5. on a phone, the run's progress is in sight after Generate under the tallest form
+    choose_workflow(driver, "text-to-image", "in-3-seed")
+    set_value(driver, "in-3-steps", "4")
+    driver.execute_script("document.getElementById('generate').scrollIntoView({block: 'center'})")
+    generate_and_finish(driver)
     driver.save_screenshot(str(shots / "demo-page-phone.png"))
+    favicon = driver.execute_script("return document.querySelector('link[rel=icon]').href")
+    with urllib.request.urlopen(favicon, timeout=5) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"] == "image/svg+xml"
     assert console_errors(driver) == []
 
 
@@ -244,6 +330,12 @@ def api_key_scenario(driver: WebDriver, base: str, shots: Path) -> None:
     driver.get(base + "/")
     dialog_open = "return document.getElementById('key-dialog').open"
     wait(driver, "the API-key dialog", lambda d: d.execute_script(dialog_open))
+    # declined first: the page says how to give the key later, and a button in the header asks again
+    driver.find_element(By.CSS_SELECTOR, "#key-form button[value=cancel]").click()
+    wait(driver, "the API-key button", lambda d: d.find_element(By.ID, "key-button").is_displayed())
+    assert "Enter API key" in text(driver, "message")
+    driver.find_element(By.ID, "key-button").click()
+    wait(driver, "the API-key dialog again", lambda d: d.execute_script(dialog_open))
     driver.find_element(By.ID, "api-key").send_keys("wrong", Keys.ENTER)
     wait(driver, "the dialog to ask again", lambda d: "not accepted" in text(d, "key-reason"))
     driver.find_element(By.ID, "api-key").send_keys("demo-secret", Keys.ENTER)
@@ -278,9 +370,13 @@ async def run_in_browser(scenario: Callable[[WebDriver, str, Path], None], base:
 async def test_demo_page(bridge_factory, fakes, tmp_path: Path) -> None:
     fake = await fakes(duration=RUN_SECONDS, tick=0.05)
     bridge = await bridge_factory([fake])
+    bridge.services.demo = demo_info()  # what --demo sets: the page says the backends are simulated
     await run_in_browser(demo_scenario, bridge.url, tmp_path)
     assert (tmp_path / "demo-page.png").stat().st_size > 10_000
     assert fake.interrupts, "neither cancel reached the backend"
+    seeds = [node["inputs"]["seed"] for p in fake.prompts.values() for node in p["prompt"].values()
+             if node["class_type"] == "KSampler"]
+    assert 2**64 - 1 in seeds  # typed in the page, sent exactly
 
 
 async def test_demo_page_asks_for_the_api_key(bridge_factory, fakes, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, AsyncIterator
 
 from prometheus_client.parser import text_string_to_metric_families
 from tornado import websocket
@@ -53,7 +54,7 @@ async def test_metrics_move_as_jobs_run(bridge: Bridge, png: bytes) -> None:
 
 
 async def test_health_and_ready_follow_the_backends(bridge: Bridge) -> None:
-    assert await bridge.get_json("/health") == {"status": "ok"}
+    assert await bridge.get_json("/health") == {"status": "ok", "catalog_errors": {}}
     assert (await bridge.get_json("/ready"))["status"] == "ready"
     fake = bridge.fakes[0]
     await fake.go_down()
@@ -88,20 +89,51 @@ async def test_sigterm_lets_the_running_job_finish(launch, fakes) -> None:  # ty
     await bridge.wait_status(cid, {"progress"})
     await bridge.submit(waiting, {"workflow": "blank-canvas"})
     conn = await websocket.websocket_connect(f"ws://127.0.0.1:{bridge.port}/ws?clientId={cid}")
+    queued = await websocket.websocket_connect(f"ws://127.0.0.1:{bridge.port}/ws?clientId={waiting}")
     assert json.loads(await conn.read_message())["status"] == "connected"
     assert bridge.proc is not None
     bridge.proc.send_signal(signal.SIGTERM)
-    messages = []
-    while (msg := await asyncio.wait_for(conn.read_message(), 10)) is not None:
-        messages.append(json.loads(msg))
-    assert messages[-1] == {"status": "error", "details": "server shutting down"}
-    assert conn.close_code == 1001
+    messages = [m async for m in read_all(conn)]
+    # the job finished during the drain: its caller hears the real outcome, not "server shutting down"
+    assert messages[-1]["status"] == "closed", messages
+    assert all(m["status"] != "error" for m in messages), messages
+    assert conn.close_code == 1000
+    # the job that never started is told the server stops, and resumes at the next start
+    assert [m async for m in read_all(queued)][-1] == {"status": "error", "details": "server shutting down"}
+    assert queued.close_code == 1001
     await close_ws(conn)
+    await close_ws(queued)
     assert await asyncio.wait_for(bridge.proc.wait(), 15) == 0
     assert [p["state"] for p in fake.prompts.values()] == ["done"]  # finished, the queued one not started
     await bridge.start()
     assert len(await bridge.results(cid)) == 1
     assert (await bridge.wait_status(waiting, {"closed", "error"}))["status"] == "closed"
+
+
+async def test_a_job_unfinished_when_the_drain_ends_is_told_and_resumes(launch, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes(cache=False)
+    bridge = launch([fake], server={"drain_timeout": 0.5})
+    await bridge.start()
+    cid = new_client_id()
+    await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 4.0})
+    await bridge.wait_status(cid, {"progress"})
+    conn = await websocket.websocket_connect(f"ws://127.0.0.1:{bridge.port}/ws?clientId={cid}")
+    assert bridge.proc is not None
+    bridge.proc.send_signal(signal.SIGTERM)
+    messages = [m async for m in read_all(conn)]
+    assert messages[-1] == {"status": "error", "details": "server shutting down"}
+    assert conn.close_code == 1001
+    await close_ws(conn)
+    assert await asyncio.wait_for(bridge.proc.wait(), 15) == 0
+    await bridge.start()  # the job is picked up again and ends normally
+    assert (await bridge.wait_status(cid, {"closed", "error"}))["status"] == "closed"
+    assert len(await bridge.results(cid)) == 1
+
+
+async def read_all(conn: websocket.WebSocketClientConnection) -> AsyncIterator[dict[str, Any]]:
+    """Every message until the bridge closes the socket (bounded)."""
+    while (msg := await asyncio.wait_for(conn.read_message(), 10)) is not None:
+        yield json.loads(msg)
 
 
 async def test_hot_reload_of_the_catalog(bridge: Bridge, workflows_dir: Path, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -116,13 +148,26 @@ async def test_hot_reload_of_the_catalog(bridge: Bridge, workflows_dir: Path, ca
     cid = new_client_id()
     await bridge.submit(cid, {"workflow": "hot_new"})
     assert (await bridge.wait_state(cid, {"closed", "error"}))["status"] == "closed"
-    # a broken edit keeps the old catalog and says why
+    # a broken new entry is left out and reported; the rest keeps serving
     manifest = workflows_dir / "workflows.yaml"
     manifest.write_text(manifest.read_text() + "\nbroken:\n  file: nowhere.json\n")
     with caplog.at_level(logging.WARNING, logger="comfy.services"):
-        await asyncio.wait_for(wait_logged(caplog, "catalog not reloaded"), 6)
+        await asyncio.wait_for(wait_logged(caplog, "broken left out"), 6)
     assert "nowhere.json" in caplog.text
     assert "hot_new" in await bridge.get_json("/workflow-list")
+    assert "nowhere.json" in (await bridge.get_json("/health"))["catalog_errors"]["broken"]
+    # an edit that breaks a serving entry keeps its previous version in use
+    good = manifest.read_text()
+    manifest.write_text(good.replace('- "1/image"', '- "1/imagee"'))
+    with caplog.at_level(logging.WARNING, logger="comfy.services"):
+        await asyncio.wait_for(wait_logged(caplog, "previous version stays in use"), 6)
+    assert "1/image" in await bridge.get_json("/workflow-info?workflow=invert-image")
+    # an unreadable manifest keeps the whole old catalog
+    manifest.write_text("invert-image: [oops\n")
+    with caplog.at_level(logging.WARNING, logger="comfy.services"):
+        await asyncio.wait_for(wait_logged(caplog, "catalog not reloaded"), 6)
+    assert "hot_new" in await bridge.get_json("/workflow-list")
+    manifest.write_text(good)
     # SIGHUP-style reload picks up a fixed manifest at once
     manifest.write_text(manifest.read_text().replace("nowhere.json", "hot_new.json"))
     assert bridge.services.reload_catalog()

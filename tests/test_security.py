@@ -143,7 +143,8 @@ async def test_operator_actions_need_admin_or_plain_loopback(bridge_factory, fak
         resp = await open_bridge.fetch("POST", f"/backends/drain?name={name}", headers=headers)
         assert resp.code == 403 and "loopback" in json.loads(resp.body)["detail"], headers
     assert (await open_bridge.get_json("/backends"))["backends"][0]["state"] == "up"
-    keyed = await bridge_factory([await fakes()], **keyed_config())
+    keyed = await bridge_factory([await fakes()], data_dir=open_bridge.config.data_dir.parent / "keyed",
+                                 **keyed_config())
     name = keyed.services.backends[0].label
     assert (await keyed.fetch("POST", f"/backends/drain?name={name}")).code == 401
     assert (await call(keyed, "POST", f"/backends/drain?name={name}", ALICE)).code == 403

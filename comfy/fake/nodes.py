@@ -117,6 +117,8 @@ def default_registry() -> dict[str, NodeDef]:
         }, ("MASK",), category="mask", display_name="Load Image (as Mask)", file_inputs=("image",),
             validate_inputs=("image",)),
         NodeDef("ImageInvert", dict(image_in), ("IMAGE",), display_name="Invert Image"),
+        NodeDef("ImageBatch", {"image1": LINK("IMAGE"), "image2": LINK("IMAGE")}, ("IMAGE",),
+                display_name="Batch Images"),
         NodeDef("ImageBlur", {
             **image_in, "blur_radius": INT(1, 1, 31), "sigma": FLOAT(1.0, 0.1, 10.0, 0.1),
         }, ("IMAGE",), category="image/postprocessing", display_name="Image Blur",

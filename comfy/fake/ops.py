@@ -1,16 +1,17 @@
 """What each fake node does at run time: sizes, colours, real files, progress ticks."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from . import png
+from . import imaging, png
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,17 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True)
 class Img:
-    """An IMAGE batch: logical size, batch count and one solid colour."""
+    """An IMAGE batch: logical size, batch count, a colour standing for it, and real pixels when Pillow is here."""
 
     width: int
     height: int
     batch: int
     rgb: tuple[int, int, int]
+    frames: tuple[Any, ...] | None = field(default=None, compare=False)  # one PIL image per batch item
+
+    def each(self, change: Any) -> tuple[Any, ...] | None:
+        """The frames with a pixel operation applied to each (None without Pillow)."""
+        return None if self.frames is None else tuple(change(f) for f in self.frames)
 
     def __str__(self) -> str:
         r, g, b = (c / 255 for c in self.rgb)
@@ -51,9 +57,23 @@ class Latent:
     height: int
     batch: int
     key: str
+    seed: int = 0
+    text: str = ""  # the positive prompt, written on the decoded picture
+    denoise: float = 1.0
+    source: Any = field(default=None, compare=False)  # VAEEncode's pixels (image-to-image)
 
     def __str__(self) -> str:
         return f"{{'samples': tensor(<{self.batch}x4x{self.height}x{self.width}>)}}"
+
+
+@dataclass(frozen=True)
+class Cond:
+    """CONDITIONING: printed like a tensor, keeps the prompt text for the simulated picture."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return f"<CONDITIONING {hashlib.sha256(self.text.encode()).hexdigest()[:12]}>"
 
 
 class Context(Protocol):
@@ -80,14 +100,17 @@ class Context(Protocol):
         """Broadcast a binary TEXT frame for this node."""
 
 
-def _png_of(img: Img, ctx: Context, metadata: bool, level: int = 4) -> bytes:
+def _png_of(img: Img, ctx: Context, metadata: bool, level: int = 4, index: int = 0) -> bytes:
     """Encode one frame of an Img, with ComfyUI's prompt/extra_pnginfo tEXt chunks."""
     text: dict[str, str] = {}
     if metadata:
         text["prompt"] = json.dumps(ctx.prompt)
         for key, value in (ctx.extra_data.get("extra_pnginfo") or {}).items():
             text[str(key)] = json.dumps(value)
-    data = png.encode_png(min(img.width, MAX_SIDE), min(img.height, MAX_SIDE), img.rgb, text, level)
+    if img.frames:
+        data = imaging.encode_png(img.frames[min(index, len(img.frames) - 1)], text, level)
+    else:
+        data = png.encode_png(min(img.width, MAX_SIDE), min(img.height, MAX_SIDE), img.rgb, text, level)
     padding = getattr(ctx, "padding", 0)
     if padding:
         # a private ancillary chunk before IEND: still a valid PNG, just large
@@ -142,6 +165,8 @@ def _write_batch(ctx: Context, images: Img, prefix: str, kind: str, level: int) 
     data = _png_of(images, ctx, metadata=True, level=level)
     results = []
     for index in range(images.batch):
+        if images.frames and index:
+            data = _png_of(images, ctx, metadata=True, level=level, index=index)
         name = f"{base.replace('%batch_num%', str(index))}_{counter:05}_.png"
         with open(os.path.join(folder, name), "wb") as fh:
             fh.write(data)
@@ -195,7 +220,10 @@ async def run(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tupl
         lat: Latent = args["latent_image"]
         key = json.dumps([lat.key, args["seed"], args["steps"], args["cfg"], args["sampler_name"],
                           args["scheduler"], args["denoise"], str(args["positive"]), str(args["negative"])])
-        return (replace(lat, key=hashlib.sha256(key.encode()).hexdigest()),), None
+        positive = args["positive"]
+        return (replace(lat, key=hashlib.sha256(key.encode()).hexdigest(), seed=int(args["seed"]),
+                        text=positive.text if isinstance(positive, Cond) else "",
+                        denoise=float(args["denoise"])),), None
     if class_type == "SaveImageWebsocket":
         images: Img = args["images"]
         frame = _png_of(images, ctx, metadata=False, level=1)
@@ -204,13 +232,19 @@ async def run(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tupl
             await ctx.tick(index, images.batch, frame)
         return (), None
     await ctx.work(ctx.share)
+    if imaging.available() and class_type in imaging.HEAVY:
+        # real pixel work takes milliseconds; off the loop, so the server keeps answering meanwhile
+        return await asyncio.to_thread(_simple, ctx, class_type, args)
     return _simple(ctx, class_type, args)
 
 
 def _simple(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple, dict | None]:
     """Nodes without progress: compute outputs and write files."""
     if class_type == "EmptyImage":
-        return (Img(args["width"], args["height"], args["batch_size"], png.rgb_from_int(args["color"])),), None
+        rgb = png.rgb_from_int(args["color"])
+        frames = (imaging.solid(args["width"], args["height"], rgb),) * args["batch_size"] \
+            if imaging.available() else None
+        return (Img(args["width"], args["height"], args["batch_size"], rgb, frames),), None
     if class_type in ("LoadImage", "LoadImageMask"):
         path = annotated_path(str(args["image"]), ctx.dirs)
         try:
@@ -225,12 +259,22 @@ def _simple(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple,
         mask = f"tensor(<1x{size[1]}x{size[0]} mask>)"
         if class_type == "LoadImageMask":
             return (mask,), None
-        return (Img(size[0], size[1], 1, rgb), mask), None
+        pixels = imaging.decode(data) if imaging.available() else None
+        return (Img(size[0], size[1], 1, rgb, (pixels,) if pixels is not None else None), mask), None
     if class_type == "ImageInvert":
         img: Img = args["image"]
-        return (replace(img, rgb=tuple(255 - c for c in img.rgb)),), None
+        return (replace(img, rgb=tuple(255 - c for c in img.rgb), frames=img.each(imaging.invert)),), None
+    if class_type == "ImageBatch":
+        # like ComfyUI: image2 is scaled to image1's size, then the two batches are joined
+        first, second = args["image1"], args["image2"]
+        frames = None
+        if first.frames and second.frames:
+            frames = first.frames + second.each(lambda f: f.resize(first.frames[0].size))
+        return (replace(first, batch=first.batch + second.batch, frames=frames),), None
     if class_type == "ImageBlur":
-        return (args["image"],), None
+        img = args["image"]
+        radius, sigma = int(args["blur_radius"]), float(args["sigma"])
+        return (replace(img, frames=img.each(lambda f: imaging.blur(f, img.width, radius, sigma))),), None
     if class_type == "ImageScale":
         img = args["image"]
         width, height = int(args["width"]), int(args["height"])
@@ -240,7 +284,9 @@ def _simple(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple,
             width = max(1, round(img.width * height / img.height))
         elif height == 0:
             height = max(1, round(img.height * width / img.width))
-        return (replace(img, width=width, height=height),), None
+        method = str(args["upscale_method"])
+        frames = img.each(lambda f: imaging.scale(f, width, height, method))
+        return (replace(img, width=width, height=height, frames=frames),), None
     if class_type == "GetImageSize":
         img = args["image"]
         ctx.text(f"width: {img.width}, height: {img.height}\n batch size: {img.batch}")
@@ -253,8 +299,11 @@ def _simple(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple,
     if class_type == "SaveAnimatedWEBP":
         folder, base, counter, subfolder = save_path(str(args["filename_prefix"]), ctx.dirs["output"])
         name = f"{base}_{counter:05}_.webp"
+        images = args["images"]
+        data = imaging.encode_webp(list(images.frames), float(args["fps"]), bool(args["lossless"]),
+                                   int(args["quality"])) if images.frames else png.encode_webp()
         with open(os.path.join(folder, name), "wb") as fh:
-            fh.write(png.encode_webp())
+            fh.write(data)
         return (), {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}], "animated": [True]}
     if class_type == "PreviewAny":
         return (), {"text": [_preview_text(args.get("source"))]}
@@ -262,17 +311,19 @@ def _simple(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple,
         name = args["ckpt_name"]
         return (f"<MODEL {name}>", f"<CLIP {name}>", f"<VAE {name}>"), None
     if class_type == "CLIPTextEncode":
-        digest = hashlib.sha256(str(args["text"]).encode()).hexdigest()[:12]
-        return (f"<CONDITIONING {digest}>",), None
+        return (Cond(str(args["text"])),), None
     if class_type == "EmptyLatentImage":
         key = f"empty-{args['width']}x{args['height']}x{args['batch_size']}"
         return (Latent(args["width"] // 8, args["height"] // 8, args["batch_size"], key),), None
     if class_type == "VAEDecode":
         lat: Latent = args["samples"]
-        return (Img(lat.width * 8, lat.height * 8, lat.batch, png.colour_for(lat.key)),), None
+        frames = tuple(imaging.picture(lat.width * 8, lat.height * 8, lat.seed + i, lat.text, lat.source,
+                                       lat.denoise) for i in range(lat.batch)) if imaging.available() else None
+        return (Img(lat.width * 8, lat.height * 8, lat.batch, png.colour_for(lat.key), frames),), None
     if class_type == "VAEEncode":
         img = args["pixels"]
-        return (Latent(img.width // 8, img.height // 8, img.batch, f"enc-{img.rgb}"),), None
+        return (Latent(img.width // 8, img.height // 8, img.batch, f"enc-{img.rgb}",
+                       source=img.frames[0] if img.frames else None),), None
     raise NodeError("NotImplementedError", f"FakeComfy has no implementation for {class_type}")
 
 
