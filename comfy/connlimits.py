@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 LINGER_SECONDS = 2.0     # after an early answer: how long to keep reading (and dropping) what still comes
 LINGER_BYTES = 1 << 20   # ... and how much of it, so the client reads the answer instead of a reset
-ABORTS_PER_COLLECT = 256  # requests cut short between two garbage collections (see BoundedHTTPServer.aborted)
-COLLECT_INTERVAL = 1.0    # seconds, at least, between two such collections
+ABORTS_PER_COLLECT = 128  # requests cut short between two garbage collections (see BoundedHTTPServer.aborted)
+COLLECT_INTERVAL = 0.1    # seconds, at least, between two such collections (a flood cannot make GC the cost)
 FIRST_BYTE = rb"(?=[\s\S])"  # matches, consuming nothing, once a byte is there: a peek
 
 
@@ -297,8 +297,8 @@ class BoundedHTTPServer(HTTPServer):
         """A request ended with its connection (client gone, or cut by a timeout). Each such request leaves
         reference cycles (Tornado's handler and its UI namespace, the failed futures and their tracebacks) that
         only the collector frees, and under bridge.tune_gc's thresholds a flood of them piles up in the old
-        generation (~15 KB each). Collect after every ABORTS_PER_COLLECT of them, at most once a second, so a
-        flood cannot make the collector itself the cost."""
+        generation (~15 KB each). Collect after every ABORTS_PER_COLLECT of them, at most every COLLECT_INTERVAL,
+        so a flood cannot make the collector itself the cost."""
         self._aborts += 1
         now = time.monotonic()
         if self._aborts >= ABORTS_PER_COLLECT and now - self._collected >= COLLECT_INTERVAL:

@@ -111,7 +111,7 @@ async def abort_uploads(port: int, count: int, png: bytes, parallel: int = 50) -
 @pytest.mark.timeout(240)
 async def test_5000_aborted_uploads_leave_nothing_behind(tmp_path: Path, fake: FakeComfy, png: bytes) -> None:
     async with bridge_process(tmp_path, fake.url) as bridge:
-        await abort_uploads(bridge.port, 500, png)  # warm-up: the allocator's and the loop's own growth
+        await abort_uploads(bridge.port, 2000, png)  # warm-up: the allocator's and the loop's own growth
         await asyncio.sleep(1.0)
         before = bridge.rss_kb()
         start = time.monotonic()
