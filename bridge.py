@@ -114,9 +114,10 @@ async def main(argv: list[str] | None = None) -> int:
         log.info("removed %d unfinished temporary file(s) left by an earlier run", removed)
     soft, hard = raise_open_file_limit()
     limits = ConnLimits.from_config(config, soft)
-    log.info("open-file limit %d (hard %d): up to %d client connections%s", soft, hard, limits.max_connections,
-             "" if limits.max_connections == config.max_connections
-             else f" (server.max_connections {config.max_connections} does not fit under it)")
+    capped = limits.max_connections < config.max_connections  # worth a warning: raise LimitNOFILE
+    log.log(logging.WARNING if capped else logging.INFO, "open-file limit %d (hard %d): up to %d client connections%s",
+            soft, hard, limits.max_connections,
+            f" (server.max_connections {config.max_connections} does not fit under it)" if capped else "")
     if args.demo:
         services.demo = demo_info()
     await services.start()
