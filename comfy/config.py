@@ -112,6 +112,7 @@ class Config:
     body_timeout: float = 30.0        # seconds a request body may go without a byte arriving
     body_min_rate: int = 1024         # bytes/s a body must average after its first body_timeout seconds
     idle_timeout: float = 60.0        # seconds a kept-alive connection may wait for its next request
+    send_timeout: float = 60.0        # seconds a download may wait for the caller to read more before it is cut
     max_connections: int = 10_000     # open client connections; capped below the open-file limit
     max_header_bytes: int = 64 * 1024  # request line + headers; beyond it 431
     ws_ping_interval: float = 20.0    # seconds between pings on /ws
@@ -157,7 +158,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "server": {"host": "host", "port": "port", "drain_timeout": "drain_timeout",
                "trusted_proxies": "trusted_proxies", "allowed_hosts": "allowed_hosts",
                "header_timeout": "header_timeout", "body_timeout": "body_timeout",
-               "body_min_rate": "body_min_rate", "idle_timeout": "idle_timeout",
+               "body_min_rate": "body_min_rate", "idle_timeout": "idle_timeout", "send_timeout": "send_timeout",
                "max_connections": "max_connections", "max_header_bytes": "max_header_bytes"},
     "jobs": {"timeout": "job_timeout", "max_queue": "max_queue",
              "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait",
@@ -185,7 +186,7 @@ _POSITIVE = {"port", "max_queue", "max_upload_bytes", "max_upload_files", "max_b
              "max_attempts", "results_ttl", "probe_interval", "max_ws_per_client", "max_ws_total",
              "max_client_id_length", "submit_rate", "submit_burst", "drain_timeout", "down_after", "up_after",
              "upload_ttl", "quota_bytes", "refetch_grace", "header_timeout", "body_timeout", "body_min_rate",
-             "idle_timeout", "max_connections", "max_header_bytes", "ws_ping_interval", "ws_ping_timeout"}
+             "idle_timeout", "send_timeout", "max_connections", "max_header_bytes", "ws_ping_interval", "ws_ping_timeout"}
 
 
 def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+from datetime import timedelta
 from typing import Any
 
-from tornado import web
+from tornado import gen, web
+from tornado.iostream import StreamClosedError
 
 from comfy.identity import Identity, bearer, find_key, host_name, same_origin
 from comfy.services import Services
@@ -193,6 +195,21 @@ class BaseHandler(web.RequestHandler):
 
     def _request_summary(self) -> str:
         return safe_summary(self)  # Tornado's own warning lines must not carry a ?token=
+
+    async def paced_flush(self) -> None:
+        """Flush, waiting for the caller to read at most server.send_timeout seconds (nginx's send_timeout):
+        a reader that stopped without hanging up is cut off, so it holds no handler, file or claim for good.
+        Raises StreamClosedError then, as for a caller that left."""
+        pending = self.flush()
+        try:
+            await gen.with_timeout(timedelta(seconds=self.services.config.send_timeout), pending,
+                                   quiet_exceptions=(StreamClosedError,))
+        except gen.TimeoutError:
+            log.info("%s: the caller stopped reading for %gs; closing the connection", self.request.path,
+                     self.services.config.send_timeout)
+            if self.request.connection is not None:
+                self.request.connection.close()  # type: ignore[attr-defined]
+            raise StreamClosedError() from None
 
     def write_json(self, data: Any, status: int = 200) -> None:
         """Send data as JSON."""

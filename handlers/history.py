@@ -101,11 +101,11 @@ class HistoryHandler(BaseHandler):
                         self.write(chunk)
                         buffered += len(chunk)
                         if buffered >= CHUNK:  # send it and wait for room (flow control)
-                            await self.flush()
+                            await self.paced_flush()
                             buffered = 0
                 self.write(b"\r\n")
             self.write(tail)
-            await self.flush()  # small results leave in this one write
+            await self.paced_flush()  # small results leave in this one write
         except StreamClosedError:
             log.info("history: a caller left mid-download; its results are kept")
             return False

@@ -97,7 +97,7 @@ class OutputHandler(JobResource):
             try:
                 while chunk := fh.read(CHUNK):
                     self.write(chunk)
-                    await self.flush()
+                    await self.paced_flush()
             except StreamClosedError:
                 return
         self.finish()

@@ -412,3 +412,27 @@ async def test_stored_bytes_quota_per_identity(bridge_factory, fakes, png: bytes
     assert (await call(bridge, "GET", f"/history?clientId={cid}", ALICE)).code == 200
     assert (await call(bridge, "POST", f"/generate-based-workflow?clientId={cid}", ALICE,
                        {"workflow": "blank-canvas"})).code == 200
+
+
+async def test_a_reader_that_stops_reading_is_cut_off_and_frees_the_results(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes(cache=False)
+    fake.padding = 8 * MB  # more than the kernel's buffers take in on both sides
+    bridge = await bridge_factory([fake], send_timeout=1.0)
+    cid = new_client_id()
+    await finished_job(bridge, cid)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", bridge.port))
+    await asyncio.get_running_loop().sock_sendall(sock, f"GET /history?clientId={cid} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                                                        .encode())
+    try:  # ... and never reads, never hangs up
+        await asyncio.sleep(0.3)
+        assert (await bridge.fetch("GET", f"/history?clientId={cid}")).code == 409
+        deadline = asyncio.get_running_loop().time() + 10
+        while (resp := await bridge.fetch("GET", f"/history?clientId={cid}")).code == 409:
+            assert asyncio.get_running_loop().time() < deadline, "the stalled reader kept its claim"
+            await asyncio.sleep(0.2)
+        assert resp.code == 200 and len(parse_multipart(resp)[0][1]) > 8 * MB
+    finally:
+        sock.close()
