@@ -55,6 +55,12 @@ def origin_allowed(request: HTTPServerRequest) -> bool:
     return True
 
 
+def cross_site_refused(fake: FakeComfy | None, request: HTTPServerRequest) -> bool:
+    """Current ComfyUI refuses every request a browser marks cross-site, on any route and any Host."""
+    return (fake is not None and fake.profile.cross_site_403
+            and request.headers.get("Sec-Fetch-Site") == "cross-site")
+
+
 def record_request(handler: RequestHandler) -> None:
     """Keep what reached the fake, so tests can check what the bridge forwards."""
     req = handler.request
@@ -82,7 +88,7 @@ class BaseHandler(RequestHandler):
     def prepare(self) -> None:
         """Record the request (for tests), then apply the origin middleware before any route."""
         record_request(self)
-        if not origin_allowed(self.request):
+        if cross_site_refused(self.fake, self.request) or not origin_allowed(self.request):
             raise HTTPError(403)
 
     def compute_etag(self) -> str | None:
