@@ -48,13 +48,15 @@ async def _check_backend(config: Config, url: str, catalog: Catalog | None, labe
         took = (time.monotonic() - started) * 1000
         missing: list[str] = []
         if catalog is not None:
-            classes = {n["class_type"] for wf in catalog.workflows.values() if cfg.accepts(wf.alias)
-                       for n in wf.graph.values()}
-            known = await backend.fetch_object_info(classes)
-            missing = sorted(classes - set(known))
+            uses = {wf.alias: {n["class_type"] for n in wf.graph.values()} for wf in catalog.workflows.values()
+                    if cfg.accepts(wf.alias)}
+            known = set(await backend.fetch_object_info(set().union(*uses.values())))
+            # per workflow, so the operator knows which ones will fail there and what to install
+            missing = [f"{alias} needs {', '.join(sorted(classes - known))}"
+                       for alias, classes in sorted(uses.items()) if classes - known]
         if missing:
-            return True, (f"warn backend {label}: reachable ({took:.0f} ms) but lacks node classes "
-                          f"{', '.join(missing)} (workflows using them will fail there)")
+            return True, (f"warn backend {label}: reachable ({took:.0f} ms) but lacks node classes: "
+                          f"{'; '.join(missing)} (those workflows will fail there)")
         return True, f"ok   backend {label}: reachable ({took:.0f} ms)"
     except BackendError as exc:
         return False, f"FAIL backend {label}: {exc}"
