@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
     p.add_argument("--demo", action="store_true",
                    help="run with two SIMULATED ComfyUI backends on loopback (no GPU, no ComfyUI needed)")
+    p.add_argument("--demo-profile", default="mixed", choices=["mixed", "0.3.64", "current"],
+                   help="the ComfyUI release the simulated backends imitate (mixed: one 0.3.64, one current)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="plain lines or JSON lines")
     p.add_argument("--check", action="store_true",
@@ -72,11 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def start_demo_backends(config: Config) -> tuple[Config, list[Any]]:
-    """Start two simulated ComfyUI servers and point the config at them."""
+async def start_demo_backends(config: Config, profile: str = "mixed") -> tuple[Config, list[Any]]:
+    """Start two simulated ComfyUI servers (of one release, or one old and one current) and point the config
+    at them."""
     from comfy.fake import FakeComfy
 
-    fakes = [FakeComfy(duration=3.0, tick=0.05) for _ in range(2)]
+    profiles = ["0.3.64", "current"] if profile == "mixed" else [profile] * 2
+    fakes = [FakeComfy(duration=3.0, tick=0.05, profile=p) for p in profiles]
     for fake in fakes:
         await fake.start()
     log.warning("DEMO MODE: the backends are SIMULATED ComfyUI servers at %s; no real images are generated",
@@ -102,7 +106,7 @@ async def main(argv: list[str] | None = None) -> int:
         return 2
     fakes: list[Any] = []
     if args.demo:
-        config, fakes = await start_demo_backends(config)
+        config, fakes = await start_demo_backends(config, args.demo_profile)
     try:
         services = Services.build(config)
     except (CatalogError, OSError) as exc:

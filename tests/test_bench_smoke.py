@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,8 +52,10 @@ def test_large_files_benchmark_runs() -> None:
     assert "bridge upload" in out and "bridge download" in out
 
 
-def test_overhead_benchmark_runs() -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench", "overhead", "--jobs", "5"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+@pytest.mark.parametrize("profile", ["0.3.64", "current"])
+def test_overhead_benchmark_runs(profile: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "overhead", "--jobs", "5", "--profile", profile], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "added" in proc.stdout and "bridge CPU per job" in proc.stdout
+    assert f"the simulated ComfyUI {profile}" in proc.stdout
