@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_scheduling_benchmark_runs() -> None:
     proc = subprocess.run([sys.executable, "-m", "bench", "scheduling", "--job-time", "0.05", "--per-backend", "2",
-                           "--backends", "1,2", "--mixed-jobs", "6", "--dispatch-jobs", "40"], cwd=ROOT, capture_output=True, text=True,
+                           "--backends", "1,2", "--mixed-jobs", "6", "--dispatch-jobs", "40", "--profile", "current"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "throughput N=2" in proc.stdout and "makespan mixed" in proc.stdout
