@@ -60,6 +60,7 @@ class Backend:
         self.caps = Capabilities()  # learnt on every (re)connect: the server may have been upgraded
         self.last_frame = 0.0  # monotonic time the socket last delivered anything
         self._last_reconnect = 0.0
+        self._suspicions = 0  # reconnects on silence alone since the socket last delivered a prompt's message
         # health, kept by HealthMonitor: None until the first probe
         self.healthy: bool | None = None
         self.down_since: float | None = None
@@ -186,13 +187,20 @@ class Backend:
                 self._notify_all({"type": "bridge_disconnected"})
                 self.on_state(self)
 
-    def reconnect(self, why: str, gap: float = RECONNECT_GAP) -> None:
+    def reconnect(self, why: str, gap: float = RECONNECT_GAP, certain: bool = False) -> None:
         """Replace a socket that stopped delivering: close it first (so ComfyUI's cleanup of the old socket
-        cannot unregister the new one, its same-clientId bug), then the reader connects again."""
+        cannot unregister the new one, its same-clientId bug), then the reader connects again.
+
+        Unless `certain` (a message is known to be lost), silence is only a suspicion: a node can work for
+        minutes without a word. So each such reconnect that hears nothing about a prompt afterwards doubles
+        the gap before the next one (up to 16x)."""
         now = time.monotonic()
+        if not certain:
+            gap *= 2 ** min(self._suspicions, 4)
         if self._ws is None or self._closing or now - self._last_reconnect < gap:
             return
         self._last_reconnect = now
+        self._suspicions = 0 if certain else self._suspicions + 1
         log.warning("backend %s: re-opening its WebSocket (%s)", self.label, why)
         self._ws.close()
 
@@ -223,6 +231,7 @@ class Backend:
         if prompt_id is not None:
             listener = self._watchers.get(prompt_id)
             if listener is not None:
+                self._suspicions = 0  # the socket delivers
                 listener(msg)
 
     def _notify_all(self, msg: dict[str, Any]) -> None:

@@ -201,7 +201,7 @@ class Runner:
                 mute = time.monotonic() - backend.last_frame >= poll
                 if entry is not None:
                     if not done.is_set() and mute:
-                        backend.reconnect("the end of a prompt never arrived over it", poll)
+                        backend.reconnect("the end of a prompt never arrived over it", poll, certain=True)
                     return entry
                 if watch.reconnected and not done.is_set():
                     watch.reconnected = False

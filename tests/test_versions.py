@@ -158,3 +158,22 @@ async def test_recovery_after_a_restart_asks_the_jobs_api_where_present(bridge_f
         assert f"/api/jobs/{lost}" in asked
     else:
         assert not [p for p in asked if p.startswith("/api/jobs/")]
+
+
+async def test_a_long_silent_node_does_not_make_the_socket_churn(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes()
+    bridge = await bridge_factory([fake], history_poll_interval=0.1, job_timeout=2.5)
+    backend = bridge.services.backends[0]
+    fake.hang = True  # the prompt starts, then its node works without a word (like a model loading)
+    cid = new_client_id()
+    await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await bridge.wait_state(cid, {"progress"})
+    opened_before = sum(r["path"] == "/ws" for r in fake.requests_seen)
+    await asyncio.sleep(1.8)
+    reopened = sum(r["path"] == "/ws" for r in fake.requests_seen) - opened_before
+    # silence alone is a suspicion: re-open after 3 intervals, then ever less often (0.3 s, +0.6 s, +1.2 s ...),
+    # not every 0.3 s
+    assert 1 <= reopened <= 3, reopened
+    assert backend.up
+    info = await bridge.wait_state(cid, {"error", "closed"})
+    assert info["details"] == "time out error: exceed 2.5s"
