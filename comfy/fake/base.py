@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FEATURES = {"supports_preview_metadata": True, "max_upload_size": 104857600}
 SERVER_ERROR = "500 Internal Server Error\n\nServer got itself in trouble"
 
 
