@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
     p.add_argument("--demo", action="store_true",
                    help="run with two SIMULATED ComfyUI backends on loopback (no GPU, no ComfyUI needed)")
+    p.add_argument("--demo-profile", default="mixed", choices=["mixed", "0.3.64", "current"],
+                   help="the ComfyUI release the simulated backends imitate (mixed: one 0.3.64, one current)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="plain lines or JSON lines")
     p.add_argument("--check", action="store_true",
@@ -99,7 +101,7 @@ async def main(argv: list[str] | None = None) -> int:
         return 2
     fakes: list[Any] = []
     if args.demo:
-        config, fakes = await start_demo_backends(config)
+        config, fakes = await start_demo_backends(config, args.demo_profile)
     try:
         services = Services.build(config)
     except OSError as exc:  # data_dir unusable, or held by another bridge (the line names its pid)

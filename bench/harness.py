@@ -47,11 +47,12 @@ def run_benchmark(measure: Coroutine[Any, Any, int]) -> int:
 
 
 @asynccontextmanager
-async def simulated_backends(durations: list[float]) -> AsyncIterator[list[str]]:
-    """Start simulated ComfyUI servers (fixed job time each) in a child process; yields their URLs."""
+async def simulated_backends(durations: list[float], profile: str = "0.3.64") -> AsyncIterator[list[str]]:
+    """Start simulated ComfyUI servers (fixed job time each, one fake profile) in a child process; yields
+    their URLs."""
     from bench.procs import fake_backends  # procs builds on this module
 
-    async with fake_backends(len(durations), durations=durations) as fakes:
+    async with fake_backends(len(durations), durations=durations, profile=profile) as fakes:
         yield fakes.urls
 
 

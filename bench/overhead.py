@@ -1,6 +1,6 @@
 """Per-job overhead: the same short workflow straight to a backend and through the bridge, end to end.
 
-    python -m bench overhead [--jobs 200] [--backend http://127.0.0.1:8188]
+    python -m bench overhead [--jobs 200] [--profile 0.3.64|current] [--backend http://127.0.0.1:8188]
 
 Both paths run the same graph (EmptyImage 64x64 -> SaveImage, a new colour each job so no cache
 hides work) until the caller holds the output bytes:
@@ -27,6 +27,7 @@ from tornado import httpclient, websocket
 from bench.harness import ROOT, MeasureError, run_benchmark, simulated_backends
 from bench.machine import cpu_split, rss_kb
 from bench.procs import bridge_process
+from comfy.fake.profile import PROFILES
 
 BATCH = 50
 IDLE_SECONDS = 3.0
@@ -115,7 +116,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def measure(args: argparse.Namespace) -> int:
-    async with _backend(args.backend) as backend:
+    async with _backend(args.backend, args.profile) as backend:
         http = httpclient.AsyncHTTPClient(force_instance=True, defaults={"request_timeout": 60})
         client_id = f"bench-direct-{uuid.uuid4().hex[:8]}"
         ws = await websocket.websocket_connect(backend.replace("http", "ws", 1) + f"/ws?clientId={client_id}")
@@ -150,7 +151,7 @@ async def measure(args: argparse.Namespace) -> int:
             after_rss = rss_kb(pid) / 1024
         ws.close()
         http.close()
-    print(f"\n{args.jobs} jobs each way against {'a real ComfyUI at ' + args.backend if args.backend else 'the simulated ComfyUI'}")
+    print(f"\n{args.jobs} jobs each way against {'a real ComfyUI at ' + args.backend if args.backend else f'the simulated ComfyUI {args.profile}'}")
     print("path      p50 ms   p90 ms   p99 ms")
     for name, vals in (("direct", direct), ("bridge", bridged)):
         print(f"{name:<8} {pct(vals, 50):7.2f}  {pct(vals, 90):7.2f}  {pct(vals, 99):7.2f}")
@@ -173,11 +174,11 @@ async def measure(args: argparse.Namespace) -> int:
 
 
 @asynccontextmanager
-async def _backend(url: str | None) -> AsyncIterator[str]:
+async def _backend(url: str | None, profile: str) -> AsyncIterator[str]:
     if url:
         yield url.rstrip("/")
         return
-    async with simulated_backends([0.0]) as urls:
+    async with simulated_backends([0.0], profile) as urls:
         yield urls[0]
 
 
@@ -185,4 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--backend", help="a real ComfyUI to measure against (default: the simulated one)")
+    p.add_argument("--profile", choices=PROFILES, default="0.3.64",
+                   help="the ComfyUI release the simulated backend imitates")
     return run_benchmark(measure(p.parse_args(argv)))

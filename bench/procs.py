@@ -21,7 +21,7 @@ from bench.harness import ROOT, MeasureError, scratch_dir
 from bench.machine import free_port
 
 # Simulated ComfyUI servers in one child process. Options (JSON in argv[1]): count, duration (or
-# durations, one per server), tick,
+# durations, one per server), tick, profile (the ComfyUI release imitated: "0.3.64" or "current"),
 # padding (bytes of random data in every saved PNG), record (a file to write each prompt's progress
 # messages to, with the time the fake sent them). Commands on stdin, one a line: "requests" answers the
 # number of HTTP requests the fakes have served; "events" writes the recorded messages and answers
@@ -49,7 +49,8 @@ def count(handler):
 
 async def main():
     durations = opts.get("durations") or [opts.get("duration", 0.05)] * opts["count"]
-    fakes = [FakeComfy(duration=d, tick=opts.get("tick", 0.01), cache=False) for d in durations]
+    fakes = [FakeComfy(duration=d, tick=opts.get("tick", 0.01), cache=False, profile=opts.get("profile", "0.3.64"))
+             for d in durations]
     for fake in fakes:
         fake.padding = int(opts.get("padding", 0))
         fake._app.settings["log_function"] = count
@@ -165,12 +166,13 @@ class Fakes:
 
 @asynccontextmanager
 async def fake_backends(count: int, *, duration: float = 0.05, tick: float = 0.01, padding: int = 0,
-                        record: bool = False, durations: list[float] | None = None) -> AsyncIterator[Fakes]:
-    """`count` simulated ComfyUI servers in one child process (`durations`: a job time for each)."""
+                        record: bool = False, durations: list[float] | None = None,
+                        profile: str = "0.3.64") -> AsyncIterator[Fakes]:
+    """`count` simulated ComfyUI servers of a profile in one child process (`durations`: a job time for each)."""
     with scratch_dir() as tmp:
         path = Path(tmp) / "events.json" if record else None
         opts = {"count": count, "duration": duration, "tick": tick, "padding": padding,
-                "record": str(path) if path else None, "durations": durations}
+                "record": str(path) if path else None, "durations": durations, "profile": profile}
         proc = subprocess.Popen([sys.executable, "-c", FAKE_HOST, json.dumps(opts)], cwd=ROOT,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": tmp})

@@ -15,6 +15,7 @@ from typing import Any
 from tornado import httpclient
 
 from bench.harness import MeasureError, running_bridge, simulated_backends
+from comfy.fake.profile import PROFILES
 from comfy.jobs import Job, State
 from comfy.services import Services
 
@@ -53,9 +54,9 @@ async def submit_and_wait(services: Services, port: int, count: int, clients: in
         http.close()
 
 
-async def run_jobs(durations: list[float], count: int) -> float:
+async def run_jobs(durations: list[float], count: int, profile: str = "0.3.64") -> float:
     """Submit `count` jobs at once through the bridge's API; seconds until the last one completed."""
-    async with simulated_backends(durations) as urls, running_bridge(urls, keepalive_interval=60) as (services, port):
+    async with simulated_backends(durations, profile) as urls, running_bridge(urls, keepalive_interval=60) as (services, port):
         cpu0 = time.process_time()
         started = time.monotonic()
         done = await submit_and_wait(services, port, count, clients=0, timeout=120)
@@ -73,9 +74,10 @@ def ideal_makespan(durations: list[float], count: int) -> float:
     return t
 
 
-async def dispatch_latency(backends: int, jobs: int, job_time: float) -> tuple[float, float, int]:
+async def dispatch_latency(backends: int, jobs: int, job_time: float,
+                           profile: str = "0.3.64") -> tuple[float, float, int]:
     """Submit `jobs` at once over `backends` servers; the scheduler's time per dispatched job (mean, p99 ms)."""
-    async with simulated_backends([job_time] * backends) as urls, \
+    async with simulated_backends([job_time] * backends, profile) as urls, \
             running_bridge(urls, keepalive_interval=60, max_queue=jobs + 10) as (services, port):
         scheduler = services.scheduler
         costs: list[float] = []
@@ -98,14 +100,14 @@ async def dispatch_latency(backends: int, jobs: int, job_time: float) -> tuple[f
 async def measure(args: argparse.Namespace) -> list[tuple[str, float, float, str]]:
     rows: list[tuple[str, float, float, str]] = []
     if args.dispatch_jobs:
-        mean, p99, n = await dispatch_latency(16, args.dispatch_jobs, args.job_time / 5)
+        mean, p99, n = await dispatch_latency(16, args.dispatch_jobs, args.job_time / 5, args.profile)
         print(f"  dispatch: {n} jobs queued over 16 backends: {mean * 1000:.0f} us mean, {p99 * 1000:.0f} us p99 "
               f"per dispatched job", flush=True)
         rows.append((f"dispatch latency, {n} queued / 16 backends", mean, mean / 1.0, "< 1 ms per job"))
     single = None
     for n in args.backends:
         count = n * args.per_backend
-        elapsed = await run_jobs([args.job_time] * n, count)
+        elapsed = await run_jobs([args.job_time] * n, count, args.profile)
         throughput = count / elapsed
         if single is None:
             single = throughput  # the baseline: one backend, measured in this run
@@ -115,7 +117,7 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, float, float, str
               f"ratio to {n} x single: {ratio:.3f}", flush=True)
     if args.mixed_jobs:
         mixed = [args.job_time * 4 / s for s in (1, 2, 4)]  # 1x, 2x, 4x speed
-        elapsed = await run_jobs(mixed, args.mixed_jobs)
+        elapsed = await run_jobs(mixed, args.mixed_jobs, args.profile)
         ideal = ideal_makespan(mixed, args.mixed_jobs)
         rows.append((f"makespan mixed 1x/2x/4x ({args.mixed_jobs} jobs)", elapsed, elapsed / ideal,
                      "<= 1.1 x ideal"))
@@ -126,6 +128,8 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, float, float, str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench scheduling", description=__doc__.splitlines()[0])
+    p.add_argument("--profile", choices=PROFILES, default="0.3.64",
+                   help="the ComfyUI release the simulated backends imitate")
     p.add_argument("--job-time", type=float, default=0.25, help="seconds one job takes on a 1x backend")
     p.add_argument("--per-backend", type=int, default=12, help="jobs per backend in the throughput runs")
     p.add_argument("--backends", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])

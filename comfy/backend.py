@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +15,7 @@ from tornado import httpclient, websocket
 
 from .config import BackendConfig, Config
 from .httppool import KeepAliveClient, Response
+from .protocol import Capabilities, JobStatus, history_status, job_status, system_info
 from .wire import (BackendError, BackendRejected, BackendUnavailable, close_if_connected,
                    commit_file, read_json, short_body, describe_prompt_error, new_client_id)
 
@@ -27,6 +29,7 @@ Listener = Callable[[dict[str, Any]], None]
 IGNORED_PREFIXES = ('{"type": "progress_state"', '{"type":"progress_state"', '{"type": "status"', '{"type":"status"')
 FORGET_DELAY = 1.0  # seconds finished prompts wait to be deleted from a backend's history, in one call
 FREE_REUSE = 2.0  # seconds a finished /free answers later requests for it, while no prompt was posted since
+RECONNECT_GAP = 2.0  # seconds between two forced reconnects of a socket that stopped delivering
 
 
 class Backend:
@@ -55,6 +58,10 @@ class Backend:
         self.failures = 0
         self.last_error = ""
         self.object_info: dict[str, Any] | None = None
+        self.caps = Capabilities()  # learnt on every (re)connect: the server may have been upgraded
+        self.last_frame = 0.0  # monotonic time the socket last delivered anything
+        self._last_reconnect = 0.0
+        self._suspicions = 0  # reconnects on silence alone since the socket last delivered a prompt's message
         # health, kept by HealthMonitor: None until the first probe
         self.healthy: bool | None = None
         self.down_since: float | None = None
@@ -77,7 +84,8 @@ class Backend:
                 "running": len(self.running), "jobs_done": self.jobs_done, "failures": self.failures,
                 "last_error": self.last_error or None, "weight": self.cfg.weight,
                 "workflows": list(self.cfg.workflows) if self.cfg.workflows is not None else None,
-                "probe_latency_ms": round(self.probe_latency_ms, 2) if self.probe_latency_ms is not None else None}
+                "probe_latency_ms": round(self.probe_latency_ms, 2) if self.probe_latency_ms is not None else None,
+                "comfyui_version": self.caps.version, "capabilities": self.caps.describe()}
 
     @property
     def up(self) -> bool:
@@ -160,7 +168,9 @@ class Backend:
                 await asyncio.sleep(random.uniform(0, min(10.0, 0.25 * 2 ** min(attempt, 6))))
                 continue
             attempt = 0
-            log.info("backend %s: connected", self.label)
+            await self.learn()
+            log.info("backend %s: connected (ComfyUI %s)", self.label, self.caps.version or "of unknown version")
+            self.last_frame = time.monotonic()
             self.connected.set()
             self._notify_all({"type": "bridge_reconnected"})
             self.on_state(self)
@@ -168,6 +178,7 @@ class Backend:
                 msg = await self._ws.read_message()
                 if msg is None:
                     break
+                self.last_frame = time.monotonic()
                 if isinstance(msg, str):
                     self._dispatch(msg)
             self.connected.clear()
@@ -180,6 +191,39 @@ class Backend:
                 self._notify_all({"type": "bridge_disconnected"})
                 self.on_state(self)
 
+    def reconnect(self, why: str, gap: float = RECONNECT_GAP, certain: bool = False) -> None:
+        """Replace a socket that stopped delivering: close it first (so ComfyUI's cleanup of the old socket
+        cannot unregister the new one, its same-clientId bug), then the reader connects again.
+
+        Unless `certain` (a message is known to be lost), silence is only a suspicion: a node can work for
+        minutes without a word. So each such reconnect that hears nothing about a prompt afterwards doubles
+        the gap before the next one (up to 16x)."""
+        now = time.monotonic()
+        if not certain:
+            gap *= 2 ** min(self._suspicions, 4)
+        if self._ws is None or self._closing or now - self._last_reconnect < gap:
+            return
+        self._last_reconnect = now
+        self._suspicions = 0 if certain else self._suspicions + 1
+        log.warning("backend %s: re-opening its WebSocket (%s)", self.label, why)
+        self._ws.close()
+
+    async def learn(self) -> None:
+        """Learn the server's version and whether it has the jobs API (0.6+) and its cancel endpoints (0.26+)."""
+        version, os_name = self.caps.version, self.caps.os
+        try:
+            resp = await self._call("GET", "/system_stats")
+            if resp.code == 200:
+                version, os_name = system_info(read_json(resp))
+            jobs = await self._call("GET", "/api/jobs?limit=1")
+            # an empty id list is valid and cancels nothing: a probe without side effects (404 before 0.26)
+            cancel = await self._call("POST", "/api/jobs/cancel", {"job_ids": []}) if jobs.code == 200 else None
+        except BackendUnavailable as exc:
+            log.warning("backend %s: could not learn its capabilities: %s", self.label, exc)
+            return
+        self.caps = Capabilities(version, os_name, jobs_api=jobs.code == 200,
+                                 job_cancel=cancel is not None and cancel.code == 200)
+
     def _dispatch(self, text: str) -> None:
         if text.startswith(IGNORED_PREFIXES):
             return  # ComfyUI repeats its whole per-node state map on every tick; nothing here needs it
@@ -191,6 +235,7 @@ class Backend:
         if prompt_id is not None:
             listener = self._watchers.get(prompt_id)
             if listener is not None:
+                self._suspicions = 0  # the socket delivers
                 listener(msg)
 
     def _notify_all(self, msg: dict[str, Any]) -> None:
@@ -258,6 +303,24 @@ class Backend:
         body = read_json(resp)
         entry = body.get(prompt_id) if isinstance(body, dict) else None
         return entry if isinstance(entry, dict) else None
+
+    async def status(self, prompt_id: str) -> JobStatus:
+        """Where the prompt is: from /api/jobs/{id} when the server has it (404 = unknown), else /history/{id}."""
+        if self.caps.jobs_api:
+            resp = await self._call("GET", f"/api/jobs/{prompt_id}")
+            if resp.code >= 500:
+                self._check(resp, "GET /api/jobs")
+            found = job_status(resp.code, read_json(resp))
+            if found is not None:
+                return found
+        return history_status(await self.history(prompt_id))
+
+    async def cancel_job(self, prompt_id: str) -> bool:
+        """Cancel this prompt whether pending or running, atomically (jobs API); True if it was acted on."""
+        resp = await self._call("POST", f"/api/jobs/{prompt_id}/cancel")
+        self._check(resp, "POST /api/jobs/cancel")
+        body = read_json(resp)
+        return isinstance(body, dict) and body.get("cancelled") is True
 
     async def delete_history(self, prompt_ids: list[str]) -> None:
         """Forget finished prompts on the server."""

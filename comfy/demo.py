@@ -20,11 +20,13 @@ def demo_info() -> dict[str, Any]:
     return {"simulated_backends": True, "realistic_images": imaging.available(), "note": note}
 
 
-async def start_demo_backends(config: Config) -> tuple[Config, list[Any]]:
-    """Start two simulated ComfyUI servers and point the config at them (data under data_dir/demo)."""
+async def start_demo_backends(config: Config, profile: str = "mixed") -> tuple[Config, list[Any]]:
+    """Start two simulated ComfyUI servers (of one release, or by default one 0.3.64 and one current) and point
+    the config at them (data under data_dir/demo)."""
     from .fake import FakeComfy
 
-    fakes = [FakeComfy(duration=3.0, tick=0.05) for _ in range(2)]
+    profiles = ["0.3.64", "current"] if profile == "mixed" else [profile] * 2
+    fakes = [FakeComfy(duration=3.0, tick=0.05, profile=p) for p in profiles]
     for fake in fakes:
         await fake.start()
     log.warning("DEMO MODE: the backends are SIMULATED ComfyUI servers at %s; %s",

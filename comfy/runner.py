@@ -13,11 +13,12 @@ from .backend import Backend, BackendRejected, BackendUnavailable
 from .wire import commit_file
 from .config import Config
 from .jobs import Job, Output
+from .protocol import file_entries, outcome
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-FILE_KEYS = ("images", "gifs", "video", "videos", "audio", "files", "3d")
+error_text = outcome  # the name the scheduler imports
 
 
 class Requeue(Exception):
@@ -74,10 +75,12 @@ class _Watch:
         self.done = asyncio.Event()
         self.poke = asyncio.Event()
         self.reconnected = False
+        self.heard = time.monotonic()  # last message about this prompt: silence past a while means "poll"
 
     def on_message(self, msg: dict[str, Any]) -> None:
         """One message about our prompt (or the connection's own bridge_* notices)."""
         kind, data = msg.get("type"), msg.get("data") or {}
+        self.heard = time.monotonic()
         if kind in ("bridge_reconnected", "bridge_disconnected"):
             self.reconnected = self.reconnected or kind == "bridge_reconnected"
             self.poke.set()
@@ -161,7 +164,9 @@ class Runner:
             raise
 
     async def _follow(self, job: Job, backend: Backend, watch: _Watch, deadline: float) -> dict[str, Any]:
-        """Wait for the end signal (or find it by polling history); enforce timeout, cancels and failover."""
+        """Wait for the end signal; after a silence, ask the backend where the prompt is (so a lost message
+        never leaves a job hanging) and re-open a socket that stopped delivering; enforce timeout, cancels
+        and failover."""
         assert job.prompt_id is not None
         done, poke = watch.done, watch.poke
         cancel = self.cancels.setdefault(job.id, asyncio.Event())
@@ -175,7 +180,7 @@ class Runner:
                 return await self._stop(job, backend, done)
             if cancel.is_set():
                 return await self._stop(job, backend, done)
-            wait = min(poll, remaining)
+            wait = min(max(0.0, watch.heard + poll - now), remaining)
             if backend.healthy is False:
                 down_for = now - (backend.down_since or now)
                 if down_for >= grace:
@@ -188,21 +193,41 @@ class Runner:
             poke.clear()
             if cancel.is_set() or backend.healthy is False:
                 continue
+            silent = time.monotonic() - watch.heard >= poll
+            if not (done.is_set() or silent or watch.reconnected):
+                continue
             try:
                 entry = await self._history(backend, job.prompt_id, patient=done.is_set())
+                mute = time.monotonic() - backend.last_frame >= poll
                 if entry is not None:
+                    if not done.is_set() and mute:
+                        backend.reconnect("the end of a prompt never arrived over it", poll, certain=True)
                     return entry
                 if watch.reconnected and not done.is_set():
                     watch.reconnected = False
                     entry = await self._still_known(job, backend)
                     if entry is not None:
                         return entry
+                if silent:
+                    watch.heard = time.monotonic()  # the next poll after another silent interval
+                    if time.monotonic() - backend.last_frame >= 3 * poll:
+                        backend.reconnect(f"silent for {time.monotonic() - backend.last_frame:.1f}s "
+                                          "while our prompt is there", 3 * poll)
             except BackendUnavailable as exc:
                 log.warning("job %s: backend %s unavailable while running: %s", job.id, backend.label, exc)
 
     async def _still_known(self, job: Job, backend: Backend) -> dict[str, Any] | None:
         """After a reconnect: is our prompt still queued or running there? A restarted ComfyUI forgets it."""
         assert job.prompt_id is not None
+        if backend.caps.jobs_api:  # a definite answer: 404 means the server does not know the prompt
+            found = await backend.status(job.prompt_id)
+            if found.finished:
+                return found.entry
+            if not found.known:
+                raise Requeue(f"backend {backend.label} no longer knows the prompt (restarted?)")
+            if found.state in ("pending", "in_progress"):
+                log.info("job %s: re-attached to its prompt on %s", job.id, backend.label)
+                return None
         queue = await backend.queue()
         if job.prompt_id in queue["queue_running"] or job.prompt_id in queue["queue_pending"]:
             log.info("job %s: re-attached to its prompt on %s", job.id, backend.label)
@@ -217,8 +242,9 @@ class Runner:
         """Stop our prompt on the backend (never anyone else's) and wait, bounded, for it to end."""
         assert job.prompt_id is not None
         try:
-            await backend.delete_queued([job.prompt_id])
-            await backend.interrupt(job.prompt_id)
+            if not (backend.caps.job_cancel and await self._cancel_job(backend, job.prompt_id)):
+                await backend.delete_queued([job.prompt_id])
+                await backend.interrupt(job.prompt_id)
         except BackendUnavailable as exc:
             log.warning("job %s: could not interrupt on %s: %s", job.id, backend.label, exc)
             return {}
@@ -231,13 +257,23 @@ class Runner:
         except BackendUnavailable:
             return {}
 
+    @staticmethod
+    async def _cancel_job(backend: Backend, prompt_id: str) -> bool:
+        """The jobs API's atomic cancel; False if the server refused the call (then the old calls are used)."""
+        try:
+            await backend.cancel_job(prompt_id)
+            return True
+        except BackendRejected as exc:
+            log.warning("backend %s: jobs cancel refused, interrupting instead: %s", backend.label, exc)
+            return False
+
     async def _history(self, backend: Backend, prompt_id: str, patient: bool) -> dict[str, Any] | None:
-        """History entry; when the end signal came, wait briefly for ComfyUI to write it."""
+        """The finished prompt's history entry; when the end signal came, wait briefly for ComfyUI to write it."""
         delay = 0.005
         for _ in range(12 if patient else 1):
-            entry = await backend.history(prompt_id)
-            if entry is not None and entry.get("status", {}).get("completed") is not None:
-                return entry
+            found = await backend.status(prompt_id)
+            if found.finished:
+                return found.entry
             if not patient:
                 return None
             await asyncio.sleep(delay)
@@ -278,14 +314,11 @@ class Runner:
         for node_id, node_out in (entry.get("outputs") or {}).items():
             if not isinstance(node_out, dict):
                 continue
-            for key in FILE_KEYS:
-                for item in node_out.get(key) or []:
-                    if not isinstance(item, dict) or not item.get("filename"):
-                        continue
-                    name = _safe_name(str(item["filename"]))
-                    dest = folder / f"{job.id}-{len(outputs)}{Path(name).suffix}"
-                    size, ctype = await backend.download(item, dest)
-                    outputs.append(Output(str(node_id), name, ctype, dest.name, size))
+            for item in file_entries(node_out):
+                name = _safe_name(str(item["filename"]))
+                dest = folder / f"{job.id}-{len(outputs)}{Path(name).suffix}"
+                size, ctype = await backend.download(item, dest)
+                outputs.append(Output(str(node_id), name, ctype, dest.name, size))
             for i, text in enumerate(node_out.get("text") or []):
                 dest = folder / f"{job.id}-{len(outputs)}.txt"
                 data = str(text).encode("utf-8")
@@ -293,20 +326,6 @@ class Runner:
                 outputs.append(Output(str(node_id), f"node{node_id}_text{i}.txt", "text/plain", dest.name,
                                       len(data)))
         return outputs
-
-
-def error_text(entry: dict[str, Any]) -> tuple[str, str]:
-    """("error" | "interrupted" | "success", message) from a history entry's status."""
-    status = entry.get("status") or {}
-    if status.get("status_str") == "success":
-        return "success", ""
-    for kind, data in reversed(status.get("messages") or []):
-        if kind == "execution_interrupted":
-            return "interrupted", "interrupted"
-        if kind == "execution_error" and isinstance(data, dict):
-            msg = str(data.get("exception_message") or "execution error").strip()
-            return "error", f"{data.get('node_type', 'node')} failed: {msg.splitlines()[0] if msg else msg}"
-    return "error", "the backend reported an error"
 
 
 def _safe_name(name: str) -> str:

@@ -14,8 +14,13 @@ from typing import TYPE_CHECKING, Any
 from tornado import websocket
 from tornado.netutil import DefaultLoopResolver, Resolver
 
+from .protocol import describe_prompt_error
+
 if TYPE_CHECKING:
     from .httppool import Response
+
+__all__ = ["BackendError", "BackendRejected", "BackendUnavailable", "CachingResolver", "close_if_connected",
+           "commit_file", "describe_prompt_error", "new_client_id", "read_json", "short_body"]
 
 
 class BackendError(Exception):
@@ -74,23 +79,6 @@ def close_if_connected(fut: asyncio.Future[websocket.WebSocketClientConnection])
     """Done-callback for a handshake nobody waits for any more: close the socket it opened."""
     if not fut.cancelled() and fut.exception() is None:
         fut.result().close()
-
-
-def describe_prompt_error(body: Any) -> str:
-    """One readable line from ComfyUI's /prompt error answer (its useful part is often in node_errors)."""
-    if not isinstance(body, dict):
-        return ""
-    parts = []
-    err = body.get("error")
-    if isinstance(err, dict):
-        parts.append(str(err.get("message", "")).strip())
-        if err.get("details"):
-            parts.append(str(err["details"]).strip())
-    for node_id, node in (body.get("node_errors") or {}).items():
-        for e in (node or {}).get("errors", []):
-            parts.append(f"node {node_id} ({node.get('class_type', '?')}): {e.get('message', '')}"
-                         + (f": {e['details']}" if e.get("details") else ""))
-    return "; ".join(p for p in parts if p) or "prompt rejected"
 
 
 def read_json(resp: Response) -> Any:

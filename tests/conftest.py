@@ -21,6 +21,30 @@ from comfy.services import Services
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
 TIMEOUT = 10.0
+PROFILES = ("0.3.64", "current")  # the ComfyUI releases the fake imitates (comfy/fake/profile.py)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """--fake-profile: which ComfyUI release the fakes imitate."""
+    parser.addoption("--fake-profile", choices=("both", *PROFILES), default="both",
+                     help="both (default): modules marked both_profiles run against each profile, the rest "
+                          "against 0.3.64; or one profile for the whole suite")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the tests of modules marked both_profiles once per fake profile."""
+    if "fake_profile" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("both_profiles") is None:
+        return
+    chosen = metafunc.config.getoption("--fake-profile")
+    metafunc.parametrize("fake_profile", PROFILES if chosen == "both" else (chosen,), indirect=True,
+                         ids=lambda p: f"comfy-{p}")
+
+
+@pytest.fixture
+def fake_profile(request: pytest.FixtureRequest) -> str:
+    """The profile of the fakes this test starts (see pytest_generate_tests)."""
+    chosen = request.config.getoption("--fake-profile")
+    return getattr(request, "param", None) or ("0.3.64" if chosen == "both" else chosen)
 
 
 def new_client_id() -> str:
@@ -103,6 +127,15 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> N
     await asyncio.wait_for(loop(), timeout)
 
 
+def stopped(fake: FakeComfy) -> list[str]:
+    """Prompt ids the bridge asked this backend to stop: with targeted /interrupt on 0.3.64; on current
+    through the jobs cancel endpoint, and then never with /interrupt."""
+    if fake.profile.jobs_api:
+        assert fake.interrupts == [], fake.interrupts
+        return [c["prompt_id"] for c in fake.job_cancels]
+    return [i["prompt_id"] for i in fake.interrupts]
+
+
 def check_invariants(resp: httpclient.HTTPResponse) -> None:
     """No answer carries a traceback; every error is JSON with a detail."""
     body = resp.body or b""
@@ -171,11 +204,12 @@ def workflows_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def fakes() -> AsyncIterator[Callable[..., Awaitable[FakeComfy]]]:
-    """Factory of started fake ComfyUI servers, stopped at teardown."""
+async def fakes(fake_profile: str) -> AsyncIterator[Callable[..., Awaitable[FakeComfy]]]:
+    """Factory of started fake ComfyUI servers (of the test's profile unless told), stopped at teardown."""
     started: list[FakeComfy] = []
 
     async def make(**kw: Any) -> FakeComfy:
+        kw.setdefault("profile", fake_profile)
         kw.setdefault("duration", 0.05)
         kw.setdefault("history_lag", 0.02)  # ComfyUI writes history after execution_success
         fake = FakeComfy(**kw)

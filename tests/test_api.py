@@ -9,6 +9,8 @@ from tornado import httpclient, websocket
 
 from conftest import Bridge, new_client_id, next_message
 
+pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI release the fake imitates
+
 
 async def test_workflow_list(bridge: Bridge) -> None:
     names = await bridge.get_json("/workflow-list")

@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_scheduling_benchmark_runs() -> None:
     proc = subprocess.run([sys.executable, "-m", "bench", "scheduling", "--job-time", "0.05", "--per-backend", "2",
-                           "--backends", "1,2", "--mixed-jobs", "6", "--dispatch-jobs", "40"], cwd=ROOT, capture_output=True, text=True,
+                           "--backends", "1,2", "--mixed-jobs", "6", "--dispatch-jobs", "40", "--profile", "current"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "throughput N=2" in proc.stdout and "makespan mixed" in proc.stdout
@@ -50,11 +52,13 @@ def test_large_files_benchmark_runs() -> None:
     assert "bridge upload" in out and "bridge download" in out
 
 
-def test_overhead_benchmark_runs() -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench", "overhead", "--jobs", "5"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+@pytest.mark.parametrize("profile", ["0.3.64", "current"])
+def test_overhead_benchmark_runs(profile: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "overhead", "--jobs", "5", "--profile", profile], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "added" in proc.stdout and "bridge CPU per job" in proc.stdout
+    assert f"the simulated ComfyUI {profile}" in proc.stdout
 
 
 def test_abuse_benchmark_runs() -> None:

@@ -6,7 +6,11 @@ import random
 import time
 from collections import Counter
 
+import pytest
+
 from conftest import new_client_id, parse_multipart
+
+pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI release the fake imitates
 
 CLIENTS = 20
 JOBS_PER_CLIENT = 10

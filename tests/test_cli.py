@@ -40,6 +40,8 @@ def test_demo_mode_serves_the_api(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the demo bridge did not come up"
             time.sleep(0.1)
         assert [b["name"] for b in listing["backends"]] == ["simulated-1", "simulated-2"]
+        # one imitates ComfyUI 0.3.64, the other a current release: the bridge shows what it learnt of each
+        assert [b["comfyui_version"] for b in listing["backends"]] == ["0.3.64", "0.38.1"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/workflow-list", timeout=2) as resp:
             assert "invert-image" in json.loads(resp.read())
     finally:

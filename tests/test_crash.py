@@ -14,6 +14,8 @@ from tornado import httpclient, websocket
 
 from conftest import ROOT, TIMEOUT, check_invariants, close_ws, new_client_id, parse_multipart
 
+pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI release the fake imitates
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -4,7 +4,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from conftest import Bridge, new_client_id, next_message, parse_multipart, read_until_closed, wait_for
+
+pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI release the fake imitates
 
 FAST_HEALTH = {"probe_interval": 0.05, "down_after": 2, "up_after": 2, "failover_grace": 0.3}
 

@@ -18,7 +18,7 @@ from handlers.docs import StaticHandler
 UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
 COMFY_PATHS = {"/prompt", "/queue", "/history", "/interrupt", "/free", "/upload/image", "/view", "/ws",
-               "/object_info", "/system_stats"}
+               "/object_info", "/system_stats", "/api/jobs", "/api/jobs/cancel"}
 
 
 @pytest.mark.parametrize("filename", [
@@ -166,7 +166,7 @@ async def test_only_configured_backends_are_ever_contacted(bridge: Bridge, fakes
     await asyncio.sleep(0.2)
     assert list(trap.requests_seen) == []
     for seen in bridge.fakes[0].requests_seen:  # the configured one hears only ComfyUI's own API
-        assert seen["path"] in COMFY_PATHS or seen["path"].startswith(("/history/", "/object_info/")), seen
+        assert seen["path"] in COMFY_PATHS or seen["path"].startswith(("/history/", "/object_info/", "/api/jobs/")), seen
         assert host not in seen["uri"], seen
 
 

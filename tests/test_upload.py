@@ -8,6 +8,8 @@ import pytest
 
 from conftest import Bridge, multipart, new_client_id
 
+pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI release the fake imitates
+
 GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 ASSETS = Path(__file__).resolve().parent / "assets"
 JPEG = (ASSETS / "sample.jpg").read_bytes()  # real images: the upload check reads their headers' structure

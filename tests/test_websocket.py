@@ -6,8 +6,12 @@ import base64
 import os
 import socket
 
+import pytest
+
 import handlers.ws
 from conftest import Bridge, new_client_id, next_message, wait_for
+
+pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI release the fake imitates
 
 
 async def test_waiting_client_hears_its_new_place(bridge: Bridge) -> None:

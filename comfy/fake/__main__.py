@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+from .profile import PROFILES
 from .server import FakeComfy
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tick", type=float, default=0.01, help="interval between progress messages")
     parser.add_argument("--workdir", default=None, help="input/output/temp root (a tempdir if omitted)")
     parser.add_argument("--no-cache", action="store_true", help="behave like ComfyUI --cache-none")
+    parser.add_argument("--profile", choices=PROFILES, default="0.3.64",
+                        help="ComfyUI release to imitate: 0.3.64, or current (0.38: jobs API, UUID prompt ids, ...)")
+    parser.add_argument("--no-reconnect-bug", action="store_true",
+                        help="a closing socket never drops a newer one with the same clientId")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     return parser.parse_args(argv)
 
@@ -30,13 +35,14 @@ async def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fake = FakeComfy(host=args.host, port=args.port, duration=args.duration, history_lag=args.history_lag,
-                     tick=args.tick, workdir=args.workdir, cache=not args.no_cache)
+                     tick=args.tick, workdir=args.workdir, cache=not args.no_cache, profile=args.profile)
+    fake.reconnect_bug = not args.no_reconnect_bug
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await fake.start()
-    print(f"fake ComfyUI listening on {fake.url}", flush=True)
+    print(f"fake ComfyUI {fake.profile.version} listening on {fake.url}", flush=True)
     try:
         await stop.wait()
     finally:

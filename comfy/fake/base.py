@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FEATURES = {"supports_preview_metadata": True, "max_upload_size": 104857600}
 SERVER_ERROR = "500 Internal Server Error\n\nServer got itself in trouble"
 
 
@@ -55,6 +54,12 @@ def origin_allowed(request: HTTPServerRequest) -> bool:
     return True
 
 
+def cross_site_refused(fake: FakeComfy | None, request: HTTPServerRequest) -> bool:
+    """Current ComfyUI refuses every request a browser marks cross-site, on any route and any Host."""
+    return (fake is not None and fake.profile.cross_site_403
+            and request.headers.get("Sec-Fetch-Site") == "cross-site")
+
+
 def record_request(handler: RequestHandler) -> None:
     """Keep what reached the fake, so tests can check what the bridge forwards."""
     req = handler.request
@@ -82,7 +87,7 @@ class BaseHandler(RequestHandler):
     def prepare(self) -> None:
         """Record the request (for tests), then apply the origin middleware before any route."""
         record_request(self)
-        if not origin_allowed(self.request):
+        if cross_site_refused(self.fake, self.request) or not origin_allowed(self.request):
             raise HTTPError(403)
 
     def compute_etag(self) -> str | None:

@@ -91,8 +91,11 @@ class Instance:
         self.sockets[sid] = ws
         self.sockets_metadata[sid] = {"feature_flags": {}}
 
-    def unregister(self, sid: str) -> None:
-        """A socket closed: pops by clientId, so it also drops a newer socket that replaced it (ComfyUI bug)."""
+    def unregister(self, sid: str, ws: WebSocketHandler | None = None) -> None:
+        """A socket closed: pops by clientId (ws None: ComfyUI's bug, a newer socket is dropped too), or only
+        if ws is still the registered one (the fix proposed upstream)."""
+        if ws is not None and self.sockets.get(sid) is not ws:
+            return
         self.sockets.pop(sid, None)
         self.sockets_metadata.pop(sid, None)
 

@@ -11,6 +11,7 @@ from tornado.web import HTTPError
 
 from .base import BaseHandler
 from .ops import split_annotation
+from .profile import upload_asset
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class ViewHandler(BaseHandler):
             content_type = "application/octet-stream"
         self.set_header("Content-Type", content_type)
         self.set_header("Content-Disposition", f'filename="{filename}"')
+        if self.fake.profile.name == "current":
+            self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Etag", etag)
         self.set_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
         self.set_header("Accept-Ranges", "bytes")
@@ -131,6 +134,9 @@ class UploadHandler(BaseHandler):
             with open(path, "wb") as fh:
                 fh.write(data)
         record.update(name=filename, written=not duplicate)
-        self.reply({"name": filename, "subfolder": subfolder, "type": kind})
+        answer = {"name": filename, "subfolder": subfolder, "type": kind}
+        if self.fake.profile.asset_outputs:
+            answer["asset"] = upload_asset(filename, len(data), record["sha256"])
+        self.reply(answer)
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from tornado.web import HTTPError
 
-from .base import FEATURES, BaseHandler, IndexHandler
+from . import jobsapi
+from .base import BaseHandler, IndexHandler
 from .files import UploadHandler, ViewHandler
 from .nodes import object_info
 from .ops import annotated_path
+from .profile import invalid_prompt_id, is_canonical_uuid, object_info_keys
 from .validate import validate_prompt
 from .ws import ComfyWebSocket
 
@@ -49,13 +52,22 @@ class PromptHandler(BaseHandler):
                      "extra_info": {}}
             return self.reply({"error": error, "node_errors": {}}, 400)
         prompt = body["prompt"]
+        if fake.profile.uuid_prompt_ids:
+            # current ComfyUI mints an id for a missing or null one and refuses anything not canonical
+            if body.get("prompt_id") is None:
+                body["prompt_id"] = str(uuid.uuid4())
+            elif not is_canonical_uuid(body["prompt_id"]):
+                return self.reply(invalid_prompt_id(), 400)
         prompt_id = str(body.get("prompt_id", uuid.uuid4()))
         if fake.reject:
             return self.reply(_rejection(prompt, fake.registry), 400)
-        verdict = validate_prompt(fake.registry, prompt, self._image_exists, body.get("partial_execution_targets"))
+        verdict = validate_prompt(fake.registry, prompt, self._image_exists, body.get("partial_execution_targets"),
+                                  current=fake.profile.missing_node_type)
         extra_data = body["extra_data"] if "extra_data" in body else {}
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
+        if fake.profile.create_time:
+            extra_data["create_time"] = int(time.time() * 1000)
         if not verdict.ok:
             log.info("invalid prompt: %s", verdict.error)
             return self.reply({"error": verdict.error, "node_errors": verdict.node_errors}, 400)
@@ -172,7 +184,8 @@ class ObjectInfoHandler(BaseHandler):
 
     def get(self, name: str | None = None) -> None:
         """Node specs; an unknown class is 200 {}."""
-        self.reply(object_info(self.fake.registry, self.fake.input_files(), name))
+        info = object_info(self.fake.registry, self.fake.input_files(), name)
+        self.reply(object_info_keys(info) if self.fake.profile.name == "current" else info)
 
 
 class SystemStatsHandler(BaseHandler):
@@ -218,11 +231,12 @@ def routes(fake: FakeComfy) -> list[tuple]:
         (r"(?:/api)?/object_info", ObjectInfoHandler, kw),
         (r"(?:/api)?/object_info/([^/]+)", ObjectInfoHandler, kw),
         (r"(?:/api)?/system_stats", SystemStatsHandler, kw),
-        (r"(?:/api)?/features", StaticJSONHandler, {**kw, "value": dict(FEATURES)}),
+        (r"(?:/api)?/features", StaticJSONHandler, {**kw, "value": fake.profile.features()}),
         (r"(?:/api)?/embeddings", StaticJSONHandler, {**kw, "value": []}),
         (r"(?:/api)?/extensions", StaticJSONHandler, {**kw, "value": []}),
         (r"(?:/api)?/models", StaticJSONHandler, {**kw, "value": list(models)}),
         (r"(?:/api)?/models/([^/]+)", StaticJSONHandler, {**kw, "value": models}),
         (r"(?:/api)?/ws", ComfyWebSocket, kw),
+        *jobsapi.routes(fake),
     ]
     return table

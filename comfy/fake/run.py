@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import ops
 from .ops import Interrupted, NodeError
+from .profile import RAM_CACHE_ENTRIES, enrich_ui
 
 if TYPE_CHECKING:
     from .executor import Instance
@@ -110,6 +111,7 @@ class PromptRun:
         self.duration = float(fake.duration) * self.slow
         self.use_cache = bool(fake.cache) and not (self.fail or self.hang)
         self.registry = fake.registry
+        self.profile = fake.profile
         self.messages: list[tuple[str, dict]] = []
         self.success = False
         self.outcome = "error"
@@ -252,7 +254,10 @@ class PromptRun:
         cached: list[str] = []
         if self.use_cache:
             keep = set(sigs.values())
-            inst.cache = {k: v for k, v in inst.cache.items() if k in keep}
+            if not self.profile.ram_cache:  # classic cache: only the previous prompt's results survive
+                inst.cache = {k: v for k, v in inst.cache.items() if k in keep}
+            elif len(inst.cache) > RAM_CACHE_ENTRIES:  # the RAM-pressure cache keeps them until memory runs low
+                inst.cache = dict(list(inst.cache.items())[-RAM_CACHE_ENTRIES // 2:])
             cached = [nid for nid in self.prompt if sigs[nid] in inst.cache]
             for nid in cached:
                 self.values[nid] = inst.cache[sigs[nid]]["outputs"]
@@ -299,13 +304,18 @@ class PromptRun:
 
     def _replay(self, nid: str, entry: dict) -> None:
         """A cached node in the execution list: `executed` replays its UI (None if it had none)."""
+        ui = self._entries(entry["ui"])
         if self.client_id is not None:
-            self.inst.send("executed", {"node": nid, "display_node": nid, "output": entry["ui"],
+            self.inst.send("executed", {"node": nid, "display_node": nid, "output": ui,
                                         "prompt_id": self.prompt_id}, self.client_id)
         self._finish(nid)
         self.values[nid] = entry["outputs"]
-        if entry["ui"]:
-            self.ui[nid] = entry["ui"]
+        if ui:
+            self.ui[nid] = ui
+
+    def _entries(self, ui: dict | None) -> dict | None:
+        """Output entries as this profile writes them (current: asset ids, registered anew per prompt)."""
+        return enrich_ui(ui, self.inst.fake.dirs) if self.profile.asset_outputs else ui
 
     async def _start(self, nid: str) -> None:
         """start_progress, `executing`, then the pre-execute interrupt check."""
@@ -337,6 +347,7 @@ class PromptRun:
         self.values[nid] = outputs
         if self.use_cache:
             self.inst.cache[sig] = {"outputs": outputs, "ui": ui or None}
+        ui = self._entries(ui)
         if ui:
             self.ui[nid] = ui
             if self.client_id is not None:

@@ -7,7 +7,6 @@ import logging
 import mimetypes
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any
 
@@ -21,6 +20,7 @@ from .executor import Instance
 from .base import NotFoundHandler
 from .handlers import routes
 from .nodes import CHECKPOINTS, NodeDef, default_registry
+from .profile import Profile, get_profile, system_stats
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class FakeComfy:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, duration: float = 0.05,
                  history_lag: float = 0.0, tick: float = 0.01, workdir: str | None = None,
-                 cache: bool = True) -> None:
+                 cache: bool = True, profile: str = "0.3.64") -> None:
+        self.profile: Profile = get_profile(profile)  # which ComfyUI release to imitate; fixed per instance
         self.host = host
         self.port = port
         self.duration = duration
@@ -57,12 +58,15 @@ class FakeComfy:
         self.reject = False
         self.padding = 0  # bytes of random data added to every saved PNG (large, incompressible outputs)
         self.cache = cache  # ComfyUI's output cache; False behaves like --cache-none
+        # a socket's cleanup pops its clientId, dropping a newer socket with that id (present up to 0.38)
+        self.reconnect_bug = True
         # introspection for tests
         self.prompts: dict[str, dict] = {}
         self.uploads: list[dict] = []
         self.interrupts: list[dict] = []
         self.queue_deletes: list[str] = []
         self.frees: list[dict] = []
+        self.job_cancels: list[dict] = []  # POST /api/jobs/.../cancel calls (current profile)
         # every request's method, path and headers, newest last (bounded: benchmarks send many)
         self.requests_seen: collections.deque[dict] = collections.deque(maxlen=10_000)
         self.executed: list[str] = []
@@ -248,14 +252,5 @@ class FakeComfy:
         return list(CHECKPOINTS)
 
     def system_stats(self) -> dict[str, Any]:
-        """A plausible /system_stats for a CPU-only box running ComfyUI 0.3.64."""
-        total, free = 8 * 1024 ** 3, 6 * 1024 ** 3
-        return {
-            "system": {"os": "posix", "ram_total": total, "ram_free": free, "comfyui_version": "0.3.64",
-                       "required_frontend_version": "1.27.10", "installed_templates_version": "0.1.95",
-                       "required_templates_version": "0.1.95", "python_version": sys.version,
-                       "pytorch_version": "2.8.0+cpu", "embedded_python": False,
-                       "argv": ["main.py", "--cpu", "--listen", self.host, "--port", str(self.port)]},
-            "devices": [{"name": "cpu", "type": "cpu", "index": None, "vram_total": total, "vram_free": free,
-                         "torch_vram_total": total, "torch_vram_free": free}],
-        }
+        """A plausible /system_stats for a CPU-only box running this profile's ComfyUI release."""
+        return system_stats(self.profile, self.host, self.port)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .nodes import NodeDef
+from .profile import cycle_errors, find_cycle, missing_node_type
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +154,15 @@ def validate_prompt(
     prompt: Any,
     image_exists: Callable[[str], bool],
     partial_targets: list[str] | None = None,
+    current: bool = False,
 ) -> Verdict:
-    """Validate an API-format graph; converts widget values in place like ComfyUI."""
+    """Validate an API-format graph; converts widget values in place like ComfyUI (current: 0.12+ errors)."""
     if not isinstance(prompt, dict):
         return Verdict(False, _err("prompt_no_outputs", "Prompt has no outputs"))
     outputs: list[str] = []
     for x, node in prompt.items():
+        if current and (not isinstance(node.get("class_type"), str) or node["class_type"] not in registry):
+            return Verdict(False, missing_node_type(x, node))
         if "class_type" not in node:
             return Verdict(False, _err("invalid_prompt",
                                        "Cannot execute because a node is missing the class_type property.",
@@ -173,6 +177,10 @@ def validate_prompt(
             outputs.append(x)
     if not outputs:
         return Verdict(False, _err("prompt_no_outputs", "Prompt has no outputs"))
+    cycle = find_cycle(prompt) if current else None
+    if cycle:
+        error, cycle_node_errors = cycle_errors(prompt, cycle)
+        return Verdict(False, error, [], cycle_node_errors)
 
     checker = _Validator(registry, prompt, image_exists)
     good: list[str] = []

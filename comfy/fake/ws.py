@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from tornado.web import HTTPError
 from tornado.websocket import WebSocketHandler
 
-from .base import FEATURES, origin_allowed, record_request
+from .base import cross_site_refused, origin_allowed, record_request
 
 if TYPE_CHECKING:
     from .executor import Instance
@@ -31,7 +31,7 @@ class ComfyWebSocket(WebSocketHandler):
     def prepare(self) -> None:
         """The origin middleware covers the upgrade too."""
         record_request(self)
-        if not origin_allowed(self.request):
+        if cross_site_refused(self.fake, self.request) or not origin_allowed(self.request):
             raise HTTPError(403)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -70,10 +70,10 @@ class ComfyWebSocket(WebSocketHandler):
             flags = data.get("data")
             meta = self.inst.sockets_metadata.setdefault(self.sid, {"feature_flags": {}})
             meta["feature_flags"] = flags if isinstance(flags, dict) else {}
-            self.inst.send("feature_flags", dict(FEATURES), self.sid)
+            self.inst.send("feature_flags", self.fake.profile.features(), self.sid)
 
     def on_close(self) -> None:
-        """De-register by clientId (which also drops a newer socket with that id)."""
+        """De-register by clientId; with the reconnect bug on, that also drops a newer socket with that id."""
         self.fake._ws.discard(self)
         if self.inst is not None and self.sid is not None:
-            self.inst.unregister(self.sid)
+            self.inst.unregister(self.sid, None if self.fake.reconnect_bug else self)
