@@ -30,10 +30,10 @@ from bench.harness import MeasureError
 from bench.machine import machine_note, peak_kb, peak_reset, rss_kb
 from bench.procs import (
     Bridge,
-    _get,
     baseline_process,
     bridge_process,
     fake_backends,
+    http_get,
 )
 
 MB = 1_000_000
@@ -155,7 +155,7 @@ async def make_results(bridge: Bridge, clients: list[str]) -> float:
     while pending:
         peak = max(peak, rss_kb(bridge.pid))
         for cid in list(pending):
-            status, raw = await _get(bridge.port, f"/execution-info?clientId={cid}", 10)
+            status, raw = await http_get(bridge.port, f"/execution-info?clientId={cid}", 10)
             info = json.loads(raw)
             if info["status"] == "closed":
                 pending.discard(cid)

@@ -217,7 +217,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+async def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """A one-off HTTP/1.0 GET on loopback: (status, body)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     try:
@@ -256,7 +256,7 @@ async def bridge_process(urls: list[str], settings: dict[str, Any] | None = None
                 if proc.poll() is not None:
                     raise MeasureError(f"the bridge exited ({proc.returncode}): {_tail(log)}")
                 try:
-                    status, _ = await _get(port, "/ready")
+                    status, _ = await http_get(port, "/ready")
                     if status == 200:
                         break
                 except (TimeoutError, OSError, ValueError, IndexError):

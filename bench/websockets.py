@@ -41,10 +41,10 @@ from bridge import tune_gc
 from bench.load import WsClient, percentile, ws_open_many
 from bench.machine import cpu_seconds, machine_note, raise_fd_limit, rss_kb
 from bench.procs import (
-    _get,
     baseline_process,
     bridge_process,
     fake_backends,
+    http_get,
 )
 from comfy.runner import Progress
 
@@ -234,7 +234,7 @@ async def _post(port: int, path: str, body: str) -> tuple[int, Any]:
 
 
 async def _open_sockets(port: int) -> int:
-    status, body = await _get(port, "/metrics")
+    status, body = await http_get(port, "/metrics")
     m = re.search(rb"^comfy_bridge_websocket_clients(?:\{[^}]*\})? ([\d.e+]+)", body, re.MULTILINE)
     if status != 200 or m is None:
         raise MeasureError("/metrics does not show comfy_bridge_websocket_clients")

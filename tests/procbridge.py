@@ -15,6 +15,11 @@ from typing import Any, AsyncIterator
 
 import yaml
 
+from bench.machine import free_port
+from bench.procs import http_get
+
+__all__ = ["BridgeProcess", "bridge_process", "free_port", "http_get"]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,25 +48,6 @@ class BridgeProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """One HTTP/1.0 GET on a fresh connection: (status, body)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
-    try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        data = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
 
 
 @asynccontextmanager

@@ -20,7 +20,10 @@ if str(ROOT) not in sys.path:  # the repo is not installed; keep this file runna
 from comfy.fake import FakeComfy  # noqa: E402
 from comfy.fake.png import encode_png, image_size, png_text  # noqa: E402
 
-TRACES = Path(os.environ.get("COMFY_TRACES", "/work/shared/comfy/traces"))
+# the recorded traces sit in shared/ beside the checkout (as in CI), or where COMFY_TRACES says
+TRACES = Path(os.environ.get("COMFY_TRACES") or next(
+    (p for p in (ROOT.parent / "shared/comfy/traces", Path("/work/shared/comfy/traces")) if p.is_dir()),
+    ROOT.parent / "shared/comfy/traces"))
 STEP = 5.0  # bound on every single await
 SERVER_ERROR = b"500 Internal Server Error\n\nServer got itself in trouble"
 
