@@ -76,6 +76,7 @@ class Config:
     # jobs
     job_timeout: float = 60.0
     max_queue: int = 1000
+    max_queue_per_identity: int = 100  # waiting jobs of one identity (key, or address in open mode)
     history_poll_interval: float = 2.0
     interrupt_wait: float = 10.0
     max_attempts: int = 3
@@ -160,7 +161,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
                "header_timeout": "header_timeout", "body_timeout": "body_timeout",
                "body_min_rate": "body_min_rate", "idle_timeout": "idle_timeout", "send_timeout": "send_timeout",
                "max_connections": "max_connections", "max_header_bytes": "max_header_bytes"},
-    "jobs": {"timeout": "job_timeout", "max_queue": "max_queue",
+    "jobs": {"timeout": "job_timeout", "max_queue": "max_queue", "max_queue_per_identity": "max_queue_per_identity",
              "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait",
              "max_attempts": "max_attempts", "results_ttl": "results_ttl", "refetch_grace": "refetch_grace"},
     "health": {"probe_interval": "probe_interval", "down_after": "down_after", "up_after": "up_after",
@@ -180,7 +181,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
 _TOP_LEVEL = {"backends", "workflows_dir", "data_dir", *_SECTIONS}
 _ENV = {"BRIDGE_HOST": "host", "BRIDGE_PORT": "port", "BRIDGE_BACKENDS": "backends",
         "BRIDGE_WORKFLOWS_DIR": "workflows_dir", "BRIDGE_DATA_DIR": "data_dir", "BRIDGE_API_KEY": "api_key"}
-_POSITIVE = {"port", "max_queue", "max_upload_bytes", "max_upload_files", "max_body_bytes",
+_POSITIVE = {"port", "max_queue", "max_queue_per_identity", "max_upload_bytes", "max_upload_files", "max_body_bytes",
              "max_string_length", "job_timeout", "history_poll_interval", "interrupt_wait",
              "keepalive_interval", "progress_interval", "connect_timeout", "request_timeout",
              "max_attempts", "results_ttl", "probe_interval", "max_ws_per_client", "max_ws_total",

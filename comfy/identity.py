@@ -124,7 +124,8 @@ class Resolver:
         """The identity of a request that presented `key` (None: no or no valid key)."""
         address, forwarded = self.address(peer, headers)
         ip = _ip(address)
-        local = not forwarded and ip is not None and ip.is_loopback
+        # a proxy of ours relays other machines' requests even when it adds no forwarding header
+        local = not forwarded and not self.trusted(peer) and ip is not None and ip.is_loopback
         if key is None:
             return Identity("", "anonymous", address, local, self.config.key_mode)
         return Identity(key.name, key.role, address, local, True)
@@ -145,13 +146,15 @@ def host_name(host_header: str) -> str:
 
 
 def allowed_hosts(config: Config) -> frozenset[str]:
-    """server.allowed_hosts, else the bound address and localhost (any name when bound to all addresses)."""
+    """Loopback names and server.allowed_hosts, else the bound address (any name when bound to all addresses)."""
+    # loopback names always: a rebound page cannot use them, and local probes and scrapers do
+    loopback = {"localhost", "127.0.0.1", "[::1]"}
     if config.allowed_hosts:
-        return frozenset(h.lower() for h in config.allowed_hosts)
+        return frozenset({*loopback, *(h.lower() for h in config.allowed_hosts)})
     if config.host in WILDCARD_HOSTS:
         return frozenset({"*"})
     bound = config.host.lower()
-    return frozenset({"localhost", "127.0.0.1", "[::1]", f"[{bound}]" if ":" in bound else bound})
+    return frozenset({*loopback, f"[{bound}]" if ":" in bound else bound})
 
 
 def same_origin(origin: str, host_header: str) -> bool:

@@ -107,6 +107,10 @@ class Scheduler(ClientViews):
         files = self._resolve_files(workflow, values)
         if len(self.queue) >= self.config.max_queue:
             raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); try again later")
+        # clientIds cost nothing, so the line is shared fairly only if one identity cannot fill it alone
+        if owner and sum(1 for j in self.queue if j.owner == owner) >= self.config.max_queue_per_identity:
+            raise QueueFull(f"this caller already has {self.config.max_queue_per_identity} jobs waiting "
+                            "(jobs.max_queue_per_identity); try again when some have started")
         job = Job(client_id=client_id, workflow=workflow.alias, inputs=values, prompt=workflow.build(values),
                   files=files, timeout=workflow.timeout, owner=owner)
         self.store.add_job(job)

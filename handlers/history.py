@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
+from contextlib import ExitStack
 from typing import Any
 from urllib.parse import quote
 
@@ -84,31 +86,39 @@ class HistoryHandler(BaseHandler):
     async def _send(self, jobs: list[Job]) -> bool:
         """Write the jobs' outputs as one multipart answer; False if the caller left before all of it was sent."""
         folder = self.services.config.results_dir
-        parts = [(j, o) for j in jobs for o in j.outputs if (folder / o.path).is_file()]
-        boundary = uuid.uuid4().hex
-        heads = [self._part_head(boundary, j, o) for j, o in parts]
-        tail = f"--{boundary}--\r\n".encode()
-        total = sum(len(h) + (folder / o.path).stat().st_size + 2 for h, (_, o) in zip(heads, parts)) + len(tail)
-        self.set_header("Content-Type", f"multipart/form-data; boundary={boundary}")
-        self.set_header("Content-Length", str(total))
-        self.set_header("X-Job-Ids", ",".join(j.id for j in jobs))
-        try:
-            buffered = 0
-            for head, (_, out) in zip(heads, parts):
-                self.write(head)
-                with open(folder / out.path, "rb") as fh:
+        with ExitStack() as files:
+            # every file is opened before the headers go out: one that a sweep deletes meanwhile stays readable,
+            # so the answer is always as long as it says
+            parts: list[tuple[Job, Output, Any]] = []
+            for job in jobs:
+                for out in job.outputs:
+                    try:
+                        parts.append((job, out, files.enter_context(open(folder / out.path, "rb"))))
+                    except FileNotFoundError:
+                        continue
+            boundary = uuid.uuid4().hex
+            heads = [self._part_head(boundary, j, o) for j, o, _ in parts]
+            tail = f"--{boundary}--\r\n".encode()
+            total = sum(len(h) + os.fstat(fh.fileno()).st_size + 2 for h, (_, _, fh) in zip(heads, parts)) + len(tail)
+            self.set_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+            self.set_header("Content-Length", str(total))
+            self.set_header("X-Job-Ids", ",".join(j.id for j in jobs))
+            try:
+                buffered = 0
+                for head, (_, _, fh) in zip(heads, parts):
+                    self.write(head)
                     while chunk := fh.read(CHUNK):
                         self.write(chunk)
                         buffered += len(chunk)
                         if buffered >= CHUNK:  # send it and wait for room (flow control)
                             await self.paced_flush()
                             buffered = 0
-                self.write(b"\r\n")
-            self.write(tail)
-            await self.paced_flush()  # small results leave in this one write
-        except StreamClosedError:
-            log.info("history: a caller left mid-download; its results are kept")
-            return False
+                    self.write(b"\r\n")
+                self.write(tail)
+                await self.paced_flush()  # small results leave in this one write
+            except StreamClosedError:
+                log.info("history: a caller left mid-download; its results are kept")
+                return False
         return True
 
     @staticmethod

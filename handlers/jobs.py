@@ -101,6 +101,8 @@ class FreeHandler(BaseHandler):
     async def post(self) -> None:
         """Free every backend, or the one the client's job was assigned to."""
         if self.get_query_argument("clientId", None) is None:
+            # unloading every backend's models slows every caller's next job: the bridge's business, not one caller's
+            self.require_operator()
             backends = [b for b in self.services.backends if b.up]
             target = "ALL"
         else:

@@ -133,7 +133,7 @@ async def test_log_metrics_backends_and_server_logs_carry_no_client_id(bridge: B
 async def test_operator_actions_need_admin_or_plain_loopback(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
     fake = await fakes()
     name = f"127.0.0.1:{fake.port}"
-    open_bridge = await bridge_factory([fake], trusted_proxies=("127.0.0.1",))
+    open_bridge = await bridge_factory([fake])
     # straight from loopback in open mode: allowed
     assert (await open_bridge.fetch("POST", f"/backends/drain?name={name}")).code == 200
     assert (await open_bridge.fetch("POST", f"/backends/resume?name={name}")).code == 200
@@ -142,13 +142,22 @@ async def test_operator_actions_need_admin_or_plain_loopback(bridge_factory, fak
                     {"X-Real-IP": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"}):
         resp = await open_bridge.fetch("POST", f"/backends/drain?name={name}", headers=headers)
         assert resp.code == 403 and "loopback" in json.loads(resp.body)["detail"], headers
+    # a trusted proxy relays other machines' requests even when it adds no forwarding header
+    trusting = await bridge_factory([fake], data_dir=open_bridge.config.data_dir.parent / "trusting",
+                                    trusted_proxies=("127.0.0.1",))
+    assert (await trusting.fetch("POST", f"/backends/drain?name={name}")).code == 403
     assert (await open_bridge.get_json("/backends"))["backends"][0]["state"] == "up"
+    # unloading every backend's models is the bridge's business too; a caller's own backend is its own
+    assert (await open_bridge.fetch("POST", "/free", headers={"X-Forwarded-For": "203.0.113.9"})).code == 403
+    assert (await open_bridge.fetch("POST", "/free")).code == 200
     keyed = await bridge_factory([await fakes()], data_dir=open_bridge.config.data_dir.parent / "keyed",
                                  **keyed_config())
     name = keyed.services.backends[0].label
     assert (await keyed.fetch("POST", f"/backends/drain?name={name}")).code == 401
     assert (await call(keyed, "POST", f"/backends/drain?name={name}", ALICE)).code == 403
     assert (await call(keyed, "POST", f"/backends/drain?name={name}", OPS)).code == 200
+    assert (await call(keyed, "POST", "/free", ALICE)).code == 403
+    assert (await call(keyed, "POST", "/free", OPS)).code == 200
     assert (await call(keyed, "POST", f"/backends/resume?name={name}", OPS)).code == 200
 
 
@@ -173,7 +182,9 @@ def test_forwarded_addresses_are_believed_only_from_trusted_proxies() -> None:
     spoof = HTTPHeaders({"X-Forwarded-For": "evil, 198.51.100.7"})
     assert resolver.address("127.0.0.1", spoof) == ("198.51.100.7", True)
     assert resolver.identify("127.0.0.1", fwd, None).local is False
-    assert resolver.identify("127.0.0.1", HTTPHeaders(), None).local is True
+    assert resolver.identify("127.0.0.1", HTTPHeaders(), None).local is False  # a proxy of ours relays others
+    assert Resolver(Config()).identify("127.0.0.1", HTTPHeaders(), None).local is True
+    assert Resolver(Config()).identify("::1", HTTPHeaders(), None).local is True
 
 
 async def test_foreign_host_names_are_refused(bridge: Bridge) -> None:
@@ -199,7 +210,9 @@ async def test_foreign_host_names_are_refused(bridge: Bridge) -> None:
 async def test_named_hosts_are_served_when_configured(bridge_factory, fake) -> None:  # type: ignore[no-untyped-def]
     bridge = await bridge_factory([fake], allowed_hosts=("gpu.example.com",))
     assert (await bridge.fetch("GET", "/workflow-list", headers={"Host": "gpu.example.com"})).code == 200
-    assert (await bridge.fetch("GET", "/workflow-list", headers={"Host": "127.0.0.1"})).code == 403
+    assert (await bridge.fetch("GET", "/workflow-list", headers={"Host": "evil.example"})).code == 403
+    # loopback names stay served: local probes, scrapers and the operator's curl on the box
+    assert (await bridge.fetch("GET", "/ready", headers={"Host": f"127.0.0.1:{bridge.port}"})).code == 200
 
 
 async def test_cross_site_pages_cannot_change_state(bridge: Bridge, png: bytes) -> None:
@@ -436,3 +449,17 @@ async def test_a_reader_that_stops_reading_is_cut_off_and_frees_the_results(brid
         assert resp.code == 200 and len(parse_multipart(resp)[0][1]) > 8 * MB
     finally:
         sock.close()
+
+
+async def test_one_identity_cannot_fill_the_queue_with_fresh_client_ids(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes()
+    fake.hang = True
+    bridge = await bridge_factory([fake], max_queue_per_identity=3, **keyed_config())
+    codes = [(await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", ALICE,
+                         {"workflow": "blank-canvas"})).code for _ in range(6)]
+    assert codes == [200] * 4 + [429] * 2  # one runs, three wait
+    resp = await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", ALICE,
+                      {"workflow": "blank-canvas"})
+    assert "max_queue_per_identity" in json.loads(resp.body)["detail"] and resp.headers["Retry-After"]
+    assert (await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", BOB,
+                       {"workflow": "blank-canvas"})).code == 200
