@@ -115,6 +115,7 @@ class Config:
     idle_timeout: float = 60.0        # seconds a kept-alive connection may wait for its next request
     send_timeout: float = 60.0        # seconds a download may wait for the caller to read more before it is cut
     max_connections: int = 10_000     # open client connections; capped below the open-file limit
+    max_connections_per_address: int = 256  # of those, from one address (trusted proxies exempt)
     max_header_bytes: int = 64 * 1024  # request line + headers; beyond it 431
     ws_ping_interval: float = 20.0    # seconds between pings on /ws
     ws_ping_timeout: float = 20.0     # seconds a socket may leave a ping unanswered before it is closed
@@ -160,7 +161,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
                "trusted_proxies": "trusted_proxies", "allowed_hosts": "allowed_hosts",
                "header_timeout": "header_timeout", "body_timeout": "body_timeout",
                "body_min_rate": "body_min_rate", "idle_timeout": "idle_timeout", "send_timeout": "send_timeout",
-               "max_connections": "max_connections", "max_header_bytes": "max_header_bytes"},
+               "max_connections": "max_connections", "max_connections_per_address": "max_connections_per_address", "max_header_bytes": "max_header_bytes"},
     "jobs": {"timeout": "job_timeout", "max_queue": "max_queue", "max_queue_per_identity": "max_queue_per_identity",
              "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait",
              "max_attempts": "max_attempts", "results_ttl": "results_ttl", "refetch_grace": "refetch_grace"},
@@ -187,7 +188,7 @@ _POSITIVE = {"port", "max_queue", "max_queue_per_identity", "max_upload_bytes", 
              "max_attempts", "results_ttl", "probe_interval", "max_ws_per_client", "max_ws_total",
              "max_client_id_length", "submit_rate", "submit_burst", "drain_timeout", "down_after", "up_after",
              "upload_ttl", "quota_bytes", "refetch_grace", "header_timeout", "body_timeout", "body_min_rate",
-             "idle_timeout", "send_timeout", "max_connections", "max_header_bytes", "ws_ping_interval", "ws_ping_timeout"}
+             "idle_timeout", "send_timeout", "max_connections", "max_connections_per_address", "max_header_bytes", "ws_ping_interval", "ws_ping_timeout"}
 
 
 def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,

@@ -28,6 +28,7 @@ from tornado.httpserver import HTTPServer, _HTTPRequestContext
 from tornado.log import gen_log
 
 from .config import Config
+from .identity import Resolver
 from .listener import Listener, Throttled, effective_max_connections
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class ConnLimits:
     idle_timeout: float = 60.0
     max_connections: int = 10_000
     max_header_bytes: int = 64 * 1024
+    max_per_address: int = 256
+    exempt: tuple[str, ...] = ()  # trusted proxies: they carry many callers' connections
+
 
     @classmethod
     def from_config(cls, config: Config, open_files: int | None = None) -> ConnLimits:
@@ -57,7 +61,7 @@ class ConnLimits:
             open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         return cls(config.header_timeout, config.body_timeout, config.body_min_rate, config.idle_timeout,
                    effective_max_connections(config.max_connections, open_files, len(config.backends)),
-                   config.max_header_bytes)
+                   config.max_header_bytes, config.max_connections_per_address, config.trusted_proxies)
 
 
 def answer(status: int, detail: str, headers: dict[str, str] | None = None) -> bytes:
@@ -257,9 +261,10 @@ class _ServerConnection(HTTP1ServerConnection):
 class _CountedStream(iostream.IOStream):
     """An IOStream that gives its place back to the server's connection count when its socket closes."""
 
-    def __init__(self, sock: socket.socket, server: BoundedHTTPServer, **kwargs: Any) -> None:
+    def __init__(self, sock: socket.socket, server: BoundedHTTPServer, peer: str = "", **kwargs: Any) -> None:
         super().__init__(sock, **kwargs)
         self._server: BoundedHTTPServer | None = server
+        self._peer = peer
 
     def close_fd(self) -> None:
         try:
@@ -267,6 +272,7 @@ class _CountedStream(iostream.IOStream):
         finally:
             if self._server is not None:
                 self._server.open_connections -= 1
+                self._server.release(self._peer)
                 self._server = None
 
 
@@ -281,6 +287,8 @@ class BoundedHTTPServer(HTTPServer):
         super().initialize(request_callback, idle_connection_timeout=limits.header_timeout, **kwargs)
         self.limits = limits
         self.open_connections = 0
+        self.per_address: dict[str, int] = {}
+        self._exempt = Resolver.networks(limits.exempt)
         self.throttle = Throttled(log)
         self._aborts = 0
         self._collected = 0.0
@@ -310,28 +318,49 @@ class BoundedHTTPServer(HTTPServer):
         if self.open_connections >= self.limits.max_connections:
             self._refuse(conn)
             return
+        peer = str(address[0]) if isinstance(address, tuple) and address else ""
+        if peer and not Resolver.within(peer, self._exempt):
+            # one address cannot take every place (idle sockets cost a caller nothing): others still get in
+            if self.per_address.get(peer, 0) >= self.limits.max_per_address:
+                self._refuse(conn, f"this address has {self.limits.max_per_address} connections open "
+                                   "(server.max_connections_per_address); close some first")
+                return
+            self.per_address[peer] = self.per_address.get(peer, 0) + 1
+        else:
+            peer = ""
         self.open_connections += 1
         try:
-            stream = _CountedStream(conn, self, max_buffer_size=self.max_buffer_size,
+            stream = _CountedStream(conn, self, peer, max_buffer_size=self.max_buffer_size,
                                     read_chunk_size=self.read_chunk_size)
         except Exception:
             self.open_connections -= 1
+            self.release(peer)
             conn.close()
             raise
         self.handle_stream(stream, address)
 
-    def _refuse(self, conn: socket.socket) -> None:
-        """503 and close at once: past max_connections the process keeps no state for a newcomer."""
-        self.throttle.warning("busy", "refusing connections: %d open (server.max_connections %d)",
-                              self.open_connections, self.limits.max_connections)
+    def release(self, peer: str) -> None:
+        """A connection from `peer` closed ("" for one not counted by address)."""
+        if peer:
+            left = self.per_address.get(peer, 1) - 1
+            if left > 0:
+                self.per_address[peer] = left
+            else:
+                self.per_address.pop(peer, None)
+
+    def _refuse(self, conn: socket.socket, detail: str = "the bridge has too many open connections; "
+                                                         "try again shortly") -> None:
+        """503 and close at once: past a connection cap the process keeps no state for a newcomer."""
+        self.throttle.warning("busy", "refusing connections: %d open (server.max_connections %d, "
+                                      "per address %d)", self.open_connections, self.limits.max_connections,
+                              self.limits.max_per_address)
         try:
             conn.setblocking(False)
             try:
                 conn.recv(64 * 1024)  # what already came: unread input would turn the close into a reset
             except OSError:
                 pass
-            conn.send(answer(503, "the bridge has too many open connections; try again shortly",
-                             {"Retry-After": "1"}))
+            conn.send(answer(503, detail, {"Retry-After": "1"}))
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass

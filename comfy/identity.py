@@ -100,8 +100,18 @@ class Resolver:
 
     def trusted(self, address: str) -> bool:
         """True if this peer is a configured proxy, whose X-Forwarded-For is believed."""
+        return self.within(address, self.proxies)
+
+    @staticmethod
+    def networks(items: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """IP networks from addresses or CIDR texts (checked when the settings were loaded)."""
+        return _networks(items)
+
+    @staticmethod
+    def within(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+        """True if the address is in one of the networks."""
         ip = _ip(address)
-        return ip is not None and any(ip in net for net in self.proxies)
+        return ip is not None and any(ip in net for net in networks)
 
     def address(self, peer: str, headers: HTTPHeaders) -> tuple[str, bool]:
         """(the caller's address, whether the request came through a proxy).

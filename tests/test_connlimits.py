@@ -23,6 +23,9 @@ from procbridge import ROOT, BridgeProcess, bridge_process, free_port, http_get
 
 HALF = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # a request that never ends
 
+# the process-wide bounds, with every connection from one address (as from a proxy)
+ONE_ADDRESS = {"max_connections_per_address": 100_000}
+
 
 @pytest.fixture
 async def bounded(tmp_path: Path, workflows_dir: Path, fake: FakeComfy) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
@@ -191,7 +194,7 @@ async def timed_health(port: int) -> float:
 
 @pytest.mark.timeout(120)
 async def test_1100_half_open_connections_under_a_systemd_like_limit(tmp_path: Path, fake: FakeComfy) -> None:
-    async with bridge_process(tmp_path, fake.url, nofile=(1024, 4096)) as bridge:
+    async with bridge_process(tmp_path, fake.url, nofile=(1024, 4096), server=ONE_ADDRESS) as bridge:
         assert any("open-file limit 4096 (hard 4096)" in line for line in bridge.log_lines()), bridge.log_lines()
         held = await hold_half_open(bridge.port, 1100)
         try:
@@ -205,7 +208,8 @@ async def test_1100_half_open_connections_under_a_systemd_like_limit(tmp_path: P
 
 @pytest.mark.timeout(120)
 async def test_out_of_descriptors_the_bridge_neither_spins_nor_floods_the_log(tmp_path: Path, fake: FakeComfy) -> None:
-    async with bridge_process(tmp_path, fake.url, nofile=(1024, 1024), server={"header_timeout": 3}) as bridge:
+    async with bridge_process(tmp_path, fake.url, nofile=(1024, 1024),
+                              server={"header_timeout": 3, **ONE_ADDRESS}) as bridge:
         logged = len(bridge.log_lines())
         cpu = bridge.cpu_seconds()
         start = time.monotonic()
@@ -272,3 +276,25 @@ async def test_accept_failures_rest_the_listener_and_are_logged_once_per_interva
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+async def test_one_address_cannot_take_every_connection(tmp_path: Path, fake: FakeComfy) -> None:
+    async with bridge_process(tmp_path, fake.url, server={"max_connections_per_address": 20}) as bridge:
+        idle = [await asyncio.open_connection("127.0.0.1", bridge.port, local_addr=("127.0.0.2", 0))
+                for _ in range(20)]
+        try:
+            # the 21st from that address is refused at once, with a reason
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port, local_addr=("127.0.0.2", 0))
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 503") and b"max_connections_per_address" in answer
+            # everyone else is served
+            assert (await http_get(bridge.port, "/health"))[0] == 200
+        finally:
+            for _, writer in idle:
+                writer.close()
+        await asyncio.sleep(0.3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port, local_addr=("127.0.0.2", 0))
+        writer.write(b"GET /health HTTP/1.0\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200")  # places given back
+        writer.close()
