@@ -59,6 +59,8 @@ async def simulated_backends(durations: list[float], profile: str = "0.3.64") ->
 @asynccontextmanager
 async def running_bridge(urls: list[str], **settings: Any) -> AsyncIterator[tuple[Services, int]]:
     """A bridge in this process over the given backends; yields its services and port."""
+    # the load comes from loopback by design: one identity may fill the queue here
+    settings.setdefault("max_queue_per_identity", 1_000_000)
     with scratch_dir() as data:
         config = Config(backends=tuple(BackendConfig(url=u, name=f"sim-{i}") for i, u in enumerate(urls)),
                         workflows_dir=ROOT / "workflows", data_dir=Path(data), **settings)

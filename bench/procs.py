@@ -239,6 +239,7 @@ async def bridge_process(urls: list[str], settings: dict[str, Any] | None = None
         config = _merge({
             # the load comes from loopback by design: one address may hold every connection here
             "server": {"host": "127.0.0.1", "port": port, "drain_timeout": 1, "max_connections_per_address": 1_000_000},
+            "jobs": {"max_queue_per_identity": 1_000_000},
             "backends": [{"url": u, "name": f"sim-{i}", "slots": slots} for i, u in enumerate(urls)],
             "workflows_dir": str(ROOT / "workflows"),
             "data_dir": str(data),

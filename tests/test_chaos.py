@@ -19,7 +19,8 @@ JOBS_PER_CLIENT = 10
 async def test_chaos_every_job_ends_once(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
     backends = [await fakes(duration=0.05) for _ in range(3)]
     bridge = await bridge_factory(backends, probe_interval=0.05, down_after=2, up_after=2, failover_grace=0.3,
-                                  max_attempts=8, job_timeout=10, history_poll_interval=0.2)
+                                  max_attempts=8, job_timeout=10, history_poll_interval=0.2,
+                                  max_queue_per_identity=1000)  # 20 callers, all on this one address
     rng = random.Random(20261122)
     stop = asyncio.Event()
 
