@@ -36,6 +36,7 @@ class Services:
     metrics: Metrics
     resolver: Resolver
     shutting_down: bool = False
+    receiving: dict[str, int] = field(default_factory=dict)  # owner -> upload bytes arriving right now (quota)
     demo: dict[str, Any] | None = None  # what /health says about --demo's simulated backends
     lock: DataDirLock | None = field(default=None, repr=False)
     _watch: PeriodicCallback | None = field(default=None, repr=False)

@@ -176,6 +176,28 @@ class UploadHandler(BaseHandler):
                                  f"({used} in use); take results or wait for old uploads to expire "
                                  "(limits.upload_ttl)")
 
+    def _reserve(self, size: int) -> None:
+        """Count bytes as they arrive against the caller's quota, with its other uploads still arriving, so
+        concurrent uploads cannot each pass the check and together go past it."""
+        owner, receiving = self.identity.owner, self.services.receiving
+        receiving[owner] = receiving.get(owner, 0) + size
+        self._reserved = getattr(self, "_reserved", 0) + size
+        quota = self.services.config.quota_bytes
+        used = self.services.store.usage(owner)
+        if used + receiving[owner] > quota:
+            raise api_error(413, f"these uploads would take the caller's stored files past its quota of {quota} "
+                                 f"bytes ({used} stored, {receiving[owner]} arriving now)")
+
+    def _release(self) -> None:
+        reserved, self._reserved = getattr(self, "_reserved", 0), 0
+        if reserved and hasattr(self, "identity"):
+            receiving = self.services.receiving
+            left = receiving.get(self.identity.owner, 0) - reserved
+            if left > 0:
+                receiving[self.identity.owner] = left
+            else:
+                receiving.pop(self.identity.owner, None)
+
     def on_finish(self) -> None:
         self._cleanup()
 
@@ -189,6 +211,7 @@ class UploadHandler(BaseHandler):
         self._cleanup()
 
     def _cleanup(self) -> None:
+        self._release()
         self.parser = None  # its callbacks are this handler's methods: a cycle only the collector would break
         for part in self.parts:
             if part.tmp.exists():
@@ -239,6 +262,7 @@ class UploadHandler(BaseHandler):
         limit = self.services.config.max_upload_bytes
         if part.size + (end - start) > limit:
             raise api_error(413, f"{part.field!r} is larger than {limit} bytes")
+        self._reserve(end - start)
         part.write(data[start:end])
         if hopeless(part.head):
             raise api_error(415, f"{part.field!r} {NOT_AN_IMAGE}")

@@ -463,3 +463,25 @@ async def test_one_identity_cannot_fill_the_queue_with_fresh_client_ids(bridge_f
     assert "max_queue_per_identity" in json.loads(resp.body)["detail"] and resp.headers["Retry-After"]
     assert (await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", BOB,
                        {"workflow": "blank-canvas"})).code == 200
+
+
+async def test_uploads_still_arriving_count_against_the_quota(bridge_factory, fake, png: bytes) -> None:  # type: ignore[no-untyped-def]
+    bridge = await bridge_factory([fake], quota_bytes=3_000_000)
+    body, ctype = multipart({"file": ("a.png", png + b"\0" * 1_000_000)})
+    held = []
+    try:
+        for _ in range(3):  # three uploads that have sent 90 % of their bytes and wait
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:900_000])
+            await writer.drain()
+            held.append(writer)
+        await asyncio.sleep(0.3)
+        assert bridge.services.receiving  # counted while they arrive
+        resp = await bridge.fetch("POST", "/upload", raw=body, headers={"Content-Type": ctype})
+        assert resp.code == 413 and "arriving now" in json.loads(resp.body)["detail"]
+    finally:
+        for writer in held:
+            writer.close()
+    await wait_for(lambda: not bridge.services.receiving, 5)  # given back when they were dropped
+    assert (await bridge.upload({"file": ("a.png", png + b"\0" * 1_000_000)}))["file"]
