@@ -16,6 +16,7 @@ from tornado import httpclient, websocket
 from .config import BackendConfig, Config
 from .httppool import KeepAliveClient, Response
 from .protocol import Capabilities, JobStatus, history_status, job_status, system_info
+from .sharedcall import SharedCall
 from .wire import (BackendError, BackendRejected, BackendUnavailable, close_if_connected,
                    commit_file, read_json, short_body, describe_prompt_error, new_client_id)
 
@@ -72,8 +73,7 @@ class Backend:
         self.job_seconds: float | None = None  # moving average of a job's run time here (dispatch preference)
         self.orphans: set[str] = set()  # our prompts abandoned here while it was down; stopped when it is back
         self._prompts_posted = 0
-        self._freeing: asyncio.Future[None] | None = None
-        self._freed: tuple[int, float] | None = None  # (prompts posted, loop time) when the last /free succeeded
+        self.free = SharedCall(self._free_once, lambda: self._prompts_posted, FREE_REUSE)
 
     def describe(self) -> dict[str, Any]:
         """The public view of this backend (its URL without any credentials)."""
@@ -356,22 +356,9 @@ class Backend:
         """Interrupt this prompt only if it is the one running (the targeted form, never global)."""
         self._check(await self._call("POST", "/interrupt", {"prompt_id": prompt_id}), "POST /interrupt")
 
-    async def free(self) -> None:
-        """Ask the server to unload models and free memory. One call at a time: callers who ask while it is in
-        flight share it, and so do those who ask just after it succeeded while no prompt was posted since."""
-        now = asyncio.get_running_loop().time()
-        if self._freeing is None or self._freeing.done():
-            if self._freed is not None and self._freed[0] == self._prompts_posted and now - self._freed[1] < FREE_REUSE:
-                return  # nothing has been loaded since: ComfyUI would have nothing to unload
-            self._freeing = asyncio.ensure_future(self._free_once())
-            # retrieved here too, so a failure whose callers all left is not reported as never retrieved
-            self._freeing.add_done_callback(lambda f: f.cancelled() or f.exception())
-        await asyncio.shield(self._freeing)  # a caller that goes away does not cancel the others' call
-
     async def _free_once(self) -> None:
-        posted = self._prompts_posted
+        """Ask the server to unload models and free memory; `self.free()` shares one call among callers."""
         self._check(await self._call("POST", "/free", {"unload_models": True, "free_memory": True}), "POST /free")
-        self._freed = (posted, asyncio.get_running_loop().time())
 
     async def fetch_object_info(self, classes: set[str]) -> dict[str, Any]:
         """Node definitions for these classes (unknown classes are left out)."""
