@@ -274,13 +274,18 @@ async def bridge_process(urls: list[str], settings: dict[str, Any] | None = None
                     spy.send_signal(signal.SIGINT)
                     await asyncio.to_thread(spy.wait, 30)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.to_thread(proc.wait, 30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            await stop_process(proc, 30)
+
+
+async def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM a child that still runs, and SIGKILL it if it has not exited `grace` seconds later."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _profiler(pid: int) -> subprocess.Popen | None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from typing import Any, AsyncIterator
 import yaml
 
 from bench.machine import free_port
-from bench.procs import http_get
+from bench.procs import http_get, stop_process
 
 __all__ = ["BridgeProcess", "bridge_process", "free_port", "http_get"]
 
@@ -84,10 +82,4 @@ async def bridge_process(tmp_path: Path, backend_url: str, nofile: tuple[int, in
             await asyncio.sleep(0.1)
         yield bridge
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, 15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        await stop_process(proc, 15)
