@@ -63,6 +63,7 @@ class Job:
     fetched_at: float | None = None
     expired: bool = False  # its results were deleted untaken after results_ttl
     seq: int = 0
+    round: int = 0  # its fair-queue round: dispatch order is (round, seq) among waiting jobs
     cancel_reason: str | None = None
     run_started: float | None = None  # monotonic time this attempt started running (not persisted)
 
