@@ -1,0 +1,162 @@
+"""The PostgreSQL store's link to its database: a small pool, one listening connection, and outages.
+
+Every call is bounded (`timeout` seconds for acquiring a connection and for each statement). A
+connection error marks the link unavailable and starts one background task that reconnects with
+capped, jittered backoff; until it succeeds, calls fail at once with StoreUnavailable instead of
+waiting. Events of other bridges arrive on the listening connection, which the same task re-opens.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from .jobstore import JobEvent, StoreUnavailable
+
+if TYPE_CHECKING:
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "comfy_bridge_events"
+SENDER = "sender"  # the payload's extra key naming the store instance that sent it (JobEvent ignores it)
+MAX_PAYLOAD = 7900  # NOTIFY payloads must stay under 8000 bytes
+BACKOFF_FIRST = 0.05
+BACKOFF_CAP = 1.0
+
+
+def payload(event: JobEvent, sender: str) -> str:
+    """An event as a NOTIFY payload from the store instance `sender`; a very long detail is cut to fit."""
+    data = {**event.to_dict(), SENDER: sender}
+    text = json.dumps(data, separators=(",", ":"))
+    if len(text.encode()) > MAX_PAYLOAD and data.get("detail"):
+        over = len(text.encode()) - MAX_PAYLOAD
+        data["detail"] = data["detail"].encode()[:max(0, len(data["detail"].encode()) - over - 16)].decode(
+            errors="ignore") + "…"
+        text = json.dumps(data, separators=(",", ":"))
+    return text
+
+
+class PgLink:
+    """A pool of at most `pool_max` connections plus one LISTEN connection to one database."""
+
+    def __init__(self, url: str, on_event: Callable[[dict[str, Any]], None], *, timeout: float = 5.0,
+                 pool_max: int = 8) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.pool_max = pool_max
+        self.on_event = on_event
+        self.available = False
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._recovery: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def open(self) -> None:
+        """Connect the pool and the listener; raises StoreUnavailable when the database cannot be reached."""
+        import asyncpg  # the driver is optional: only PostgreSQL users install it
+
+        try:
+            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_max,
+                                                   timeout=self.timeout, command_timeout=self.timeout)
+            await self._listen()
+        except unavailable_errors() as exc:
+            await self.close()
+            raise StoreUnavailable(f"cannot reach the job store's PostgreSQL: {describe(exc)}") from exc
+        self.available = True
+
+    async def close(self) -> None:
+        """Stop reconnecting, and close the listener and the pool."""
+        self._closing = True
+        self.available = False
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+        if self._listener is not None:
+            self._listener.terminate()
+            self._listener = None
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
+        """A pooled connection for one bounded piece of work; connection trouble raises StoreUnavailable."""
+        if not self.available or self._pool is None:
+            raise StoreUnavailable("the job store's PostgreSQL is unreachable; reconnecting")
+        try:
+            async with asyncio.timeout(self.timeout), self._pool.acquire() as conn:
+                yield conn
+        except unavailable_errors() as exc:
+            self.lost(exc)
+            raise StoreUnavailable(f"the job store's PostgreSQL is unreachable: {describe(exc)}") from exc
+
+    def lost(self, exc: BaseException | None = None) -> None:
+        """The database went away (or a connection to it did): unavailable until the recovery task is back."""
+        if self._closing:
+            return
+        if self.available:
+            log.warning("job store: lost PostgreSQL (%s); reconnecting", describe(exc) if exc else "listener closed")
+        self.available = False
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        delay = BACKOFF_FIRST
+        while not self._closing:
+            try:
+                if self._listener is None or self._listener.is_closed():
+                    await self._listen()
+                assert self._pool is not None
+                await self._pool.expire_connections()  # connections opened before the loss may be dead
+                async with asyncio.timeout(self.timeout):
+                    await self._pool.fetchval("SELECT 1")
+            except unavailable_errors() as exc:
+                log.debug("job store: PostgreSQL still unreachable (%s)", describe(exc))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, BACKOFF_CAP)
+                continue
+            self.available = True
+            log.warning("job store: PostgreSQL is reachable again")
+            return
+
+    async def _listen(self) -> None:
+        import asyncpg
+
+        if self._listener is not None:
+            self._listener.terminate()
+            self._listener = None
+        conn = await asyncpg.connect(self.url, timeout=self.timeout, command_timeout=self.timeout)
+        try:
+            await conn.add_listener(CHANNEL, self._notified)
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(lambda _conn: self.lost())
+        self._listener = conn
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, text: object) -> None:
+        try:
+            data = json.loads(str(text))
+        except ValueError:
+            log.warning("job store: ignored a malformed event %.200r", text)
+            return
+        self.on_event(data)
+
+
+def unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the database cannot be reached", not "the statement is wrong"."""
+    from asyncpg import exceptions as pg
+
+    return (OSError, TimeoutError, pg.PostgresConnectionError, pg.OperatorInterventionError,
+            pg.InsufficientResourcesError, pg.InterfaceError)
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of a connection error."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
