@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .jobs import Job
 from .jobstore import FETCHED, JobEvent, JobStore
-from .pg_link import CHANNEL, SENDER, PgLink, payload
+from .pg_link import SENDER, PgLink, payload
 from .pg_rows import ACTIVE, HAS_OUTPUTS, JOB, UNTAKEN, job_of
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class PgRecords(JobStore):
         self.bridge = bridge
         self.instance = f"{bridge}#{secrets.token_hex(3)}"
         self.lease_ttl = lease_ttl  # also how long a silent bridge's presence rows still count
-        self.link = PgLink(url, self._remote, timeout=timeout, pool_max=pool_max)
+        self.link = PgLink(url, self.instance, self._remote, timeout=timeout, pool_max=pool_max)
         self._progress_written: dict[str, float] = {}
 
 
@@ -53,8 +53,7 @@ class PgRecords(JobStore):
         async with self.link.connection() as conn, conn.transaction():
             yield conn, events
             if events:
-                await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-                                   CHANNEL, [payload(e, self.instance) for e in events])
+                await self.link.notify(conn, [payload(e, self.instance) for e in events])
         for event in events:
             self.fanout.publish(event)
 

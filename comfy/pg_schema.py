@@ -94,11 +94,17 @@ CREATE TABLE leases (
 );
 CREATE TABLE presence (
     client_id TEXT NOT NULL,
-    instance TEXT NOT NULL REFERENCES bridges (instance) ON DELETE CASCADE,
+    instance TEXT NOT NULL,
     count INTEGER NOT NULL,
     PRIMARY KEY (client_id, instance)
 );
 CREATE INDEX presence_instance ON presence (instance);
+CREATE TABLE events (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    payload TEXT NOT NULL
+);
+CREATE INDEX events_at ON events (at);
 """
 
 MIGRATIONS: tuple[str, ...] = (V1,)  # version n is MIGRATIONS[n - 1]

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 from . import pg_leases, pg_schema
 from .jobs import Job, Output, State
 from .jobstore import CANCEL, PROGRESS, REQUEUED, JobEvent, QueueFull, StoreUnavailable
-from .pg_link import CHANNEL, describe, payload, unavailable_errors
+from .pg_link import KEEP_EVENTS, describe, payload, unavailable_errors
 from .pg_records import PgRecords
 from .pg_rows import ACTIVE, INSERTED, JOB, assignments, encode, job_of, names, states
 
@@ -56,6 +56,7 @@ class PostgresStore(PgRecords):
             async with self.link.connection() as conn:
                 await pg_schema.migrate(conn)
                 await pg_leases.heartbeat(conn, self.instance, self.bridge)
+            await self.link.listen()
         except BaseException:
             await self.link.close()
             raise
@@ -225,12 +226,10 @@ class PostgresStore(PgRecords):
         event = replace(self._event(PROGRESS, job), progress=value)
         now = time.monotonic()
         async with self.link.connection() as conn:
+            await self.link.notify(conn, [payload(event, self.instance)], keep=False)
             if now - self._progress_written.get(job.id, 0.0) >= PROGRESS_WRITE_EVERY:
                 self._progress_written[job.id] = now
-                await conn.execute("WITH step AS (UPDATE jobs SET progress = $3 WHERE id = $4 AND state = 'running')"
-                                   " SELECT pg_notify($1, $2)", CHANNEL, payload(event, self.instance), value, job.id)
-            else:
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload(event, self.instance))
+                await conn.execute("UPDATE jobs SET progress = $1 WHERE id = $2 AND state = 'running'", value, job.id)
         self.fanout.publish(event)
 
     async def request_cancel(self, job_ids: list[str], reason: str) -> list[Job]:
@@ -253,6 +252,7 @@ class PostgresStore(PgRecords):
         Call it every ttl/3 even without backends: it is also this bridge's heartbeat for presence."""
         self.lease_ttl = ttl
         async with self._tx() as (conn, _):
+            await conn.execute("DELETE FROM events WHERE at < now() - make_interval(secs => $1)", KEEP_EVENTS)
             return await pg_leases.round_of(conn, self.instance, self.bridge, list(backends), ttl)
 
     async def release_leases(self) -> None:

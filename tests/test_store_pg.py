@@ -161,6 +161,23 @@ async def test_events_cross_bridges_within_50_ms(bridges: Bridges) -> None:
     assert len(own) == len({(e.kind, e.job_id, e.at) for e in own}) == 100 + 1 + 1 + 1 + 100
 
 
+async def test_a_bridge_whose_listener_dropped_still_hears_every_change(pg_cluster: PgCluster, pg_url: str,
+                                                                        bridges: Bridges) -> None:
+    a, b = await bridges("a"), await bridges("b")
+    heard: list[str] = []
+    a.subscribe(lambda e: heard.append(e.job_id))
+    dbname = pg_url.rsplit("/", 1)[1]
+    for _ in range(3):
+        # the database cuts a's listening connection (as a network blip or an idle timeout would);
+        # b goes on committing while a notices and listens again
+        cut = pg_cluster.sql(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                             f" WHERE application_name = '{a.instance} listen'", dbname)
+        assert cut == "1"
+        sent = [(await b.enqueue(new_job("C"), BIG, BIG)).id for _ in range(10)]
+        await until(lambda: set(sent) <= set(heard), 10.0)
+    assert len(heard) == len(set(heard)) == 30  # each once
+
+
 # take-once and the claim across bridges -------------------------------------------------------------
 async def test_eight_concurrent_fetches_over_three_bridges_one_wins(bridges: Bridges) -> None:
     stores = [await bridges(f"b{i}") for i in range(3)]
