@@ -112,24 +112,42 @@ class PgLink:
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery
-        if self._listener is not None:
-            self._listener.terminate()
-            self._listener = None
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool = None
+        listener, pool, self._listener, self._pool = self._listener, self._pool, None, None
+        try:  # politely when the database answers, at once when it does not
+            async with asyncio.timeout(self.timeout):
+                if listener is not None:
+                    await listener.close()
+                if pool is not None:
+                    await pool.close()
+        except unavailable_errors():
+            if listener is not None:
+                listener.terminate()
+            if pool is not None:
+                pool.terminate()
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
-        """A pooled connection for one bounded piece of work; connection trouble raises StoreUnavailable."""
+        """A pooled connection for one bounded piece of work; connection trouble raises StoreUnavailable.
+        Waiting too long for a free connection (all busy) raises it too, but is no sign of an outage."""
         if not self.available or self._pool is None:
             raise StoreUnavailable("the job store's PostgreSQL is unreachable; reconnecting")
+        pool = self._pool
         try:
-            async with asyncio.timeout(self.timeout), self._pool.acquire() as conn:
+            conn = await pool.acquire(timeout=self.timeout)
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"all {self.pool_max} connections to the job store are busy") from exc
+        except unavailable_errors() as exc:
+            self.lost(exc)
+            raise StoreUnavailable(f"the job store's PostgreSQL is unreachable: {describe(exc)}") from exc
+        try:
+            async with asyncio.timeout(self.timeout):
                 yield conn
         except unavailable_errors() as exc:
             self.lost(exc)
             raise StoreUnavailable(f"the job store's PostgreSQL is unreachable: {describe(exc)}") from exc
+        finally:
+            with contextlib.suppress(*unavailable_errors()):
+                await pool.release(conn, timeout=self.timeout)
 
     def lost(self, exc: BaseException | None = None) -> None:
         """The database went away (or a connection to it did): unavailable until the recovery task is back."""

@@ -81,6 +81,14 @@ CREATE INDEX uploads_age ON uploads (created_at);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
 INSERT INTO counters (name, value) VALUES ('generation', 0);
+-- the generation count goes up in the transaction that first marks a job counted (its RUNNING transition)
+CREATE FUNCTION count_generation() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'generation';
+    RETURN NULL;
+END $$;
+CREATE TRIGGER jobs_counted AFTER UPDATE OF counted ON jobs FOR EACH ROW
+    WHEN (NEW.counted AND NOT OLD.counted) EXECUTE FUNCTION count_generation();
 CREATE TABLE bridges (
     instance TEXT PRIMARY KEY,
     name TEXT NOT NULL,

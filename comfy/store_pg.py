@@ -178,22 +178,14 @@ class PostgresStore(PgRecords):
         if to is State.COMPLETED:
             changes["progress"] = 1.0
         sets, values = assignments(changes, 3)
-        if to is State.RUNNING:
+        if to is State.RUNNING:  # counted: the trigger jobs_counted adds it to the generation count once
             sets += f", counted = true, started_at = COALESCE(started_at, ${3 + len(values)})"
             values.append(time.time())
         async with self._tx() as (conn, events):
-            counted = True
-            if to is State.RUNNING:
-                counted = await conn.fetchval("SELECT counted FROM jobs WHERE id = $1 AND state = ANY($2::text[])"
-                                              " FOR UPDATE", job_id, states(expect))
-                if counted is None:
-                    return None
             row = await conn.fetchrow(f"UPDATE jobs SET {sets} WHERE id = $1 AND state = ANY($2::text[]) RETURNING {JOB}",
                                       job_id, states(expect), *values)
             if row is None:
                 return None
-            if not counted:
-                await conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'generation'")
             job = job_of(row)
             if to is State.COMPLETED and outputs is not None:
                 await conn.execute("DELETE FROM outputs WHERE job_id = $1", job_id)
