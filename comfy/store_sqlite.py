@@ -20,6 +20,7 @@ from .gencount import GenerationCounter
 from .jobs import Job, Output, State
 from .jobstore import CANCEL, PROGRESS, REQUEUED, JobEvent, QueueFull
 from .sqlite_records import COLS, IDS, SqliteRecords, guarded, states_sql
+from .sqlite_schema import OPEN
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,11 @@ _NEW = ("id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "
 
 # a new job's round: one past its client's last waiting one, else the lowest waiting round (else 0)
 SQL_INSERT = (f"INSERT INTO jobs ({', '.join(_NEW)}, round) VALUES ({', '.join('?' * len(_NEW))},"
-              " COALESCE((SELECT MAX(round) + 1 FROM jobs WHERE state = 'queued' AND client_id = ?),"
+              f" COALESCE((SELECT MAX(round) + 1 FROM jobs WHERE {OPEN} AND client_id = ? AND state = 'queued'),"
               " (SELECT MIN(round) FROM jobs WHERE state = 'queued'), 0)) RETURNING seq, round")
 SQL_WAITING = "SELECT COUNT(*) FROM jobs WHERE state = 'queued'"
-SQL_WAITING_OWNER = "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = ?"
+SQL_CAPS = ("SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'queued'),"
+            " (SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = ?)")
 SQL_FIRST = "SELECT id FROM jobs WHERE state = 'queued' {} ORDER BY round, seq LIMIT 1"
 SQL_CLAIM = ("UPDATE jobs SET state = 'dispatching', backend = ?, attempts = attempts + 1, progress = 0,"
              f" prompt_id = NULL WHERE id = ({SQL_FIRST}) RETURNING {COLS}")
@@ -43,6 +45,8 @@ SQL_REQUEUE = ("UPDATE jobs SET state = 'queued', backend = NULL, prompt_id = NU
                " round = COALESCE((SELECT MIN(round) FROM jobs WHERE state = 'queued'), 1) - 1"
                f" WHERE id = ? AND state IN {{}} RETURNING {COLS}")
 SQL_COUNT_ONCE = "UPDATE jobs SET counted = 1 WHERE id = ? AND counted = 0 AND state IN {}"
+SQL_ADD_OUTPUT = ("INSERT OR REPLACE INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
 class SqliteStore(SqliteRecords):
@@ -115,9 +119,10 @@ class SqliteStore(SqliteRecords):
     async def enqueue(self, job: Job, max_queue: int, max_per_owner: int) -> Job:
         """Record a new waiting job at its fair place; QueueFull at max_queue or the owner's cap."""
         db = self.db
-        if db.execute(SQL_WAITING).fetchone()[0] >= max_queue:
+        waiting, owners = db.execute(SQL_CAPS, (job.owner,)).fetchone()
+        if waiting >= max_queue:
             raise QueueFull(f"the queue is full ({max_queue} jobs waiting); try again later")
-        if job.owner and db.execute(SQL_WAITING_OWNER, (job.owner,)).fetchone()[0] >= max_per_owner:
+        if job.owner and owners >= max_per_owner:
             raise QueueFull(f"this caller already has {max_per_owner} jobs waiting "
                             "(jobs.max_queue_per_identity); try again when some have started")
         job.state = State.QUEUED
@@ -182,7 +187,10 @@ class SqliteStore(SqliteRecords):
             sql = self._sql[key] = (f"UPDATE jobs SET {self._assignments(names) or 'id = id'}"
                                     f" WHERE id = ? AND state IN {states_sql(expect)} RETURNING {COLS}")
         row = self.db.execute(sql, (*(self._value(n, fields[n]) for n in names), job_id)).fetchone()
-        return self._with_outputs(self._job(row)) if row is not None else None
+        if row is None:
+            return None
+        job = self._job(row)
+        return self._with_outputs(job) if job.state is State.COMPLETED else job  # only results have outputs
 
     @guarded
     async def transition(self, job_id: str, expect: Iterable[State], to: State, *,
@@ -215,21 +223,21 @@ class SqliteStore(SqliteRecords):
         args.append(job_id)
         db = self.db
         first_run = False
-        db.execute("BEGIN")
-        try:
-            if to is State.RUNNING:
-                first_run = db.execute(SQL_COUNT_ONCE.format(states_sql(expect)), (job_id,)).rowcount == 1
+        if to is State.RUNNING or (to is State.COMPLETED and outputs):
+            db.execute("BEGIN")
+            try:
+                if to is State.RUNNING:
+                    first_run = db.execute(SQL_COUNT_ONCE.format(states_sql(expect)), (job_id,)).rowcount == 1
+                row = db.execute(sql, args).fetchone()
+                if row is not None and outputs:
+                    db.executemany(SQL_ADD_OUTPUT, [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size)
+                                                    for i, o in enumerate(outputs)])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        else:
             row = db.execute(sql, args).fetchone()
-            if row is not None and to is State.COMPLETED and outputs:
-                db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
-                db.executemany("INSERT INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
-                               " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size)
-                                for i, o in enumerate(outputs)])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         if row is None:
             if pending is not None:
                 self._progress[job_id] = pending
@@ -237,11 +245,9 @@ class SqliteStore(SqliteRecords):
         if first_run and self.counter is not None:
             self.counter.increment()
         job = self._job(row)
-        if to is State.COMPLETED and outputs:
+        if outputs and to is State.COMPLETED:
             job.outputs = list(outputs)
             self._count(job.owner, sum(o.size for o in outputs))
-        else:
-            self._with_outputs(job)
         self._emit(to.value, job)
         return job
 
