@@ -31,6 +31,7 @@ async def round_of(conn: PoolConnectionProxy[Any], instance: str, name: str, bac
     await conn.execute("WITH gone AS (DELETE FROM bridges WHERE heartbeat < now() - make_interval(secs => $1)"
                        " RETURNING instance) DELETE FROM presence WHERE instance IN (SELECT instance FROM gone)",
                        ttl * FORGET_AFTER)
+    await conn.execute("DELETE FROM presence WHERE instance = $1 AND count <= 0", instance)
     await conn.execute("DELETE FROM leases WHERE holder = $1 AND NOT (backend = ANY($2::text[]))", instance, backends)
     held = {r[0] for r in await conn.fetch(
         "UPDATE leases SET expires_at = now() + make_interval(secs => $2) WHERE holder = $1 RETURNING backend",

@@ -33,8 +33,7 @@ class PgRecords(JobStore):
         self.instance = f"{bridge}#{secrets.token_hex(3)}"
         self.lease_ttl = lease_ttl  # also how long a silent bridge's presence rows still count
         self.link = PgLink(url, self.instance, self._remote, timeout=timeout, pool_max=pool_max)
-        self._progress_written: dict[str, float] = {}
-
+        self._progress_written: dict[str, float] = {}  # job id -> when its progress column was last written
 
     def _remote(self, data: dict[str, Any]) -> None:
         if data.get(SENDER) == self.instance:
@@ -206,13 +205,12 @@ class PgRecords(JobStore):
 
     # callers' sockets, across bridges ------------------------------------------------------------
     async def attach(self, client_id: str, delta: int) -> None:
-        """This bridge opened (+1) or closed (-1) a socket or event stream of the client."""
-        async with self._tx() as (conn, _):
+        """This bridge opened (+1) or closed (-1) a socket or event stream of the client (one statement;
+        rows down to 0 are swept by the lease rounds)."""
+        async with self.link.connection() as conn:
             await conn.execute("INSERT INTO presence (client_id, instance, count) VALUES ($1, $2, $3)"
                                " ON CONFLICT (client_id, instance) DO UPDATE SET count = presence.count + $3",
                                client_id, self.instance, delta)
-            await conn.execute("DELETE FROM presence WHERE client_id = $1 AND instance = $2 AND count <= 0",
-                               client_id, self.instance)
 
     async def attached(self, client_id: str) -> bool:
         """True if this bridge, or another live one, holds an open socket or event stream of the client."""
@@ -221,7 +219,6 @@ class PgRecords(JobStore):
                 "SELECT EXISTS (SELECT 1 FROM presence p WHERE p.client_id = $1 AND p.count > 0 AND (p.instance = $2"
                 " OR EXISTS (SELECT 1 FROM bridges b WHERE b.instance = p.instance"
                 " AND b.heartbeat > now() - make_interval(secs => $3))))", client_id, self.instance, self.lease_ttl))
-
 
     async def meta(self, key: str, make: Callable[[], str]) -> str:
         """A persistent value shared by every bridge, created by make() the first time."""
