@@ -46,8 +46,12 @@ GRAPH = json.loads((ROOT / "workflows" / "empty_image.json").read_text())
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-def graph_for(color: int, prefix: str = "bridge/empty") -> dict[str, Any]:
-    """The benchmark's graph at 64x64 in one colour, saved under `prefix`."""
+def graph_for(color: int, prefix: str = "empty") -> dict[str, Any]:
+    """The benchmark's graph at 64x64 in one colour, saved under `prefix`.
+
+    The direct and peer paths save at the root of ComfyUI's output folder (the peer reads its outputs there
+    by file name), the bridge's workflow under bridge/: ComfyUI lists the target folder at every save, so
+    the folders the paths write to grow alike over a run."""
     g: dict[str, Any] = json.loads(json.dumps(GRAPH))
     g["1"]["inputs"].update({"width": 64, "height": 64, "color": color})
     g["2"]["inputs"]["filename_prefix"] = prefix
@@ -171,9 +175,9 @@ async def probe_one_call(http: KeepAliveClient, wait: int) -> str | None:
 
 async def peer_job(http: KeepAliveClient, color: int) -> float:
     """Seconds for one job through Salad's comfyui-api in sync mode, until its answer holds the image.
-    Its SaveImage prefix has no folder: the peer reads outputs from ComfyUI's output folder by file name."""
+    It reads outputs from ComfyUI's output folder by file name, so the graph's prefix names no folder."""
     started = time.perf_counter()
-    answer = json.loads(await ok(http, "POST", "/prompt", json.dumps({"prompt": graph_for(color, "empty")}).encode(),
+    answer = json.loads(await ok(http, "POST", "/prompt", json.dumps({"prompt": graph_for(color)}).encode(),
                                  JSON_HEADERS))
     took = time.perf_counter() - started
     images = answer.get("images") or []
