@@ -21,9 +21,9 @@ COLUMNS = ("seq", "id", "client_id", "workflow", "inputs", "prompt", "files", "t
            "prompt_id", "attempts", "error", "created_at", "started_at", "finished_at", "counted", "fetched",
            "owner", "fetched_at", "expired", "round", "cancel_reason", "progress")
 COLS = ", ".join(COLUMNS)
-SETTABLE = frozenset(COLUMNS) - {"seq", "id"}
-JSON_COLUMNS = frozenset({"inputs", "prompt", "files"})
+SETTABLE = frozenset(COLUMNS) - {"seq", "id", "inputs", "prompt", "files"}  # what a submit asked never changes
 LIVE = "('queued', 'dispatching', 'running')"
+LIVE_STATES = frozenset({"queued", "dispatching", "running"})
 IDS = "(SELECT value FROM json_each(?))"  # a list of ids bound as one JSON parameter
 
 SQL_OUTPUTS = ("SELECT job_id, node_id, filename, content_type, path, size FROM outputs"
@@ -82,6 +82,8 @@ class SqliteRecords(JobStore):
         self._reserved: dict[str, float] = {}   # job id -> monotonic end of its take-once hold
         self._progress: dict[str, float] = {}   # job id -> progress published but not yet written
         self._attached: dict[str, int] = {}     # clientId -> open sockets and event streams
+        # job id -> decoded (inputs, prompt, files) of jobs still open; stored once, never changed
+        self._bodies: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -92,12 +94,21 @@ class SqliteRecords(JobStore):
 
     # records -------------------------------------------------------------------------------------
     def _job(self, row: tuple[Any, ...]) -> Job:
-        """A Job from a row of COLUMNS, with the progress published since the last write."""
+        """A Job from a row of COLUMNS, with the progress published since the last write.
+
+        A job's inputs, prompt and files are decoded once while it waits or runs and shared by the records
+        made of it until its results are taken (they never change once stored): callers treat them as
+        read-only."""
         (seq, job_id, client_id, workflow, inputs, prompt, files, timeout, state, backend, prompt_id, attempts,
          error, created_at, started_at, finished_at, counted, fetched, owner, fetched_at, expired, rnd,
          cancel_reason, progress) = row
-        return Job(id=job_id, client_id=client_id, workflow=workflow, inputs=json.loads(inputs),
-                   prompt=json.loads(prompt), files=json.loads(files), timeout=float(timeout), state=State(state),
+        body = self._bodies.get(job_id)
+        if body is None:
+            body = (json.loads(inputs), json.loads(prompt), json.loads(files))
+            if state in LIVE_STATES:
+                self._bodies[job_id] = body
+        return Job(id=job_id, client_id=client_id, workflow=workflow, inputs=body[0], prompt=body[1],
+                   files=body[2], timeout=float(timeout), state=State(state),
                    backend=backend, prompt_id=prompt_id, attempts=attempts, error=error, created_at=created_at,
                    started_at=started_at, finished_at=finished_at, counted=bool(counted), fetched=bool(fetched),
                    owner=owner, fetched_at=fetched_at, expired=bool(expired), seq=seq, round=rnd,
@@ -120,15 +131,15 @@ class SqliteRecords(JobStore):
     def _value(name: str, value: Any) -> Any:
         """A field's value as stored."""
         if name not in SETTABLE:
-            raise ValueError(f"a job has no stored field {name!r}")
-        if name in JSON_COLUMNS:
-            return json.dumps(value)
+            raise ValueError(f"{name!r} is not a field of a job that can change")
         if isinstance(value, State):
             return value.value
         return int(value) if isinstance(value, bool) else value
 
     def _emit(self, kind: str, job: Job, detail: str | None = None) -> None:
-        """Publish a committed change to this process's subscribers."""
+        """Publish a committed change to this process's subscribers (and forget the body of a closed job)."""
+        if not (job.state.active or (job.state is State.COMPLETED and job.outputs and not job.fetched)):
+            self._bodies.pop(job.id, None)
         self.fanout.publish(JobEvent.of(kind, job, self.bridge, detail))
 
     # reading jobs ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
 import time
 from dataclasses import replace
@@ -44,7 +45,6 @@ SQL_PLACE = ("SELECT COUNT(*) FROM jobs AS j, jobs AS me WHERE me.id = ? AND me.
 SQL_REQUEUE = ("UPDATE jobs SET state = 'queued', backend = NULL, prompt_id = NULL, progress = 0,"
                " round = COALESCE((SELECT MIN(round) FROM jobs WHERE state = 'queued'), 1) - 1"
                f" WHERE id = ? AND state IN {{}} RETURNING {COLS}")
-SQL_COUNT_ONCE = "UPDATE jobs SET counted = 1 WHERE id = ? AND counted = 0 AND state IN {}"
 SQL_ADD_OUTPUT = ("INSERT OR REPLACE INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
                   " VALUES (?, ?, ?, ?, ?, ?, ?)")
 
@@ -213,21 +213,21 @@ class SqliteStore(SqliteRecords):
         key = ("transition", names, expect, to)
         sql = self._sql.get(key)
         if sql is None:
-            started = ", started_at = COALESCE(started_at, ?)" if to is State.RUNNING else ""
+            # the first start counts the job: the row says so by holding exactly this start time (a job
+            # counted before keeps its start, or gets one a hair earlier if an old record had none)
+            started = (", counted = 1, started_at = CASE WHEN counted = 0 THEN ? ELSE COALESCE(started_at, ?) END"
+                       if to is State.RUNNING else "")
             sets = ", ".join(filter(None, [f"state = '{to.value}'", self._assignments(names)]))
             sql = self._sql[key] = (f"UPDATE jobs SET {sets}{started} WHERE id = ? AND state IN {states_sql(expect)}"
                                     f" RETURNING {COLS}")
         args = [self._value(n, fields[n]) for n in names]
         if to is State.RUNNING:
-            args.append(now)
+            args += [now, math.nextafter(now, 0.0)]
         args.append(job_id)
         db = self.db
-        first_run = False
-        if to is State.RUNNING or (to is State.COMPLETED and outputs):
+        if to is State.COMPLETED and outputs:
             db.execute("BEGIN")
             try:
-                if to is State.RUNNING:
-                    first_run = db.execute(SQL_COUNT_ONCE.format(states_sql(expect)), (job_id,)).rowcount == 1
                 row = db.execute(sql, args).fetchone()
                 if row is not None and outputs:
                     db.executemany(SQL_ADD_OUTPUT, [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size)
@@ -242,9 +242,9 @@ class SqliteStore(SqliteRecords):
             if pending is not None:
                 self._progress[job_id] = pending
             return None
-        if first_run and self.counter is not None:
-            self.counter.increment()
         job = self._job(row)
+        if to is State.RUNNING and job.started_at == now and self.counter is not None:
+            self.counter.increment()
         if outputs and to is State.COMPLETED:
             job.outputs = list(outputs)
             self._count(job.owner, sum(o.size for o in outputs))

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest
 
 from comfy.jobs import Job, Output, State
-from comfy.jobstore import CANCEL, FETCHED, PROGRESS, REQUEUED, JobEvent, JobStore, QueueFull
+from comfy.jobstore import CANCEL, FETCHED, PROGRESS, REQUEUED, JobEvent, JobStore, QueueFull, StoreUnavailable
 from comfy.store_pg import PostgresStore
 from comfy.store_sqlite import SqliteStore
 
@@ -555,3 +555,24 @@ async def test_progress_is_written_seldom_but_not_lost(tmp_path: Path) -> None:
     db = sqlite3.connect(data / "bridge.sqlite3")
     assert db.execute("SELECT progress FROM jobs WHERE id = ?", (job.id,)).fetchone()[0] == 0.5
     db.close()
+
+
+async def test_a_file_that_became_unusable_makes_the_store_unavailable(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = SqliteStore(data, "b")
+    await store.open()
+    try:
+        job = await store.enqueue(new_job("A"), BIG, BIG)
+        other = sqlite3.connect(data / "bridge.sqlite3")
+        other.execute("ALTER TABLE outputs RENAME TO outputs_elsewhere")  # another process broke the file
+        other.commit()
+        with pytest.raises(StoreUnavailable, match="no such table: outputs"):
+            await store.claim_results("A", 30)
+        assert not store.available
+        assert await store.queue_length() == 1 and store.available  # what still works, works: available again
+        other.execute("ALTER TABLE outputs_elsewhere RENAME TO outputs")
+        other.commit()
+        other.close()
+        assert await store.claim_results("A", 30) == [] and (await store.job(job.id)) is not None
+    finally:
+        await store.close()
