@@ -138,6 +138,15 @@ async def test_a_late_client_joins_the_lowest_waiting_round(make_store: MakeStor
     assert await drain(store, jobs) == ["A2", "B1", "C1", "A3", "B2"]
 
 
+async def test_within_a_round_jobs_go_in_the_order_they_came(make_store: MakeStore) -> None:
+    store = await make_store()
+    jobs = await push(store, "A1", "B1", "B2", "A2", "C1")
+    # round 0: A1 B1 C1; round 1: B2 before A2, as B2 came first (FairQueue, which kept a rotation of
+    # clients, gave A1 B1 C1 A2 B2: fair the same way, a different order inside the round)
+    assert await places(store, jobs) == {"A1": 1, "B1": 2, "C1": 3, "B2": 4, "A2": 5}
+    assert await drain(store, jobs) == ["A1", "B1", "C1", "B2", "A2"]
+
+
 async def drain_one(store: JobStore, names: dict[str, Job]) -> str:
     """Claim one job; its name."""
     job = await store.claim("sim-0", None)
