@@ -36,9 +36,12 @@ SQL_INSERT = (f"INSERT INTO jobs ({', '.join(_NEW)}, round) VALUES ({', '.join('
 SQL_WAITING = "SELECT COUNT(*) FROM jobs WHERE state = 'queued'"
 SQL_CAPS = ("SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'queued'),"
             " (SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = ?)")
-SQL_FIRST = "SELECT id FROM jobs WHERE state = 'queued' {} ORDER BY round, seq LIMIT 1"
+# the first waiting job in fair order among a JSON list of workflows (bound twice; NULL: any workflow)
+SQL_FIRST = ("SELECT id FROM jobs WHERE state = 'queued' AND (? IS NULL OR workflow IN (SELECT value FROM json_each(?)))"
+             " ORDER BY round, seq LIMIT 1")
 SQL_CLAIM = ("UPDATE jobs SET state = 'dispatching', backend = ?, attempts = attempts + 1, progress = 0,"
              f" prompt_id = NULL WHERE id = ({SQL_FIRST}) RETURNING {COLS}")
+SQL_PEEK = f"SELECT {COLS} FROM jobs WHERE id = ({SQL_FIRST})"
 SQL_PLACE = ("SELECT COUNT(*) FROM jobs AS j, jobs AS me WHERE me.id = ? AND me.state = 'queued'"
              " AND j.state = 'queued' AND (j.round, j.seq) <= (me.round, me.seq)")
 # back at the head of the line: one round before the lowest waiting one
@@ -59,6 +62,7 @@ class SqliteStore(SqliteRecords):
         self.counter: GenerationCounter | None = None
         self._progress_timer: asyncio.TimerHandle | None = None
         self._sql: dict[Any, str] = {}  # statement texts built once per shape of change
+        self._listed: dict[frozenset[str], str] = {}  # backends' workflow sets as JSON lists
 
     # lifecycle ----------------------------------------------------------------------------------
     @property
@@ -133,17 +137,20 @@ class SqliteStore(SqliteRecords):
         self._emit(job.state.value, job)
         return job
 
-    def _first(self, workflows: frozenset[str] | None) -> tuple[str, tuple[Any, ...]]:
-        """The fair-claim filter for a backend's workflows: (SQL condition, parameters)."""
+    def _workflows(self, workflows: frozenset[str] | None) -> str | None:
+        """A backend's workflows as the JSON list SQL_FIRST takes (made once per set)."""
         if workflows is None:
-            return "", ()
-        return f"AND workflow IN {IDS}", (json.dumps(sorted(workflows)),)
+            return None
+        listed = self._listed.get(workflows)
+        if listed is None:
+            listed = self._listed[workflows] = json.dumps(sorted(workflows))
+        return listed
 
     @guarded
     async def claim(self, backend: str, workflows: frozenset[str] | None) -> Job | None:
         """Take the first waiting job in fair order a backend can run: QUEUED -> DISPATCHING, in one UPDATE."""
-        cond, args = self._first(workflows)
-        row = self.db.execute(SQL_CLAIM.format(cond), (backend, *args)).fetchone()
+        allowed = self._workflows(workflows)
+        row = self.db.execute(SQL_CLAIM, (backend, allowed, allowed)).fetchone()
         if row is None:
             return None
         self._progress.pop(row[1], None)
@@ -154,8 +161,8 @@ class SqliteStore(SqliteRecords):
     @guarded
     async def peek(self, workflows: frozenset[str] | None) -> Job | None:
         """The job claim() would take now."""
-        cond, args = self._first(workflows)
-        row = self.db.execute(f"SELECT {COLS} FROM jobs WHERE id = ({SQL_FIRST.format(cond)})", args).fetchone()
+        allowed = self._workflows(workflows)
+        row = self.db.execute(SQL_PEEK, (allowed, allowed)).fetchone()
         return self._job(row) if row is not None else None
 
     @guarded
@@ -254,7 +261,11 @@ class SqliteStore(SqliteRecords):
     @guarded
     async def requeue(self, job_id: str, expect: Iterable[State], reason: str) -> Job | None:
         """Back to the head of the line: round = the lowest waiting round - 1. Publishes requeued."""
-        row = self.db.execute(SQL_REQUEUE.format(states_sql(expect)), (job_id,)).fetchone()
+        expect = tuple(expect)
+        sql = self._sql.get(("requeue", expect))
+        if sql is None:
+            sql = self._sql[("requeue", expect)] = SQL_REQUEUE.format(states_sql(expect))
+        row = self.db.execute(sql, (job_id,)).fetchone()
         if row is None:
             return None
         self._progress.pop(job_id, None)
