@@ -4,6 +4,7 @@ The queue, the changes of a job and the leases are in store_pg.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -11,8 +12,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .jobs import Job
 from .jobstore import FETCHED, JobEvent, JobStore
-from .pg_link import SENDER, PgLink, payload
-from .pg_rows import ACTIVE, HAS_OUTPUTS, JOB, UNTAKEN, job_of
+from .pg_link import SENDER, PgLink
+from .pg_rows import ACTIVE, DETAIL, HAS_OUTPUTS, JOB, UNTAKEN, emitting, job_of
 
 if TYPE_CHECKING:
     from asyncpg import Record
@@ -47,17 +48,29 @@ class PgRecords(JobStore):
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[tuple[Conn, list[JobEvent]]]:
-        """One transaction; the events appended to its list are NOTIFYed in it and delivered here after commit."""
+        """One transaction; the events its statements sent (see _changed) go to this bridge's subscribers
+        once it committed."""
         events: list[JobEvent] = []
         async with self.link.connection() as conn, conn.transaction():
             yield conn, events
-            if events:
-                await self.link.notify(conn, [payload(e, self.instance) for e in events])
         for event in events:
             self.fanout.publish(event)
 
-    def _event(self, kind: str, job: Job, detail: str | None = None) -> JobEvent:
-        return JobEvent.of(kind, job, origin=self.bridge, detail=detail)
+    async def _changed(self, conn: Conn, change: str, args: list[Any], kind: str, detail: str | None = None,
+                       size: int | None = None, detail_sql: str = DETAIL) -> list[tuple[Job, JobEvent]]:
+        """Run one change of jobs that sends the event `kind` of each changed row (see pg_rows.emitting);
+        the changed jobs and their events, which the caller publishes after the commit."""
+        rows = await conn.fetch(emitting(change, len(args) + 1, detail_sql), *args,
+                                kind, detail, self.bridge, time.time(), size, self.instance)
+        return [(job_of(r), JobEvent.from_dict(json.loads(r["payload"]))) for r in rows]
+
+    async def _change(self, change: str, args: list[Any], kind: str, detail: str | None = None) -> list[Job]:
+        """One change of jobs in one statement (its own transaction), its events published after it."""
+        async with self.link.connection() as conn:
+            changed = await self._changed(conn, change, args, kind, detail)
+        for _, event in changed:
+            self.fanout.publish(event)
+        return [job for job, _ in changed]
 
     # reading jobs ---------------------------------------------------------------------------------
     async def job(self, job_id: str) -> Job | None:
@@ -122,17 +135,19 @@ class PgRecords(JobStore):
 
     async def mark_fetched(self, job_ids: list[str], expired: bool = False) -> list[str]:
         """The results were taken (or expired untaken); emits fetched; returns paths to delete now."""
+        fetched = ("UPDATE jobs SET fetched = true, expired = $2, fetched_at = $3, delivering_until = NULL"
+                   " WHERE id = ANY($1::text[]) AND NOT fetched")
+        if not expired:
+            await self._change(fetched, [job_ids, False, time.time()], FETCHED)
+            return []
         async with self._tx() as (conn, events):
-            rows = await conn.fetch(
-                "UPDATE jobs SET fetched = true, expired = $2, fetched_at = $3, delivering_until = NULL"
-                f" WHERE id = ANY($1::text[]) AND NOT fetched RETURNING {JOB}", job_ids, expired, time.time())
-            jobs = sorted(map(job_of, rows), key=lambda j: j.seq)
-            paths: list[str] = []
-            if expired and jobs:
-                paths = [r[0] for r in await conn.fetch("DELETE FROM outputs WHERE job_id = ANY($1::text[]) RETURNING path",
-                                                        [j.id for j in jobs])]
-            events += [self._event(FETCHED, j) for j in jobs]
-        return paths
+            changed = await self._changed(conn, fetched, [job_ids, True, time.time()], FETCHED)
+            events += [event for _, event in changed]
+            if not changed:
+                return []
+            rows = await conn.fetch("DELETE FROM outputs WHERE job_id = ANY($1::text[]) RETURNING path",
+                                    [job.id for job, _ in changed])
+        return [r[0] for r in rows]
 
     async def taken_jobs(self, client_id: str, since: float) -> list[Job]:
         """The client's results taken at or after `since` whose outputs are still on record."""

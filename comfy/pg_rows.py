@@ -5,6 +5,8 @@ import json
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .jobs import Job, Output, State
+from .jobstore import JobEvent
+from .pg_link import CHANNEL, SENDER
 
 if TYPE_CHECKING:
     from asyncpg import Record
@@ -12,9 +14,26 @@ if TYPE_CHECKING:
 ACTIVE = "('dispatching', 'running')"
 HAS_OUTPUTS = "EXISTS (SELECT 1 FROM outputs o WHERE o.job_id = jobs.id)"
 UNTAKEN = f"state = 'completed' AND NOT fetched AND {HAS_OUTPUTS}"
-# a job row with its outputs (column `outs`), in one query
-JOB = ("jobs.*, (SELECT COALESCE(json_agg(json_build_array(o.node_id, o.filename, o.content_type, o.path, o.size)"
-       " ORDER BY o.idx), '[]') FROM outputs o WHERE o.job_id = jobs.id)::text AS outs")
+
+
+def with_outputs(alias: str) -> str:
+    """The columns of a job row `alias` plus its outputs as JSON (column `outs`), for one query."""
+    return (f"{alias}.*, (SELECT COALESCE(json_agg(json_build_array(o.node_id, o.filename, o.content_type, o.path,"
+            f" o.size) ORDER BY o.idx), '[]') FROM outputs o WHERE o.job_id = {alias}.id)::text AS outs")
+
+
+JOB = with_outputs("jobs")
+# a JobEvent (as JobEvent.of makes it) of the changed row `moved`, in SQL; {kind} ... are parameters
+EVENT = {"kind": "{kind}::text", "job_id": "moved.id", "client_id": "moved.client_id", "owner": "moved.owner",
+         "workflow": "moved.workflow", "state": "moved.state", "progress": "moved.progress", "detail": "{detail_sql}",
+         "backend": "moved.backend", "attempts": "moved.attempts", "created_at": "moved.created_at",
+         "started_at": "moved.started_at", "finished_at": "moved.finished_at",
+         "result_bytes": "COALESCE({size}::bigint, (SELECT COALESCE(sum(o.size), 0) FROM outputs o"
+                         " WHERE o.job_id = moved.id))",
+         "origin": "{origin}::text", "at": "{at}::float8", SENDER: "{sender}::text"}
+assert set(EVENT) == {*JobEvent.__dataclass_fields__, SENDER}, "EVENT must name every JobEvent field"
+EVENT_PARAMS = ("kind", "detail", "origin", "at", "size", "sender")
+DETAIL = "COALESCE({detail}::text, moved.error)"  # as JobEvent.of: the given detail, else the job's error
 JSON_FIELDS = frozenset({"inputs", "prompt", "files"})
 FIELDS = frozenset({"backend", "prompt_id", "progress", "attempts", "error", "cancel_reason", "started_at",
                     "finished_at", "timeout", "owner", *JSON_FIELDS})
@@ -61,3 +80,19 @@ def job_of(row: Record) -> Job:
               cancel_reason=row["cancel_reason"])
     job.outputs = [Output(*o) for o in json.loads(row["outs"])]
     return job
+
+
+def emitting(change: str, first: int, detail: str = DETAIL) -> str:
+    """One statement that makes a change and sends its events: `change` is an UPDATE or INSERT of jobs
+    (without RETURNING); each row it changed gets its event stored in `events` and NOTIFYed (delivered at
+    commit), and comes back with its outputs and its event (column `payload`). The statement takes
+    len(EVENT_PARAMS) more parameters from ${first}: the event's kind, detail, origin, at, result bytes
+    (None: summed from the outputs table) and sender; `detail` is the SQL of the event's detail (it must
+    use the {detail} parameter, e.g. to prefer it)."""
+    params = {name: f"${first + i}" for i, name in enumerate(EVENT_PARAMS)}
+    event = ", ".join(f"'{name}', {sql.replace('{detail_sql}', detail).format(**params)}"
+                      for name, sql in EVENT.items())
+    return (f"WITH moved AS ({change} RETURNING *), ev AS (INSERT INTO events (job_id, payload)"
+            f" SELECT moved.id, json_build_object({event})::text FROM moved RETURNING id, job_id, payload)"
+            f" SELECT {with_outputs('moved')}, ev.payload, pg_notify('{CHANNEL}', ev.id || ' ' || ev.payload)"
+            " FROM moved JOIN ev ON ev.job_id = moved.id ORDER BY ev.id")

@@ -110,6 +110,7 @@ CREATE INDEX presence_instance ON presence (instance);
 CREATE TABLE events (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    job_id TEXT,
     payload TEXT NOT NULL
 );
 CREATE INDEX events_at ON events (at);

@@ -102,25 +102,21 @@ class PostgresStore(PgRecords):
             job.state = State.QUEUED
             job.round = max(row["last"] + 1, lowest) if row["last"] is not None else lowest
             values = encode({name: getattr(job, name) for name in INSERTED})
-            job.seq = await conn.fetchval(
-                f"INSERT INTO jobs ({', '.join(INSERTED)}) VALUES ({', '.join(f'${i + 1}' for i in range(len(INSERTED)))})"
-                " RETURNING seq", *values.values())
-            events.append(self._event(State.QUEUED.value, job))
+            [(stored, event)] = await self._changed(
+                conn, f"INSERT INTO jobs ({', '.join(INSERTED)}) VALUES ({', '.join(f'${i + 1}' for i in range(len(INSERTED)))})",
+                list(values.values()), State.QUEUED.value)
+            events.append(event)
+        job.seq = stored.seq
         return job
 
     async def claim(self, backend: str, workflows: frozenset[str] | None) -> Job | None:
         """Take the first waiting job in fair order whose workflow fits; None when none waits. Emits dispatching."""
-        async with self._tx() as (conn, events):
-            row = await conn.fetchrow(
-                "UPDATE jobs SET state = 'dispatching', backend = $1, attempts = attempts + 1, progress = 0,"
-                " prompt_id = NULL WHERE state = 'queued' AND seq = (SELECT seq FROM jobs WHERE state = 'queued'"
-                " AND ($2::text[] IS NULL OR workflow = ANY($2::text[])) ORDER BY round, seq LIMIT 1"
-                f" FOR UPDATE SKIP LOCKED) RETURNING {JOB}", backend, names(workflows))
-            if row is None:
-                return None
-            job = job_of(row)
-            events.append(self._event(State.DISPATCHING.value, job))
-        return job
+        claimed = await self._change(
+            "UPDATE jobs SET state = 'dispatching', backend = $1, attempts = attempts + 1, progress = 0,"
+            " prompt_id = NULL WHERE state = 'queued' AND seq = (SELECT seq FROM jobs WHERE state = 'queued'"
+            " AND ($2::text[] IS NULL OR workflow = ANY($2::text[])) ORDER BY round, seq LIMIT 1 FOR UPDATE SKIP LOCKED)",
+            [backend, names(workflows)], State.DISPATCHING.value)
+        return claimed[0] if claimed else None
 
     async def peek(self, workflows: frozenset[str] | None) -> Job | None:
         """The job claim() would take now, without taking it."""
@@ -181,41 +177,38 @@ class PostgresStore(PgRecords):
         if to is State.RUNNING:  # counted: the trigger jobs_counted adds it to the generation count once
             sets += f", counted = true, started_at = COALESCE(started_at, ${3 + len(values)})"
             values.append(time.time())
-        async with self._tx() as (conn, events):
-            row = await conn.fetchrow(f"UPDATE jobs SET {sets} WHERE id = $1 AND state = ANY($2::text[]) RETURNING {JOB}",
-                                      job_id, states(expect), *values)
-            if row is None:
-                return None
-            job = job_of(row)
-            if to is State.COMPLETED and outputs is not None:
-                await conn.execute("DELETE FROM outputs WHERE job_id = $1", job_id)
-                await conn.executemany(
-                    "INSERT INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size) for i, o in enumerate(outputs)])
-                job.outputs = list(outputs)
-            events.append(self._event(to.value, job))
+        change = f"UPDATE jobs SET {sets} WHERE id = $1 AND state = ANY($2::text[])"
+        args = [job_id, states(expect), *values]
         if to is not State.RUNNING:
             self._progress_written.pop(job_id, None)
+        if to is not State.COMPLETED or not outputs:
+            moved = await self._change(change, args, to.value)
+            return moved[0] if moved else None
+        async with self._tx() as (conn, events):
+            changed = await self._changed(conn, change, args, to.value, size=sum(o.size for o in outputs))
+            if not changed:
+                return None
+            await conn.executemany(
+                "INSERT INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size) for i, o in enumerate(outputs)])
+            [(job, event)] = changed
+            events.append(event)
+        job.outputs = list(outputs)
         return job
 
     async def requeue(self, job_id: str, expect: Iterable[State], reason: str) -> Job | None:
         """Put a job back at the head of the line; emits requeued. None if not in `expect`."""
-        async with self._tx() as (conn, events):
-            row = await conn.fetchrow(
-                "UPDATE jobs SET state = 'queued', backend = NULL, prompt_id = NULL, progress = 0,"
-                " round = (SELECT COALESCE(min(round), 0) - 1 FROM jobs WHERE state = 'queued')"
-                f" WHERE id = $1 AND state = ANY($2::text[]) RETURNING {JOB}", job_id, states(expect))
-            if row is None:
-                return None
-            job = job_of(row)
-            events.append(self._event(REQUEUED, job, detail=reason))
         self._progress_written.pop(job_id, None)
-        return job
+        moved = await self._change(
+            "UPDATE jobs SET state = 'queued', backend = NULL, prompt_id = NULL, progress = 0,"
+            " round = (SELECT COALESCE(min(round), 0) - 1 FROM jobs WHERE state = 'queued')"
+            " WHERE id = $1 AND state = ANY($2::text[])", [job_id, states(expect)], REQUEUED, detail=reason)
+        return moved[0] if moved else None
 
     async def progress(self, job: Job, value: float) -> None:
         """Emit a progress event to every bridge; the stored value is written at most once a second."""
-        event = replace(self._event(PROGRESS, job), progress=value)
+        event = replace(JobEvent.of(PROGRESS, job, origin=self.bridge), progress=value)
         now = time.monotonic()
         async with self.link.connection() as conn:
             await self.link.notify(conn, [payload(event, self.instance)], keep=False)
@@ -227,16 +220,15 @@ class PostgresStore(PgRecords):
     async def request_cancel(self, job_ids: list[str], reason: str) -> list[Job]:
         """Cancel waiting jobs here; mark running ones and send a cancel event to the bridge running each."""
         async with self._tx() as (conn, events):
-            waiting = await conn.fetch(
-                "UPDATE jobs SET state = 'cancelled', error = $2, cancel_reason = $2, finished_at = $3"
-                f" WHERE id = ANY($1::text[]) AND state = 'queued' RETURNING {JOB}", job_ids, reason, time.time())
-            running = await conn.fetch(
-                f"UPDATE jobs SET cancel_reason = COALESCE(cancel_reason, $2) WHERE id = ANY($1::text[])"
-                f" AND state IN {ACTIVE} RETURNING {JOB}", job_ids, reason)
-            jobs = sorted(map(job_of, [*waiting, *running]), key=lambda j: j.seq)
-            events += [self._event(State.CANCELLED.value if j.state is State.CANCELLED else CANCEL, j,
-                                   detail=j.cancel_reason) for j in jobs]
-        return jobs
+            changed = await self._changed(
+                conn, "UPDATE jobs SET state = 'cancelled', error = $2, cancel_reason = $2, finished_at = $3"
+                " WHERE id = ANY($1::text[]) AND state = 'queued'", [job_ids, reason, time.time()], State.CANCELLED.value)
+            changed += await self._changed(
+                conn, f"UPDATE jobs SET cancel_reason = COALESCE(cancel_reason, $2) WHERE id = ANY($1::text[])"
+                f" AND state IN {ACTIVE}", [job_ids, reason], CANCEL, detail_sql="COALESCE({detail}::text, moved.cancel_reason)")
+            changed.sort(key=lambda pair: pair[0].seq)
+            events += [event for _, event in changed]
+        return [job for job, _ in changed]
 
     # backends: leases and shared values -----------------------------------------------------------
     async def leases(self, backends: list[str], ttl: float) -> set[str]:
@@ -254,5 +246,7 @@ class PostgresStore(PgRecords):
 
     async def command(self, kind: str, backend: str, detail: str = "") -> None:
         """Send an event of `kind` to whichever bridge drives `backend` (every bridge hears it)."""
-        async with self._tx() as (_, events):
-            events.append(JobEvent(kind=kind, backend=backend, detail=detail, origin=self.bridge))
+        event = JobEvent(kind=kind, backend=backend, detail=detail, origin=self.bridge)
+        async with self.link.connection() as conn:
+            await self.link.notify(conn, [payload(event, self.instance)])
+        self.fanout.publish(event)
