@@ -161,11 +161,15 @@ class PgLink:
 
     async def _recover(self) -> None:
         delay = BACKOFF_FIRST
+        missed = False  # events may have been sent while no listener heard them
         while not self._closing:
             try:
                 if self._listener is None or self._listener.is_closed():
                     await self._listen()
+                    missed = True
+                if missed:
                     await self._replay()
+                    missed = False
                 assert self._pool is not None
                 await self._pool.expire_connections()  # connections opened before the loss may be dead
                 async with asyncio.timeout(self.timeout):
@@ -204,12 +208,14 @@ class PgLink:
 
     def _notified(self, _conn: object, _pid: int, _channel: str, text: object) -> None:
         number, _, body = str(text).partition(" ")
-        try:
-            self._deliver(int(number), body)
-        except ValueError:
-            log.warning("job store: ignored a malformed event %.200r", text)
+        self._deliver(int(number) if number.isdigit() else 0, body)
 
     def _deliver(self, number: int, body: str) -> None:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            log.warning("job store: ignored a malformed event %.200r", body)
+            return
         if number:
             if number in self._seen_set:
                 return
@@ -218,7 +224,7 @@ class PgLink:
             self._seen.append(number)
             self._seen_set.add(number)
             self._last = max(self._last, number)
-        self.on_event(json.loads(body))
+        self.on_event(data)
 
 
 def unavailable_errors() -> tuple[type[BaseException], ...]:
