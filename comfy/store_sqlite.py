@@ -29,13 +29,15 @@ PROGRESS_WRITE = 1.0  # seconds a running job's stored progress may lag its even
 _NEW = ("id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "state", "created_at", "owner",
         "cancel_reason")
 
-# a new job's round: one past its client's last waiting one, else the lowest waiting round (else 0)
-SQL_INSERT = (f"INSERT INTO jobs ({', '.join(_NEW)}, round) VALUES ({', '.join('?' * len(_NEW))},"
+# a new job, inserted only while both caps allow it (the two counts read the partial indexes of waiting
+# jobs); its round: one past its client's last waiting one, else the lowest waiting round (else 0)
+SQL_INSERT = (f"INSERT INTO jobs ({', '.join(_NEW)}, round) SELECT {', '.join('?' * len(_NEW))},"
               f" COALESCE((SELECT MAX(round) + 1 FROM jobs WHERE {OPEN} AND client_id = ? AND state = 'queued'),"
-              " (SELECT MIN(round) FROM jobs WHERE state = 'queued'), 0)) RETURNING seq, round")
+              " (SELECT MIN(round) FROM jobs WHERE state = 'queued'), 0)"
+              " WHERE (SELECT COUNT(*) FROM jobs WHERE state = 'queued') < ?"
+              " AND (? = '' OR (SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = ?) < ?)"
+              " RETURNING seq, round")
 SQL_WAITING = "SELECT COUNT(*) FROM jobs WHERE state = 'queued'"
-SQL_CAPS = ("SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'queued'),"
-            " (SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = ?)")
 # the first waiting job in fair order among a JSON list of workflows (bound twice; NULL: any workflow)
 SQL_FIRST = ("SELECT id FROM jobs WHERE state = 'queued' AND (? IS NULL OR workflow IN (SELECT value FROM json_each(?)))"
              " ORDER BY round, seq LIMIT 1")
@@ -122,18 +124,17 @@ class SqliteStore(SqliteRecords):
     @guarded
     async def enqueue(self, job: Job, max_queue: int, max_per_owner: int) -> Job:
         """Record a new waiting job at its fair place; QueueFull at max_queue or the owner's cap."""
-        db = self.db
-        waiting, owners = db.execute(SQL_CAPS, (job.owner,)).fetchone()
-        if waiting >= max_queue:
-            raise QueueFull(f"the queue is full ({max_queue} jobs waiting); try again later")
-        if job.owner and owners >= max_per_owner:
-            raise QueueFull(f"this caller already has {max_per_owner} jobs waiting "
-                            "(jobs.max_queue_per_identity); try again when some have started")
         job.state = State.QUEUED
-        job.seq, job.round = db.execute(SQL_INSERT, (
+        placed = self.db.execute(SQL_INSERT, (
             job.id, job.client_id, job.workflow, json.dumps(job.inputs), json.dumps(job.prompt),
             json.dumps(job.files), job.timeout, job.state.value, job.created_at, job.owner, job.cancel_reason,
-            job.client_id)).fetchone()
+            job.client_id, max_queue, job.owner, job.owner, max_per_owner)).fetchone()
+        if placed is None:  # a cap stopped it: say which
+            if self.db.execute(SQL_WAITING).fetchone()[0] >= max_queue:
+                raise QueueFull(f"the queue is full ({max_queue} jobs waiting); try again later")
+            raise QueueFull(f"this caller already has {max_per_owner} jobs waiting "
+                            "(jobs.max_queue_per_identity); try again when some have started")
+        job.seq, job.round = placed
         self._emit(job.state.value, job)
         return job
 
