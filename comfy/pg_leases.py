@@ -10,6 +10,11 @@ over three bridges becomes 2/1/1, one lease moving). Only backends that run noth
 stays until it is idle. A bridge takes free or expired leases up to its share, but not while another
 live bridge is starving and it already holds its floor, so what one bridge gives up reaches the one
 that needs it instead of coming straight back.
+
+After an outage of the database longer than the TTL every lease and heartbeat has expired: the first
+bridge back would see itself alone and take every backend from bridges that still drive them. So a
+bridge back from an outage takes no expired lease for one TTL; meanwhile the others come back and
+renew their own (a dead bridge's backends move one TTL later than usual).
 """
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ FORGET_AFTER = 6  # bridges silent for this many TTLs leave the bridges table (a
 
 
 async def round_of(conn: PoolConnectionProxy[Any], instance: str, name: str, backends: list[str],
-                   ttl: float) -> set[str]:
-    """One lease round of `instance`, inside the caller's transaction; returns the backends it holds."""
+                   ttl: float, take_expired: bool = True) -> set[str]:
+    """One lease round of `instance`, inside the caller's transaction; returns the backends it holds.
+    With take_expired False it takes only leases nobody holds (see the module's docstring)."""
     await conn.execute("SELECT pg_advisory_xact_lock($1)", LEASE_LOCK)
     await heartbeat(conn, instance, name)
     await conn.execute("WITH gone AS (DELETE FROM bridges WHERE heartbeat < now() - make_interval(secs => $1)"
@@ -60,7 +66,8 @@ async def round_of(conn: PoolConnectionProxy[Any], instance: str, name: str, bac
 
     wanted = ceil_share - len(held) if not starving or len(held) < floor_share else 0
     if wanted > 0:
-        taken = {r[0] for r in current}
+        taken = {r[0] for r in current} if take_expired else {r[0] for r in await conn.fetch(
+            "SELECT backend FROM leases WHERE backend = ANY($1::text[])", backends)}
         free = [b for b in backends if b not in taken][:wanted]
         held |= {r[0] for r in await conn.fetch(
             "INSERT INTO leases (backend, holder, expires_at)"

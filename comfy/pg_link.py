@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -72,6 +73,7 @@ class PgLink:
         self._seen: deque[int] = deque(maxlen=SEEN)
         self._seen_set: set[int] = set()
         self._last = 0  # the highest event id delivered (or present when listening began)
+        self.recovered_at = float("-inf")  # time.monotonic() when the link last came back after a loss
 
     async def open(self) -> None:
         """Connect the pool; raises StoreUnavailable when the database cannot be reached."""
@@ -180,6 +182,7 @@ class PgLink:
                 delay = min(delay * 2, BACKOFF_CAP)
                 continue
             self.available = True
+            self.recovered_at = time.monotonic()
             log.warning("job store: PostgreSQL is reachable again")
             return
 

@@ -237,7 +237,8 @@ class PostgresStore(PgRecords):
         self.lease_ttl = ttl
         async with self._tx() as (conn, _):
             await conn.execute("DELETE FROM events WHERE at < now() - make_interval(secs => $1)", KEEP_EVENTS)
-            return await pg_leases.round_of(conn, self.instance, self.bridge, list(backends), ttl)
+            return await pg_leases.round_of(conn, self.instance, self.bridge, list(backends), ttl,
+                                            take_expired=time.monotonic() - self.link.recovered_at >= ttl)
 
     async def release_leases(self) -> None:
         """Give up every lease and leave the live bridges (clean shutdown)."""

@@ -235,6 +235,7 @@ async def test_an_outage_fails_fast_and_recovers_without_loss(pg_cluster: PgClus
     kept = await b.enqueue(new_job("C"), BIG, BIG)
     heard: list[str] = []
     a.subscribe(lambda e: heard.append(e.job_id))
+    before = await lease_rounds(a, b)
 
     pg_cluster.stop()
     calls = [a.queue_length, lambda: b.enqueue(new_job("C"), BIG, BIG), lambda: a.job(kept.id),
@@ -255,3 +256,5 @@ async def test_an_outage_fails_fast_and_recovers_without_loss(pg_cluster: PgClus
     await until(lambda: again.id in heard, 5.0)  # events flow across bridges again
     claimed = await a.claim("sim-0", None)
     assert claimed is not None and claimed.id == kept.id
+    # the outage outlasted the leases' TTL, yet the first bridge back does not take the other's backends
+    assert await lease_rounds(a, b) == before
