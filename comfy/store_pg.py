@@ -14,11 +14,15 @@ How the contract holds across bridges:
 - Every transition is a compare-and-set `UPDATE ... WHERE state = ANY(expected)`.
 - Take-once reserves rows with `delivering_until` (the database's clock) under `FOR UPDATE`: of
   concurrent claims on any bridges exactly one gets the results.
-- Every committed change NOTIFYs its `JobEvent` in the same transaction (PostgreSQL delivers it at
-  commit); each bridge LISTENs on one connection and hands what other bridges did to its subscribers,
-  while its own events go to them right after the commit (their echo is dropped: each payload names
-  the store instance that sent it, the bridge's name plus a random suffix).
+- Every change of a job is one statement that also builds its `JobEvent` from the changed row, keeps
+  it in the events table and NOTIFYs it (PostgreSQL delivers it at commit): one round trip. Each bridge
+  LISTENs on one connection and hands what other bridges did to its subscribers, while its own events
+  go to them right after the commit (their echo is dropped: each payload names the store instance
+  that sent it, the bridge's name plus a random suffix). A bridge that listens again after a dropped
+  connection reads what it missed from the events table (pg_link.py).
 - Progress steps are NOTIFY only; the row's progress is written at most once a second per job.
+- Leases, heartbeats and presence: pg_leases.py; reading and keeping records: pg_records.py; the
+  schema and its migrations: pg_schema.py.
 """
 from __future__ import annotations
 
