@@ -12,7 +12,7 @@ import pytest
 
 from comfy import pg_schema
 from comfy.jobs import Job, Output, State
-from comfy.jobstore import CANCEL, FREE, PROGRESS, JobEvent, StoreUnavailable
+from comfy.jobstore import CANCEL, FREE, PROGRESS, JobEvent, QueueFull, StoreUnavailable
 from comfy.store_pg import PostgresStore
 from pgcluster import PgCluster
 
@@ -202,6 +202,22 @@ async def test_two_bridges_race_for_one_job(bridges: Bridges) -> None:
         winners = [j for j in got if j is not None]
         assert len(winners) == 1 and winners[0].id == job.id and winners[0].attempts == 1
     assert await a.queue_length() == 0
+
+
+async def test_the_caps_hold_across_bridges(bridges: Bridges) -> None:
+    stores = [await bridges(f"b{i}") for i in range(3)]
+
+    async def submit(i: int, owner: str, max_queue: int, max_per_owner: int) -> bool:
+        try:
+            await stores[i % 3].enqueue(new_job(f"c{i}", owner=owner), max_queue, max_per_owner)
+        except QueueFull:
+            return False
+        return True
+
+    accepted = await asyncio.gather(*(submit(i, "", 5, BIG) for i in range(24)))
+    assert accepted.count(True) == 5 and await stores[0].queue_length() == 5
+    accepted = await asyncio.gather(*(submit(i, "alice", BIG, 2) for i in range(12)))
+    assert accepted.count(True) == 2 and await stores[1].queue_length() == 7
 
 
 # presence and schema ------------------------------------------------------------------------------
