@@ -254,29 +254,30 @@ async def part_throughput(pg: PgCluster, backends: int, job_time: float, jobs: i
     print(f"(j) jobs/s: {backends} simulated backends of {job_time * 1000:g} ms, {callers} callers in a closed loop, "
           f"{jobs} jobs per run", flush=True)
     http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=4 * callers)
-    rates: dict[str, float] = {}
+    rates: list[float] = []
+    assert pg.proc is not None
+    server = pg.proc.pid
     with scratch_dir() as tmp:
         async with fake_backends(backends, duration=job_time) as fakes:
-            runs = [("SQLite, 1 bridge", "", 1)] + [(f"PostgreSQL, {n} bridge{'s' if n > 1 else ''}", "pg", n)
-                                                    for n in sizes]
-            for i, (label, store, size) in enumerate(runs):
-                group = cluster(Path(tmp) / f"run-{i}", pg.url(pg.create_database()) if store else "", fakes.urls, size)
+            for i, size in enumerate([0, *sizes]):  # 0: SQLite, one bridge
+                store = pg.url(pg.create_database()) if size else ""
+                group = cluster(Path(tmp) / f"run-{i}", store, fakes.urls, max(size, 1))
                 try:
                     await group.start()
                     await closed_loop(group.nodes, callers, 2 * callers, http)  # warm-up
-                    cpu0 = sum(cpu_seconds(n.pid) for n in group)
+                    cpu0, db0 = sum(cpu_seconds(n.pid) for n in group), tree_cpu(server)
                     took = await closed_loop(group.nodes, callers, jobs, http)
-                    cpu = sum(cpu_seconds(n.pid) for n in group) - cpu0
+                    cpu, db = sum(cpu_seconds(n.pid) for n in group) - cpu0, tree_cpu(server) - db0
                 finally:
                     await group.stop()
-                rates[label] = jobs / took
-                print(f"  {label:<24} {rates[label]:7.1f} jobs/s   bridges' CPU {cpu / jobs * 1000:.2f} ms per job",
-                      flush=True)
+                rates.append(jobs / took)
+                label = f"PostgreSQL, {size} bridge{'s' if size > 1 else ''}" if size else "SQLite, 1 bridge"
+                ratios = f"{rates[-1] / rates[0]:.2f}x SQLite" + (f", {rates[-1] / rates[1]:.2f}x PostgreSQL with "
+                                                                  f"{sizes[0]}" if i > 1 else "")
+                server_cpu = f", PostgreSQL {db / jobs * 1000:.2f} ms" if size else ""
+                print(f"  {label:<24} {rates[-1]:7.1f} jobs/s  {ratios:<40} CPU per job: bridges "
+                      f"{cpu / jobs * 1000:.2f} ms{server_cpu}", flush=True)
     http.close()
-    base = rates["SQLite, 1 bridge"]
-    one = next(v for k, v in rates.items() if k.startswith("PostgreSQL"))
-    print("  ratios: " + ", ".join(f"{k}: {v / base:.2f}x SQLite, {v / one:.2f}x one PostgreSQL bridge"
-                                   for k, v in rates.items() if k.startswith("PostgreSQL")), flush=True)
 
 
 async def measure(args: argparse.Namespace) -> int:

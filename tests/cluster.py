@@ -185,9 +185,12 @@ class Cluster:
         return next(n for n in self.nodes if n.name == name)
 
     async def start(self, timeout: float = 30) -> None:
-        """Start every bridge at once; then wait until every backend has a live driver."""
+        """Start every bridge at once; then wait until the leases have spread: every backend has a live
+        driver and every bridge drives one (when there are enough backends)."""
         await asyncio.gather(*(n.start() for n in self.nodes if not n.running))
-        await self.wait_drivers(lambda d: set(d) == set(self.backend_names), timeout)
+        spread = min(len(self.nodes), len(self.backend_names))
+        await self.wait_drivers(lambda d: set(d) == set(self.backend_names) and len(set(d.values())) == spread,
+                                timeout)
 
     async def stop(self) -> None:
         """SIGTERM every bridge (the drain), then close the HTTP clients."""
