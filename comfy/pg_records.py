@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .jobs import Job
 from .jobstore import FETCHED, JobEvent, JobStore
+from .pg_leases import lifetime
 from .pg_link import SENDER, PgLink
 from .pg_rows import ACTIVE, DETAIL, HAS_OUTPUTS, JOB, UNTAKEN, emitting, job_of
 
@@ -32,7 +33,7 @@ class PgRecords(JobStore):
         super().__init__()
         self.bridge = bridge
         self.instance = f"{bridge}#{secrets.token_hex(3)}"
-        self.lease_ttl = lease_ttl  # also how long a silent bridge's presence rows still count
+        self.lease_ttl = lease_ttl  # bounds how long a silent bridge's presence rows still count
         self.link = PgLink(url, self.instance, self._remote, timeout=timeout, pool_max=pool_max)
         self._progress_written: dict[str, float] = {}  # job id -> when its progress column was last written
 
@@ -233,7 +234,8 @@ class PgRecords(JobStore):
             return bool(await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM presence p WHERE p.client_id = $1 AND p.count > 0 AND (p.instance = $2"
                 " OR EXISTS (SELECT 1 FROM bridges b WHERE b.instance = p.instance"
-                " AND b.heartbeat > now() - make_interval(secs => $3))))", client_id, self.instance, self.lease_ttl))
+                " AND b.heartbeat > now() - make_interval(secs => $3))))", client_id, self.instance,
+                lifetime(self.lease_ttl)))
 
     async def meta(self, key: str, make: Callable[[], str]) -> str:
         """A persistent value shared by every bridge, created by make() the first time."""

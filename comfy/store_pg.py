@@ -49,8 +49,8 @@ class PostgresStore(PgRecords):
     """Jobs, the fair queue, take-once, uploads, leases and events in one PostgreSQL database.
 
     `PostgresStore(url, bridge)`: `bridge` is this bridge's name in events and leases; `timeout` bounds
-    every wait on the database; `lease_ttl` is how long a silent bridge's sockets still count (each
-    leases() call sets it)."""
+    every wait on the database; `lease_ttl` is the lease TTL (each leases() call sets it), which also
+    bounds how long a silent bridge's sockets still count (pg_leases.lifetime)."""
 
     # lifecycle ----------------------------------------------------------------------------------
     async def open(self) -> None:

@@ -78,7 +78,8 @@ async def test_leases_spread_and_move_to_a_survivor_and_back_once_idle(bridges: 
     b_last = time.monotonic()
     while len(await a.leases(BACKENDS, TTL)) < 4:
         await asyncio.sleep(TTL / 3)
-    assert time.monotonic() - b_last < TTL + TTL / 3 + 0.5  # expiry, plus at most one renewal period
+    # its leases run out 0.6 TTL after their last renewal, and a looks every TTL/3 (+ a loaded machine's slack)
+    assert time.monotonic() - b_last < TTL + 0.2
 
     # three of them run jobs on a when b comes back: only the idle one moves at first
     for backend in ("sim-0", "sim-1", "sim-2"):
