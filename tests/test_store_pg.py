@@ -238,12 +238,19 @@ async def test_sockets_count_only_on_live_bridges(bridges: Bridges) -> None:
     assert not await b.attached("C")
 
 
-async def test_bridges_starting_together_migrate_once(pg_url: str, bridges: Bridges) -> None:
+async def test_bridges_starting_together_migrate_once(pg_cluster: PgCluster, pg_url: str,
+                                                      bridges: Bridges) -> None:
     fresh = PostgresStore(pg_url, "checker")
     assert await fresh.pending_migrations() == list(range(1, pg_schema.LATEST + 1))
     stores = await asyncio.gather(*(bridges(f"b{i}") for i in range(4)))
     assert await fresh.pending_migrations() == []
     assert await stores[0].generation_count() == 0
+    # a newer release migrated the database further: this one neither passes --check nor starts on it
+    pg_cluster.sql(f"INSERT INTO schema_version (version) VALUES ({pg_schema.LATEST + 1})", pg_url.rsplit("/", 1)[1])
+    with pytest.raises(RuntimeError, match="newer than this bridge"):
+        await fresh.pending_migrations()
+    with pytest.raises(RuntimeError, match="newer than this bridge"):
+        await bridges("old")
 
 
 # outage ---------------------------------------------------------------------------------------------
