@@ -68,47 +68,11 @@ def written(fakes: list[FakeComfy], headers: dict[str, str]) -> list[bytes]:
     return [f.read_bytes() for f in found]
 
 
-async def settled(cluster: Cluster, job_ids: set[str], timeout: float) -> dict[str, dict[str, Any]]:
-    """Wait until every job has ended (the shared generation log, read from a live bridge); their entries."""
-    deadline = time.monotonic() + timeout
-    while True:
-        node = cluster.live()[0]
-        entries = {e["id"]: e for e in (await node.get_json("/history?limit=1000"))["history"]}
-        if all(entries.get(j, {}).get("status") in ("completed", "failed", "cancelled") for j in job_ids):
-            return entries
-        assert time.monotonic() < deadline, (Counter(entries.get(j, {}).get("status") for j in job_ids),
-                                             "\n".join(f"{n.name}:\n{n.tail(12)}" for n in cluster))
-        await asyncio.sleep(0.1)
-
-
 async def take(node: Node, client_id: str) -> list[tuple[dict[str, str], bytes]]:
     """Take a client's results from a bridge: 200 with parts, or [] for a 204."""
     resp = await node.fetch("GET", f"/history?clientId={client_id}", timeout=30)
     assert resp.code in (200, 204), (node.name, resp.code, resp.headers.get("X-Detail"))
     return parse_multipart(resp) if resp.code == 200 else []
-
-
-async def taken(node: Node, client_id: str) -> None:
-    """The client's results were taken: the bridge answers 204 (after 409s with Retry-After while the answer
-    that took them is still being recorded as delivered)."""
-    deadline = time.monotonic() + 5
-    while (resp := await node.fetch("GET", f"/history?clientId={client_id}")).code == 409:
-        assert resp.headers.get("Retry-After") and time.monotonic() < deadline, resp.headers
-        await asyncio.sleep(0.05)
-    assert resp.code == 204, (node.name, resp.code, resp.body)
-
-
-async def count(node: Node) -> int:
-    """The shared generation count."""
-    return int(await node.get_json("/generation-count"))
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, cluster: Cluster) -> None:
-    """Wait until predicate() holds, bounded (the bridges' last log lines if it does not)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "\n".join(f"{n.name}:\n{n.tail(12)}" for n in cluster)
-        await asyncio.sleep(0.02)
 
 
 async def test_sockets_on_one_bridge_follow_jobs_submitted_on_the_others(cluster_of: MakeCluster) -> None:
@@ -147,9 +111,9 @@ async def test_sockets_on_one_bridge_follow_jobs_submitted_on_the_others(cluster
     for i, cid in enumerate(clients):
         (headers, data), = await take(cluster[i % 3], cid)
         assert data in written(fakes, headers)
-        await taken(cluster[(i + 1) % 3], cid)
+        await cluster[(i + 1) % 3].taken(cid)
     assert runs(fakes, "2", "seconds") == Counter(seconds.values())
-    assert {e["status"] for e in (await settled(cluster, set(jobs.values()), 5)).values()} == {"completed"}
+    assert {e["status"] for e in (await cluster.settled(set(jobs.values()), 5)).values()} == {"completed"}
 
 
 async def test_interrupt_and_a_dropped_socket_reach_the_bridge_that_runs_the_job(cluster_of: MakeCluster) -> None:
@@ -157,7 +121,7 @@ async def test_interrupt_and_a_dropped_socket_reach_the_bridge_that_runs_the_job
     asked, dropped = new_client_id(), new_client_id()
     jobs = {cid: await cluster[0].submit(cid, {"workflow": "sleep-progress", "2/seconds": seconds})
             for cid, seconds in ((asked, 5.001), (dropped, 5.002))}
-    await wait_until(lambda: len(on_backend(fakes, "2", "seconds", "running")) == 2, 10, cluster)
+    await cluster.wait_until(lambda: len(on_backend(fakes, "2", "seconds", "running")) == 2, 10)
     drivers = await cluster.drivers()
     running = on_backend(fakes, "2", "seconds", "running")
     # each caller acts on a bridge that does not run its job
@@ -169,20 +133,20 @@ async def test_interrupt_and_a_dropped_socket_reach_the_bridge_that_runs_the_job
 
     def halted() -> set[float]:
         return {fake.prompts[p]["prompt"]["2"]["inputs"]["seconds"] for fake in fakes for p in stopped(fake)}
-    await wait_until(lambda: halted() == {5.001, 5.002}, 5, cluster)  # well before the 5 s jobs would end
-    entries = await settled(cluster, set(jobs.values()), 5)
+    await cluster.wait_until(lambda: halted() == {5.001, 5.002}, 5)  # well before the 5 s jobs would end
+    entries = await cluster.settled(set(jobs.values()), 5)
     assert {entries[j]["status"] for j in jobs.values()} == {"cancelled"}
     assert not runs(fakes, "2", "seconds")
 
 
 async def test_a_killed_bridge_hands_its_backends_over_within_the_ttl(cluster_of: MakeCluster) -> None:
     cluster, fakes = await cluster_of()
-    before = await count(cluster[0])
+    before = int(await cluster[0].get_json("/generation-count"))
     clients = [new_client_id() for _ in range(8)]
     seconds = {cid: round(1.5 + i / 1000, 3) for i, cid in enumerate(clients)}
     jobs = {cid: await cluster[i % 3].submit(cid, {"workflow": "sleep-progress", "2/seconds": seconds[cid]})
             for i, cid in enumerate(clients)}
-    await wait_until(lambda: len(on_backend(fakes, "2", "seconds", "running")) == 4, 10, cluster)
+    await cluster.wait_until(lambda: len(on_backend(fakes, "2", "seconds", "running")) == 4, 10)
     drivers = await cluster.drivers()
     held = Counter(drivers.values())
     victim = cluster.node(held.most_common(1)[0][0])  # it drives 2 of the 4 busy backends
@@ -194,15 +158,15 @@ async def test_a_killed_bridge_hands_its_backends_over_within_the_ttl(cluster_of
     # a lease lasts TTL after its last renewal (every TTL/3); the others look every TTL/3 at most
     assert took <= TTL + TTL / 3 + 1.0, (took, after)
     survivors = [n for n in cluster if n is not victim]
-    entries = await settled(cluster, set(jobs.values()), 20)
+    entries = await cluster.settled(set(jobs.values()), 20)
     assert {entries[j]["status"] for j in jobs.values()} == {"completed"}
     for i, cid in enumerate(clients):
         (headers, data), = await take(survivors[i % 2], cid)
         assert data in written(fakes, headers)
-        await taken(survivors[(i + 1) % 2], cid)
+        await survivors[(i + 1) % 2].taken(cid)
     # the backends kept running the killed bridge's prompts: re-attached and collected, not run again
     assert runs(fakes, "2", "seconds") == Counter(seconds.values())
-    assert await count(survivors[0]) == before + len(clients)
+    assert await survivors[0].get_json("/generation-count") == before + len(clients)
     # the bridge comes back and gets its share again
     await victim.start()
     await cluster.wait_drivers(lambda d: len(d) == 4 and set(Counter(d.values()).values()) <= {1, 2}
@@ -226,7 +190,7 @@ async def test_one_result_asked_of_every_bridge_at_once_goes_out_once(cluster_of
         fake.padding = 3 * 1024 * 1024  # the first answer is still being sent when the others arrive
     clients = [new_client_id() for _ in range(3)]
     jobs = {cid: await cluster[i].submit(cid, {"workflow": "blank-canvas", "1/color": i}) for i, cid in enumerate(clients)}
-    await settled(cluster, set(jobs.values()), 15)
+    await cluster.settled(set(jobs.values()), 15)
     for cid in clients:
         answers = await asyncio.gather(*(cluster[i % 3].fetch("GET", f"/history?clientId={cid}", timeout=30)
                                          for i in range(8)))
@@ -236,7 +200,7 @@ async def test_one_result_asked_of_every_bridge_at_once_goes_out_once(cluster_of
         (headers, data), = parse_multipart(next(r for r in answers if r.code == 200))
         assert len(data) > 3 * 1024 * 1024 and data in written(fakes, headers)
         for node in cluster:
-            await taken(node, cid)
+            await node.taken(cid)
 
 
 async def test_a_rolling_restart_under_load_loses_and_repeats_nothing(cluster_of: MakeCluster) -> None:
@@ -281,7 +245,7 @@ async def test_a_rolling_restart_under_load_loses_and_repeats_nothing(cluster_of
     await loader
     assert not unknown, unknown
     assert len(accepted) >= 50, (len(accepted), refused)
-    entries = await settled(cluster, {j for j, _ in accepted.values()}, 30)
+    entries = await cluster.settled({j for j, _ in accepted.values()}, 30)
     assert Counter(entries[j]["status"] for j, _ in accepted.values()) == Counter(completed=len(accepted))
     results = await asyncio.gather(*(take(cluster[i % 3], cid) for i, cid in enumerate(accepted)))
     assert [len(parts) for parts in results] == [1] * len(accepted)  # 0 lost, 0 doubled
@@ -294,7 +258,7 @@ async def test_postgresql_down_for_ten_seconds(cluster_of: MakeCluster, pg_clust
     seconds = {cid: round(1.0 + i / 1000, 3) for i, cid in enumerate(clients)}
     jobs = {cid: await cluster[i % 3].submit(cid, {"workflow": "sleep-progress", "2/seconds": seconds[cid]})
             for i, cid in enumerate(clients)}
-    await wait_until(lambda: len(on_backend(fakes, "2", "seconds", "running")) == 4, 10, cluster)
+    await cluster.wait_until(lambda: len(on_backend(fakes, "2", "seconds", "running")) == 4, 10)
     down = time.monotonic()
     await asyncio.to_thread(pg_cluster.stop)
     late = new_client_id()
@@ -318,7 +282,7 @@ async def test_postgresql_down_for_ten_seconds(cluster_of: MakeCluster, pg_clust
         while (await node.fetch("GET", "/ready")).code != 200:
             assert time.monotonic() < deadline, node.tail()
             await asyncio.sleep(0.1)
-    entries = await settled(cluster, set(jobs.values()), 30)
+    entries = await cluster.settled(set(jobs.values()), 30)
     assert {entries[j]["status"] for j in jobs.values()} == {"completed"}
     for i, cid in enumerate(clients):
         (headers, data), = await take(cluster[i % 3], cid)
@@ -396,7 +360,7 @@ async def test_chaos_with_bridge_kills_every_job_ends_once(cluster_of: MakeClust
     await chaos_task
     all_ids = {j for ids in submitted.values() for j in ids}
     assert len(all_ids) + sum(unanswered.values()) == 60
-    entries = await settled(cluster, all_ids, 40)
+    entries = await cluster.settled(all_ids, 40)
     statuses = Counter(entries[j]["status"] for j in all_ids)
     assert statuses["completed"] >= 0.9 * len(all_ids), (statuses, events)
     assert all(entries[j].get("error_message") for j in all_ids if entries[j]["status"] == "failed")
