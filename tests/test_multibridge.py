@@ -29,7 +29,8 @@ MakeCluster = Callable[..., Awaitable[tuple[Cluster, list[FakeComfy]]]]
 
 
 @pytest.fixture
-async def cluster_of(tmp_path: Path, pg_url: str, fakes: Callable[..., Awaitable[FakeComfy]]) -> AsyncIterator[MakeCluster]:
+async def cluster_of(tmp_path: Path, pg_url: str,
+                     fakes: Callable[..., Awaitable[FakeComfy]]) -> AsyncIterator[MakeCluster]:
     """Factory: `backends` fakes and a cluster of `size` bridges over them on a fresh database."""
     made: list[Cluster] = []
 
@@ -68,6 +69,12 @@ def written(fakes: list[FakeComfy], headers: dict[str, str]) -> list[bytes]:
     return [f.read_bytes() for f in found]
 
 
+async def socket(node: Node, client_id: str) -> websocket.WebSocketClientConnection:
+    """Open a caller socket on a bridge (the test closes it)."""
+    url = f"ws://127.0.0.1:{node.port}/ws?clientId={client_id}"
+    return await asyncio.wait_for(websocket.websocket_connect(url), 10)
+
+
 async def take(node: Node, client_id: str) -> list[tuple[dict[str, str], bytes]]:
     """Take a client's results from a bridge: 200 with parts, or [] for a 204."""
     resp = await node.fetch("GET", f"/history?clientId={client_id}", timeout=30)
@@ -79,8 +86,7 @@ async def test_sockets_on_one_bridge_follow_jobs_submitted_on_the_others(cluster
     cluster, fakes = await cluster_of()
     a, b, c = cluster
     clients = [new_client_id() for _ in range(8)]
-    sockets = [await asyncio.wait_for(websocket.websocket_connect(f"ws://127.0.0.1:{a.port}/ws?clientId={cid}"), 10)
-               for cid in clients]
+    sockets = [await socket(a, cid) for cid in clients]
     try:
         follow = [asyncio.create_task(read_until_closed(s, 20)) for s in sockets]
         ran_on: dict[Any, str] = {}  # job (its seconds) -> the backend that ran it
@@ -125,8 +131,9 @@ async def test_interrupt_and_a_dropped_socket_reach_the_bridge_that_runs_the_job
     drivers = await cluster.drivers()
     running = on_backend(fakes, "2", "seconds", "running")
     # each caller acts on a bridge that does not run its job
-    other = {cid: next(n for n in cluster if n.name != drivers[running[s]]) for cid, s in ((asked, 5.001), (dropped, 5.002))}
-    sock = await asyncio.wait_for(websocket.websocket_connect(f"ws://127.0.0.1:{other[dropped].port}/ws?clientId={dropped}"), 10)
+    other = {cid: next(n for n in cluster if n.name != drivers[running[s]])
+             for cid, s in ((asked, 5.001), (dropped, 5.002))}
+    sock = await socket(other[dropped], dropped)
     await close_ws(sock)
     resp = await other[asked].fetch("POST", f"/interrupt?clientId={asked}")
     assert resp.code == 200, resp.body
@@ -151,13 +158,25 @@ async def test_a_killed_bridge_hands_its_backends_over_within_the_ttl(cluster_of
     held = Counter(drivers.values())
     victim = cluster.node(held.most_common(1)[0][0])  # it drives 2 of the 4 busy backends
     moved = sorted(b for b, n in drivers.items() if n == victim.name)
+    # a caller follows its job, run by the victim, on a socket of the victim
+    running = on_backend(fakes, "2", "seconds", "running")
+    followed = next(cid for cid in clients if running.get(seconds[cid]) in moved)
+    sock = await socket(victim, followed)
     killed = time.monotonic()
     await victim.kill()
+    await read_until_closed(sock, 5)  # the connection drops with the process
+    await close_ws(sock)
+    survivors = [n for n in cluster if n is not victim]
+    sock = await socket(survivors[0], followed)
+    following = asyncio.create_task(read_until_closed(sock, 20))
     after = await cluster.wait_drivers(lambda d: all(d.get(b, victim.name) != victim.name for b in moved), 3 * TTL)
     took = time.monotonic() - killed
     # a lease lasts TTL after its last renewal (every TTL/3); the others look every TTL/3 at most
     assert took <= TTL + TTL / 3 + 1.0, (took, after)
-    survivors = [n for n in cluster if n is not victim]
+    # the caller, back on another bridge, is told where its job stands and hears it end
+    statuses = [m["status"] for m in await following if m["status"] != "listening"]
+    await close_ws(sock)
+    assert statuses[0] == "connected" and statuses[-1] == "closed" and "error" not in statuses, statuses
     entries = await cluster.settled(set(jobs.values()), 20)
     assert {entries[j]["status"] for j in jobs.values()} == {"completed"}
     for i, cid in enumerate(clients):
@@ -189,7 +208,8 @@ async def test_one_result_asked_of_every_bridge_at_once_goes_out_once(cluster_of
     for fake in fakes:
         fake.padding = 3 * 1024 * 1024  # the first answer is still being sent when the others arrive
     clients = [new_client_id() for _ in range(3)]
-    jobs = {cid: await cluster[i].submit(cid, {"workflow": "blank-canvas", "1/color": i}) for i, cid in enumerate(clients)}
+    jobs = {cid: await cluster[i].submit(cid, {"workflow": "blank-canvas", "1/color": i})
+            for i, cid in enumerate(clients)}
     await cluster.settled(set(jobs.values()), 15)
     for cid in clients:
         answers = await asyncio.gather(*(cluster[i % 3].fetch("GET", f"/history?clientId={cid}", timeout=30)
