@@ -177,6 +177,8 @@ class PgLink:
                 await self._pool.expire_connections()  # connections opened before the loss may be dead
                 async with asyncio.timeout(self.timeout):
                     await self._pool.fetchval("SELECT 1")
+                if self._listener is None or self._listener.is_closed():
+                    continue  # the new listener was lost too while this task was still on its way back
             except unavailable_errors() as exc:
                 log.debug("job store: PostgreSQL still unreachable (%s)", describe(exc))
                 await asyncio.sleep(random.uniform(delay / 2, delay))
