@@ -58,10 +58,10 @@ class PgRecords(JobStore):
             self.fanout.publish(event)
 
     async def _changed(self, conn: Conn, change: str, args: list[Any], kind: str, detail: str | None = None,
-                       size: int | None = None, detail_sql: str = DETAIL) -> list[tuple[Job, JobEvent]]:
+                       size: int | None = None, detail_sql: str = DETAIL, also: str = "") -> list[tuple[Job, JobEvent]]:
         """Run one change of jobs that sends the event `kind` of each changed row (see pg_rows.emitting);
         the changed jobs and their events, which the caller publishes after the commit."""
-        rows = await conn.fetch(emitting(change, len(args) + 1, detail_sql), *args,
+        rows = await conn.fetch(emitting(change, len(args) + 1, detail_sql, also), *args,
                                 kind, detail, self.bridge, time.time(), size, self.instance)
         return [(job_of(r), JobEvent.from_dict(json.loads(r["payload"]))) for r in rows]
 
