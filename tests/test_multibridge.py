@@ -383,7 +383,8 @@ async def test_chaos_with_bridge_kills_every_job_ends_once(cluster_of: MakeClust
     entries = await cluster.settled(all_ids, 40)
     statuses = Counter(entries[j]["status"] for j in all_ids)
     assert statuses["completed"] >= 0.9 * len(all_ids), (statuses, events)
-    assert all(entries[j].get("error_message") for j in all_ids if entries[j]["status"] == "failed")
+    failed = [entries[j] for j in all_ids if entries[j]["status"] == "failed"]
+    assert all(e.get("error_message") for e in failed), (failed, events)
     for cid, ids in submitted.items():
         done = {j for j in ids if entries[j]["status"] == "completed"}
         parts = await take(rng.choice(cluster.live()), cid)
