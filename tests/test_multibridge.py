@@ -1,7 +1,9 @@
 """Several bridges, one queue: 3 bridge processes share one PostgreSQL and one data folder in front of 4
-simulated ComfyUI servers. Sockets on one bridge follow jobs run by another, a killed bridge's backends
-move to the others within the lease TTL, results are taken once whichever bridge is asked, a rolling
-restart loses and repeats nothing, and a PostgreSQL outage answers 503s and then completes everything."""
+simulated ComfyUI servers. Sockets on one bridge follow jobs run by another, an interrupt or a dropped
+socket on one bridge stops a job another runs, a killed bridge's backends move to the others within the
+lease TTL, results are taken once whichever bridge is asked, a rolling restart loses and repeats nothing,
+a PostgreSQL outage answers 503s and then completes everything, and chaos with bridge kills ends every
+job once."""
 from __future__ import annotations
 
 import asyncio
