@@ -109,16 +109,18 @@ async def abort_uploads(port: int, count: int, png: bytes, parallel: int = 50) -
 
 
 @pytest.mark.timeout(240)
-async def test_5000_aborted_uploads_leave_nothing_behind(tmp_path: Path, fake: FakeComfy, png: bytes) -> None:
+async def test_2000_aborted_uploads_leave_nothing_behind(tmp_path: Path, fake: FakeComfy, png: bytes) -> None:
+    # a handler kept alive by an aborted upload costs ~10 KiB: 2,000 of them grow RSS by ~20 MiB, while after
+    # the warm-up a bridge that frees them drifts by ~0.5 MiB at most
     async with bridge_process(tmp_path, fake.url) as bridge:
         await abort_uploads(bridge.port, 2000, png)  # warm-up: the allocator's and the loop's own growth
         await asyncio.sleep(1.0)
         before = bridge.rss_kb()
         start = time.monotonic()
-        await abort_uploads(bridge.port, 5000, png)
+        await abort_uploads(bridge.port, 2000, png)
         await asyncio.sleep(1.0)
         grown = bridge.rss_kb() - before
-        assert grown < 5 * 1024, f"RSS grew {grown} KiB over 5,000 aborted uploads ({time.monotonic() - start:.1f} s)"
+        assert grown < 3 * 1024, f"RSS grew {grown} KiB over 2,000 aborted uploads ({time.monotonic() - start:.1f} s)"
         assert list((bridge.data_dir / "uploads").iterdir()) == []
         assert (await http_get(bridge.port, "/health"))[0] == 200
 
