@@ -19,12 +19,12 @@ from comfy.config import Config, ConfigError, load_config
 from comfy.connlimits import ConnLimits, make_server
 from comfy.demo import demo_info, start_demo_backends
 from comfy.listener import raise_open_file_limit
+from comfy.logs import configure_logging, log_request
 from comfy.partfiles import remove_part_files
 from comfy.services import Services
 from comfy.starter import write_starter
 from handlers import backends, docs, history, jobs, ops, results, upload, workflows, ws
 from handlers.base import NotFoundHandler
-from handlers.ops import configure_logging, log_request
 
 log = logging.getLogger("bridge")
 HERE = Path(__file__).resolve().parent

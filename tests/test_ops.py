@@ -188,10 +188,10 @@ async def test_access_log_levels(bridge: Bridge, caplog) -> None:  # type: ignor
 
 
 def test_json_log_lines() -> None:
-    from handlers.ops import JsonFormatter
-    record = logging.LogRecord("comfy.scheduler", logging.INFO, __file__, 1, "job %s: queued", ("gen_1",), None)
+    from comfy.logs import JsonFormatter
+    record = logging.LogRecord("comfy.dispatcher", logging.INFO, __file__, 1, "job %s: queued", ("gen_1",), None)
     line = json.loads(JsonFormatter().format(record))
-    assert line["level"] == "INFO" and line["message"] == "job gen_1: queued" and line["logger"] == "comfy.scheduler"
+    assert line["level"] == "INFO" and line["message"] == "job gen_1: queued" and line["logger"] == "comfy.dispatcher"
 
 
 async def test_check_reports_and_fails_on_errors(fake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
