@@ -113,5 +113,6 @@ def _choices(section: dict[str, Any], name: str) -> list[Any] | None:
                 return raw[0]
             if raw[0] == "COMBO" and len(raw) > 1 and isinstance(raw[1], dict) \
                     and isinstance(raw[1].get("options"), list):
-                return raw[1]["options"]
+                options: list[Any] = raw[1]["options"]
+                return options
     return None

@@ -347,8 +347,11 @@ def _backends(key: str, val: Any) -> tuple[BackendConfig, ...]:
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
         url = item.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url if isinstance(url, str) else "")
+        except ValueError:  # an unclosed IPv6 bracket
+            raise ConfigError(f"{where}.url: not a URL: {url!r}") from None
+        if not isinstance(url, str) or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{where}.url: must be an http(s) URL, got {url!r}")
         try:
             parts.port

@@ -92,7 +92,7 @@ def _linger(stream: iostream.IOStream) -> None:
             except OSError:
                 pass
     flushed = stream.write(b"")
-    flushed.add_done_callback(half_close)  # type: ignore[attr-defined]
+    flushed.add_done_callback(half_close)
     stream.io_loop.call_later(LINGER_SECONDS, stream.close)
 
 
@@ -202,8 +202,10 @@ class _ServerConnection(HTTP1ServerConnection):
     async def _wait(self, regex: bytes, timeout: float, max_bytes: int | None = None) -> bytes | None:
         """The read's result, or None when the client closed or the timeout passed (then the stream is closed)."""
         try:
-            return await with_timeout(timedelta(seconds=timeout), self.stream.read_until_regex(regex, max_bytes),
-                                      quiet_exceptions=(iostream.StreamClosedError,))
+            data: bytes = await with_timeout(timedelta(seconds=timeout),
+                                             self.stream.read_until_regex(regex, max_bytes),
+                                             quiet_exceptions=(iostream.StreamClosedError,))
+            return data
         except TimeoutError:
             self.stream.close()
         except iostream.StreamClosedError:
@@ -380,7 +382,7 @@ class BoundedHTTPServer(HTTPServer):
         finally:
             conn.close()
 
-    def handle_stream(self, stream: iostream.IOStream, address: tuple) -> None:
+    def handle_stream(self, stream: iostream.IOStream, address: tuple[Any, ...]) -> None:
         """Serve the connection with the bounded request loop."""
         context = _HTTPRequestContext(stream, address, self.protocol, self.trusted_downstream)
         conn = _ServerConnection(stream, self.conn_params, context, self)

@@ -230,7 +230,7 @@ def _describe(exc: BaseException) -> str:
 def _quiet(stream: IOStream) -> bool:
     """True if an idle connection has nothing to read: no end of stream, no stray bytes."""
     sock = stream.socket
-    if sock is None or stream._read_buffer_size:  # type: ignore[attr-defined]
+    if sock is None or stream._read_buffer_size:
         return False
     if isinstance(sock, ssl.SSLSocket):
         return True  # no peeking under TLS; a closed one fails the request and is retried once

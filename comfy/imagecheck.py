@@ -47,7 +47,7 @@ def _jpeg(head: bytes, size: int | None) -> Verdict:
         return start
     if len(head) < 6:
         return None
-    length = struct.unpack(">H", head[4:6])[0]
+    length: int = struct.unpack(">H", head[4:6])[0]
     if head[3] not in JPEG_FIRST or length < 2:
         return False
     following = 4 + length  # where the next marker must start

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
 TIMEOUT = 10.0
 PROFILES = ("0.3.64", "current")  # the ComfyUI releases the fake imitates (comfy/fake/profile.py)
+pytest_plugins = ("pgcluster",)  # pg_cluster, pg_url: a throw-away PostgreSQL 15 (tests/pgcluster.py)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

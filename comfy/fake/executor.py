@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 MAX_HISTORY = 10000  # MAXIMUM_HISTORY_SIZE in ComfyUI's execution.py
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     """Timer callback for nap(): wake the sleeper unless it was already woken."""
     if not fut.done():
         fut.set_result(None)
@@ -31,23 +31,23 @@ class Instance:
     def __init__(self, fake: FakeComfy) -> None:
         self.fake = fake
         self.number = 0  # PromptServer.number
-        self.queue: list[tuple[Any, int, list]] = []  # heap of (number, seq, item)
+        self.queue: list[tuple[Any, int, list[Any]]] = []  # heap of (number, seq, item)
         self._seq = 0
-        self.running: dict[int, list] = {}  # task counter -> item, like PromptQueue.currently_running
+        self.running: dict[int, list[Any]] = {}  # task counter -> item, like PromptQueue.currently_running
         self._task_counter = 0
-        self.history: dict[str, dict] = {}
+        self.history: dict[str, dict[str, Any]] = {}
         self.sockets: dict[str, WebSocketHandler] = {}
-        self.sockets_metadata: dict[str, dict] = {}
+        self.sockets_metadata: dict[str, dict[str, Any]] = {}
         self.client_id: str | None = None  # client of the prompt executing now (or last)
         self.last_node_id: str | None = None
         self.last_prompt_id: str | None = None
         self.executing: str | None = None  # prompt whose nodes are running (not yet in the history-lag phase)
         self.interrupt_flag = False
-        self.cache: dict[str, dict] = {}  # node signature -> {"outputs", "ui"}; only the last prompt's nodes
+        self.cache: dict[str, dict[str, Any]] = {}  # node signature -> {"outputs", "ui"}; only the last prompt's nodes
         self.flags: dict[str, Any] = {}  # set by POST /free, acted on by the worker
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     # ---- messaging -------------------------------------------------------------------------------------
     def send(self, event: str, data: Any, sid: str | None = None) -> None:
@@ -71,7 +71,7 @@ class Instance:
     def supports_preview_metadata(self, sid: str | None) -> bool:
         """feature_flags.supports_feature(sockets_metadata, sid, 'supports_preview_metadata')."""
         meta = self.sockets_metadata.get(sid) if sid is not None else None
-        return bool(meta) and meta.get("feature_flags", {}).get("supports_preview_metadata", False) is True
+        return meta is not None and meta.get("feature_flags", {}).get("supports_preview_metadata", False) is True
 
     def queue_remaining(self) -> int:
         """Running plus pending, as in exec_info.queue_remaining."""
@@ -100,14 +100,14 @@ class Instance:
         self.sockets_metadata.pop(sid, None)
 
     # ---- queue -----------------------------------------------------------------------------------------
-    def put(self, item: list) -> None:
+    def put(self, item: list[Any]) -> None:
         """PromptQueue.put: push on the heap, broadcast status, wake the worker."""
         self._seq += 1
         heapq.heappush(self.queue, (item[0], self._seq, item))
         self.queue_updated()
         self._wakeup.set()
 
-    def get_queue(self) -> dict[str, list]:
+    def get_queue(self) -> dict[str, list[Any]]:
         """GET /queue: running items and the raw (unsorted) heap of pending items."""
         return {"queue_running": list(self.running.values()), "queue_pending": [e[2] for e in self.queue]}
 
@@ -163,12 +163,12 @@ class Instance:
             self._waiter = None
 
     # ---- history ---------------------------------------------------------------------------------------
-    def get_history(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict:
+    def get_history(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict[str, Any]:
         """PromptQueue.get_history, including its max_items/offset arithmetic."""
         if prompt_id is not None:
             entry = self.history.get(prompt_id)
             return {prompt_id: entry} if entry is not None else {}
-        out: dict[str, dict] = {}
+        out: dict[str, dict[str, Any]] = {}
         if offset < 0 and max_items is not None:
             offset = len(self.history) - max_items
         for index, key in enumerate(self.history):

@@ -6,6 +6,7 @@ import logging
 import mimetypes
 import os
 from email.utils import formatdate
+from typing import Any
 
 from tornado.web import HTTPError
 
@@ -64,7 +65,8 @@ class ViewHandler(BaseHandler):
         self.set_header("Accept-Ranges", "bytes")
         if self.request.headers.get("If-None-Match") == etag:
             self.set_status(304)
-            return self.finish()
+            self.finish()
+            return
         with open(path, "rb") as fh:
             data = fh.read()
         start, end = _byte_range(self.request.headers.get("Range"), len(data))
@@ -100,9 +102,10 @@ class UploadHandler(BaseHandler):
         overwrite = self.get_body_argument("overwrite", None)
         parts = self.request.files.get("image") or []
         data = parts[0].body if parts else b""
-        record = {"name": parts[0].filename if parts else None, "subfolder": subfolder, "type": kind,
-                  "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest() if parts else None,
-                  "written": False, "status": 200}
+        digest = hashlib.sha256(data).hexdigest()
+        record: dict[str, Any] = {"name": parts[0].filename if parts else None, "subfolder": subfolder,
+                                  "type": kind, "bytes": len(data), "sha256": digest if parts else None,
+                                  "written": False, "status": 200}
         self.fake.uploads.append(record)
         root = self.fake.dirs.get(kind)
         if root is None:  # get_dir_by_type leaves its variable unset
@@ -124,7 +127,7 @@ class UploadHandler(BaseHandler):
             index = 1
             while os.path.exists(path):
                 with open(path, "rb") as fh:
-                    if hashlib.sha256(fh.read()).hexdigest() == record["sha256"]:
+                    if hashlib.sha256(fh.read()).hexdigest() == digest:
                         duplicate = True
                         break
                 filename = f"{stem} ({index}){ext}"
@@ -134,9 +137,9 @@ class UploadHandler(BaseHandler):
             with open(path, "wb") as fh:
                 fh.write(data)
         record.update(name=filename, written=not duplicate)
-        answer = {"name": filename, "subfolder": subfolder, "type": kind}
+        answer: dict[str, Any] = {"name": filename, "subfolder": subfolder, "type": kind}
         if self.fake.profile.asset_outputs:
-            answer["asset"] = upload_asset(filename, len(data), record["sha256"])
+            answer["asset"] = upload_asset(filename, len(data), digest)
         self.reply(answer)
 
 

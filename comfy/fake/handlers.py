@@ -13,7 +13,7 @@ from tornado.web import HTTPError
 from . import jobsapi
 from .base import BaseHandler, IndexHandler
 from .files import UploadHandler, ViewHandler
-from .nodes import object_info
+from .nodes import NodeDef, object_info
 from .ops import annotated_path
 from .profile import invalid_prompt_id, is_canonical_uuid, object_info_keys
 from .validate import validate_prompt
@@ -83,12 +83,13 @@ class PromptHandler(BaseHandler):
         return os.path.exists(annotated_path(name, self.fake.dirs))
 
 
-def _rejection(prompt: Any, registry: dict) -> dict[str, Any]:
+def _rejection(prompt: Any, registry: dict[str, NodeDef]) -> dict[str, Any]:
     """What the `reject` switch answers: prompt_outputs_failed_validation charged to the first output node."""
     node_id, class_type = "1", "SaveImage"
     if isinstance(prompt, dict) and prompt:
         nodes = [(k, v) for k, v in prompt.items() if isinstance(v, dict)]
-        outputs = [(k, v) for k, v in nodes if getattr(registry.get(v.get("class_type")), "output_node", False)]
+        outputs = [(k, v) for k, v in nodes if isinstance(v.get("class_type"), str)
+                   and getattr(registry.get(v["class_type"]), "output_node", False)]
         if outputs or nodes:
             node_id, node = (outputs or nodes)[0]
             class_type = node.get("class_type", "")
@@ -199,7 +200,7 @@ class SystemStatsHandler(BaseHandler):
 class StaticJSONHandler(BaseHandler):
     """Routes that return a fixed JSON value (features, embeddings, extensions, models)."""
 
-    def initialize(self, fake: FakeComfy, value: Any = None) -> None:  # type: ignore[override]
+    def initialize(self, fake: FakeComfy, value: Any = None) -> None:
         """Receive the value to serve."""
         super().initialize(fake)
         self.value = value
@@ -213,12 +214,12 @@ class StaticJSONHandler(BaseHandler):
         self.reply(self.value[folder])
 
 
-def routes(fake: FakeComfy) -> list[tuple]:
+def routes(fake: FakeComfy) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table; every route also answers under /api."""
     kw = {"fake": fake}
     models = {"checkpoints": list(fake.checkpoints()), "loras": [], "vae": [], "embeddings": [],
               "upscale_models": []}
-    table: list[tuple] = [
+    table: list[tuple[str, type, dict[str, Any]]] = [
         (r"/", IndexHandler, kw),
         (r"(?:/api)?/prompt", PromptHandler, kw),
         (r"(?:/api)?/queue", QueueHandler, kw),

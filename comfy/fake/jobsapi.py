@@ -10,6 +10,7 @@ from .profile import is_canonical_uuid
 
 if TYPE_CHECKING:
     from .executor import Instance
+    from .server import FakeComfy
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +18,14 @@ STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
 FILE_KEYS = ("images", "gifs", "video", "videos", "audio", "files", "3d")
 
 
-def _timestamp(messages: list, kinds: tuple[str, ...]) -> int | None:
+def _timestamp(messages: list[Any], kinds: tuple[str, ...]) -> int | None:
     for kind, data in messages:
         if kind in kinds and isinstance(data, dict) and "timestamp" in data:
             return int(data["timestamp"])
     return None
 
 
-def _queued_job(item: list, status: str) -> dict[str, Any]:
+def _queued_job(item: list[Any], status: str) -> dict[str, Any]:
     """A pending or running queue item as a job (null values are left out, as ComfyUI does)."""
     number, prompt_id, prompt, extra_data = item[0], item[1], item[2], item[3]
     job: dict[str, Any] = {"id": prompt_id, "status": status, "priority": number,
@@ -161,7 +162,7 @@ class JobsCancelHandler(BaseHandler):
         self.reply({"cancelled": any(results)})
 
 
-def routes(fake: Any) -> list[tuple]:
+def routes(fake: FakeComfy) -> list[tuple[str, type, dict[str, Any]]]:
     """The jobs routes: only under /api (ComfyUI declares them with the prefix); none (404) on 0.3.64."""
     if not fake.profile.jobs_api:
         return []

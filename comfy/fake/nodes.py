@@ -24,24 +24,25 @@ SCHEDULERS = [
 ]
 CHECKPOINTS = ["v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"]
 SAVE_HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+Spec = list[Any]  # an input spec as /object_info shows it: [type or options, {settings}]
 
 
-def INT(default: int, lo: int, hi: int, step: int = 1, **extra: Any) -> list:
+def INT(default: int, lo: int, hi: int, step: int = 1, **extra: Any) -> Spec:
     """Spec of an INT widget, keys in ComfyUI's order."""
     return ["INT", {"default": default, "min": lo, "max": hi, "step": step, **extra}]
 
 
-def FLOAT(default: float, lo: float, hi: float, step: float, **extra: Any) -> list:
+def FLOAT(default: float, lo: float, hi: float, step: float, **extra: Any) -> Spec:
     """Spec of a FLOAT widget."""
     return ["FLOAT", {"default": default, "min": lo, "max": hi, "step": step, **extra}]
 
 
-def COMBO(options: list[str], **extra: Any) -> list:
+def COMBO(options: list[str], **extra: Any) -> Spec:
     """Old-style combo spec: the options list first, then an options dict."""
     return [list(options), dict(extra)]
 
 
-def LINK(kind: str, **extra: Any) -> list:
+def LINK(kind: str, **extra: Any) -> Spec:
     """Spec of a linked (socket) input such as IMAGE."""
     return [kind, dict(extra)] if extra else [kind]
 
@@ -51,10 +52,10 @@ class NodeDef:
     """One node class as the fake knows it: what /object_info shows and validation uses."""
 
     name: str
-    required: dict[str, list]
+    required: dict[str, Spec]
     output: tuple[str, ...] = ()
     output_name: tuple[str, ...] | None = None
-    optional: dict[str, list] = field(default_factory=dict)
+    optional: dict[str, Spec] = field(default_factory=dict)
     hidden: dict[str, Any] = field(default_factory=dict)
     output_node: bool = False
     category: str = "image"
@@ -67,21 +68,20 @@ class NodeDef:
     weight: float = 1.0  # share of the prompt's run time
     always_changed: bool = False  # IS_CHANGED returns time.time(): never served from cache
 
-    def spec(self, input_name: str, input_files: list[str] | None = None) -> tuple[str, list] | None:
-        """Return (category, spec) of one input, filling file combos; None if unknown."""
-        for category, table in (("required", self.required), ("optional", self.optional)):
-            if input_name in table:
-                spec = table[input_name]
-                if input_name in self.file_inputs and input_files is not None:
-                    spec = [list(input_files), *spec[1:]]
-                return category, spec
-        return None
+    def inputs(self) -> list[tuple[str, str, Spec]]:
+        """Every input as (category, name, spec): the required ones, then the optional ones, as declared."""
+        return ([("required", n, s) for n, s in self.required.items()]
+                + [("optional", n, s) for n, s in self.optional.items()])
+
+    def _filled(self, input_name: str, spec: Spec, input_files: list[str]) -> Spec:
+        """The spec with the input folder's files as the options of a file combo."""
+        return [list(input_files), *spec[1:]] if input_name in self.file_inputs else spec
 
     def info(self, input_files: list[str]) -> dict[str, Any]:
         """Build the /object_info entry, shaped like ComfyUI's node_info()."""
-        inputs: dict[str, Any] = {"required": {n: self.spec(n, input_files)[1] for n in self.required}}
+        inputs: dict[str, Any] = {"required": {n: self._filled(n, s, input_files) for n, s in self.required.items()}}
         if self.optional:
-            inputs["optional"] = {n: self.spec(n, input_files)[1] for n in self.optional}
+            inputs["optional"] = {n: self._filled(n, s, input_files) for n, s in self.optional.items()}
         if self.hidden:
             inputs["hidden"] = dict(self.hidden)
         out: dict[str, Any] = {
@@ -191,7 +191,7 @@ def default_registry() -> dict[str, NodeDef]:
     return {d.name: d for d in defs}
 
 
-def object_info(registry: dict[str, NodeDef], input_files: list[str], name: str | None = None) -> dict:
+def object_info(registry: dict[str, NodeDef], input_files: list[str], name: str | None = None) -> dict[str, Any]:
     """Return /object_info (all classes) or /object_info/{name} ({} when unknown)."""
     if name is not None:
         node = registry.get(name)

@@ -83,8 +83,8 @@ class Context(Protocol):
     share: float
     slow: float
     tick_interval: float
-    prompt: dict
-    extra_data: dict
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
     dirs: dict[str, str]
 
     async def work(self, seconds: float) -> None:
@@ -198,7 +198,7 @@ def file_digest(path: str) -> str:
         return "missing"
 
 
-async def run(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple, dict | None]:
+async def run(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
     """Run one node: return (outputs, ui dict or None)."""
     if class_type == "TestSleep":
         seconds = float(args["seconds"])
@@ -238,7 +238,7 @@ async def run(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tupl
     return _simple(ctx, class_type, args)
 
 
-def _simple(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple, dict | None]:
+def _simple(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
     """Nodes without progress: compute outputs and write files."""
     if class_type == "EmptyImage":
         rgb = png.rgb_from_int(args["color"])
@@ -263,7 +263,8 @@ def _simple(ctx: Context, class_type: str, args: dict[str, Any]) -> tuple[tuple,
         return (Img(size[0], size[1], 1, rgb, (pixels,) if pixels is not None else None), mask), None
     if class_type == "ImageInvert":
         img: Img = args["image"]
-        return (replace(img, rgb=tuple(255 - c for c in img.rgb), frames=img.each(imaging.invert)),), None
+        red, green, blue = img.rgb
+        return (replace(img, rgb=(255 - red, 255 - green, 255 - blue), frames=img.each(imaging.invert)),), None
     if class_type == "ImageBatch":
         # like ComfyUI: image2 is scaled to image1's size, then the two batches are joined
         first, second = args["image1"], args["image2"]

@@ -99,7 +99,7 @@ class _NodeCtx:
 class PromptRun:
     """One execution of a queued item [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
 
-    def __init__(self, inst: Instance, item: list) -> None:
+    def __init__(self, inst: Instance, item: list[Any]) -> None:
         fake = inst.fake
         self.inst = inst
         self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs = item
@@ -112,17 +112,17 @@ class PromptRun:
         self.use_cache = bool(fake.cache) and not (self.fail or self.hang)
         self.registry = fake.registry
         self.profile = fake.profile
-        self.messages: list[tuple[str, dict]] = []
+        self.messages: list[tuple[str, dict[str, Any]]] = []
         self.success = False
         self.outcome = "error"
         self.history_result: dict[str, Any] = {"outputs": {}, "meta": {}}
-        self.states: dict[str, dict] = {}
-        self.values: dict[str, tuple] = {}
-        self.ui: dict[str, dict] = {}
+        self.states: dict[str, dict[str, Any]] = {}
+        self.values: dict[str, tuple[Any, ...]] = {}
+        self.ui: dict[str, dict[str, Any]] = {}
         self.executed: list[str] = []
 
     # ---- messages --------------------------------------------------------------------------------------
-    def add_message(self, event: str, data: dict, broadcast: bool = False) -> None:
+    def add_message(self, event: str, data: dict[str, Any], broadcast: bool = False) -> None:
         """PromptExecutor.add_message: kept for history; sent if there is a client_id (or broadcast)."""
         self.messages.append((event, data))
         if self.client_id is not None or broadcast:
@@ -166,7 +166,7 @@ class PromptRun:
         """Cache keys: class, literal inputs and upstream keys (plus IS_CHANGED stand-ins)."""
         memo: dict[str, str] = {}
 
-        def sig(nid: Any, stack: tuple) -> str:
+        def sig(nid: Any, stack: tuple[Any, ...]) -> str:
             """Key of one node; cycles and dangling links get a unique (never cached) key."""
             if nid in memo:
                 return memo[nid]
@@ -302,7 +302,7 @@ class PromptRun:
         self.history_result = {"outputs": outputs, "meta": meta}
         inst.last_node_id = None
 
-    def _replay(self, nid: str, entry: dict) -> None:
+    def _replay(self, nid: str, entry: dict[str, Any]) -> None:
         """A cached node in the execution list: `executed` replays its UI (None if it had none)."""
         ui = self._entries(entry["ui"])
         if self.client_id is not None:
@@ -313,7 +313,7 @@ class PromptRun:
         if ui:
             self.ui[nid] = ui
 
-    def _entries(self, ui: dict | None) -> dict | None:
+    def _entries(self, ui: dict[str, Any] | None) -> dict[str, Any] | None:
         """Output entries as this profile writes them (current: asset ids, registered anew per prompt)."""
         return enrich_ui(ui, self.inst.fake.dirs) if self.profile.asset_outputs else ui
 
@@ -358,10 +358,10 @@ class PromptRun:
     def _error(self, nid: str | None, exception_type: str, message: str) -> None:
         """handle_execution_error for a real error: execution_error, not broadcast."""
         self.outcome = "error"
-        node = self.prompt.get(nid, {}) if nid else {}
+        node: dict[str, Any] = self.prompt.get(nid, {}) if nid else {}
         args = getattr(self, "_args", {}) if nid else {}
         inputs = {name: [_format(args.get(name, value))] for name, value in node.get("inputs", {}).items()}
-        node_def = self.registry.get(node.get("class_type"))
+        node_def = self.registry.get(node.get("class_type", ""))
         for hidden in (node_def.hidden if node_def else {}):
             if hidden == "prompt":
                 inputs[hidden] = [str(self.prompt)]

@@ -61,14 +61,14 @@ class FakeComfy:
         # a socket's cleanup pops its clientId, dropping a newer socket with that id (present up to 0.38)
         self.reconnect_bug = True
         # introspection for tests
-        self.prompts: dict[str, dict] = {}
-        self.uploads: list[dict] = []
-        self.interrupts: list[dict] = []
+        self.prompts: dict[str, dict[str, Any]] = {}
+        self.uploads: list[dict[str, Any]] = []
+        self.interrupts: list[dict[str, Any]] = []
         self.queue_deletes: list[str] = []
-        self.frees: list[dict] = []
-        self.job_cancels: list[dict] = []  # POST /api/jobs/.../cancel calls (current profile)
+        self.frees: list[dict[str, Any]] = []
+        self.job_cancels: list[dict[str, Any]] = []  # POST /api/jobs/.../cancel calls (current profile)
         # every request's method, path and headers, newest last (bounded: benchmarks send many)
-        self.requests_seen: collections.deque[dict] = collections.deque(maxlen=10_000)
+        self.requests_seen: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
         self.executed: list[str] = []
         self.registry: dict[str, NodeDef] = default_registry()
         self.workdir: str = workdir or ""
@@ -78,7 +78,7 @@ class FakeComfy:
         self._server: HTTPServer | None = None
         self._inst: Instance | None = None
         self._ws: set[WebSocketHandler] = set()
-        self._writes: set[asyncio.Future] = set()
+        self._writes: set[asyncio.Future[None]] = set()
         self._started = False
         self._stopped = False
 
@@ -226,7 +226,7 @@ class FakeComfy:
         self._writes.add(fut)
         fut.add_done_callback(self._write_done)
 
-    def _write_done(self, fut: asyncio.Future) -> None:
+    def _write_done(self, fut: asyncio.Future[None]) -> None:
         """Forget a finished write, marking its exception (a closed socket) as seen."""
         self._writes.discard(fut)
         if not fut.cancelled():

@@ -15,7 +15,7 @@ _TB_PROMPT = '  File "<comfyui>/execution.py", line 1010, in validate_prompt\n  
 _TB_INPUTS = '  File "<comfyui>/execution.py", line 788, in validate_inputs\n    <code elided>\n'
 
 
-def _err(kind: str, message: str, details: str = "", extra: dict | None = None) -> dict[str, Any]:
+def _err(kind: str, message: str, details: str = "", extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One error object: {type, message, details, extra_info}."""
     return {"type": kind, "message": message, "details": details, "extra_info": extra or {}}
 
@@ -59,23 +59,21 @@ def _convert(kind: Any, val: Any) -> Any:
 class _Validator:
     """Recursive per-node validation with the `validated` memo ComfyUI uses."""
 
-    def __init__(self, registry: dict[str, NodeDef], prompt: dict, image_exists: Callable[[str], bool]) -> None:
+    def __init__(self, registry: dict[str, NodeDef], prompt: dict[str, Any], image_exists: Callable[[str], bool]) -> None:
         self.registry = registry
         self.prompt = prompt
         self.image_exists = image_exists
-        self.validated: dict[str, tuple[bool, list, str]] = {}
+        self.validated: dict[str, tuple[bool, list[dict[str, Any]], str]] = {}
 
-    def node(self, unique_id: str) -> tuple[bool, list, str]:
+    def node(self, unique_id: str) -> tuple[bool, list[dict[str, Any]], str]:
         """Validate one node and (recursively) what it links to; memoised."""
         if unique_id in self.validated:
             return self.validated[unique_id]
         inputs = self.prompt[unique_id]["inputs"]
         node = self.registry[self.prompt[unique_id]["class_type"]]
-        errors: list[dict] = []
+        errors: list[dict[str, Any]] = []
         valid = True
-        names = list(node.required) + list(node.optional)
-        for x in names:
-            category, spec = node.spec(x)
+        for category, x, spec in node.inputs():
             kind = spec[0]
             extra = spec[1] if len(spec) > 1 else {}
             info = [kind, extra]
@@ -124,7 +122,7 @@ class _Validator:
         self.validated[unique_id] = result
         return result
 
-    def _link(self, x: str, val: list, kind: Any, info: list, errors: list) -> bool:
+    def _link(self, x: str, val: list[Any], kind: Any, info: list[Any], errors: list[dict[str, Any]]) -> bool:
         """Check a [node_id, slot] link; False when the upstream node is invalid."""
         if len(val) != 2:
             errors.append(_err("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
@@ -184,7 +182,7 @@ def validate_prompt(
 
     checker = _Validator(registry, prompt, image_exists)
     good: list[str] = []
-    failed: list[tuple[str, list]] = []
+    failed: list[tuple[str, list[dict[str, Any]]]] = []
     node_errors: dict[str, Any] = {}
     for o in outputs:
         try:

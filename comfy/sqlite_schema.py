@@ -1,0 +1,139 @@
+"""The embedded store's schema: numbered migrations, each run once, in order, in its own transaction.
+
+The version lives in `PRAGMA user_version` (0 = a file made before migrations were numbered, or a new
+file). Version 1 is the schema the bridge used before the JobStore contract, reached from any earlier
+file by adding the columns it gained over time; version 2 adds what the contract needs."""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+V1_TABLES = (
+    """CREATE TABLE IF NOT EXISTS jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT UNIQUE NOT NULL,
+        client_id TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        files TEXT NOT NULL,
+        timeout REAL NOT NULL,
+        state TEXT NOT NULL,
+        backend TEXT,
+        prompt_id TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        counted INTEGER NOT NULL DEFAULT 0,
+        fetched INTEGER NOT NULL DEFAULT 0,
+        expired INTEGER NOT NULL DEFAULT 0,
+        owner TEXT NOT NULL DEFAULT '',
+        fetched_at REAL)""",
+    "CREATE INDEX IF NOT EXISTS jobs_client ON jobs (client_id, seq)",
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)",
+    """CREATE TABLE IF NOT EXISTS outputs (
+        job_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        node_id TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        PRIMARY KEY (job_id, idx))""",
+    """CREATE TABLE IF NOT EXISTS uploads (
+        name TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        content_type TEXT NOT NULL,
+        original TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        owner TEXT NOT NULL DEFAULT '')""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+# columns files from the first releases lack (they were added one at a time before versions were numbered)
+V1_ADDED_COLUMNS = {"jobs": {"expired": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''",
+                             "fetched_at": "REAL"},
+                    "uploads": {"owner": "TEXT NOT NULL DEFAULT ''"}}
+V1_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq)",
+    "CREATE INDEX IF NOT EXISTS jobs_taken ON jobs (fetched_at) WHERE fetched_at IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS uploads_owner ON uploads (owner)",
+    "CREATE INDEX IF NOT EXISTS uploads_age ON uploads (created_at)",
+)
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    """The pre-contract schema, created fresh or completed on a file of an earlier release."""
+    for statement in V1_TABLES:
+        db.execute(statement)
+    for table, columns in V1_ADDED_COLUMNS.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for column, decl in columns.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    for statement in V1_INDEXES:
+        db.execute(statement)
+
+
+def _v2(db: sqlite3.Connection) -> None:
+    """The store owns the queue: each job's fair round, its stored progress and cancel reason; indexes for
+    the fair claim, the per-owner and per-client waiting counts and the untaken results."""
+    db.execute("ALTER TABLE jobs ADD COLUMN round INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE jobs ADD COLUMN progress REAL NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE jobs ADD COLUMN cancel_reason TEXT")
+    # jobs a release without a stored queue left waiting: its line was round-robin over clients in the
+    # order of their first job, which is round = the job's rank among its client's waiting jobs
+    db.execute("UPDATE jobs SET round = (SELECT COUNT(*) FROM jobs AS j WHERE j.client_id = jobs.client_id"
+               " AND j.state = 'queued' AND j.seq < jobs.seq) WHERE state = 'queued'")
+    db.execute("DROP INDEX IF EXISTS jobs_state")  # the fair index below starts with state
+    db.execute("CREATE INDEX jobs_fair ON jobs (state, round, seq)")
+    db.execute("CREATE INDEX jobs_state_owner ON jobs (state, owner)")
+    db.execute("CREATE INDEX jobs_state_client ON jobs (state, client_id, round)")
+    db.execute("CREATE INDEX jobs_untaken ON jobs (client_id, seq) WHERE state = 'completed' AND fetched = 0")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)  # version n is MIGRATIONS[n - 1]
+LATEST = len(MIGRATIONS)
+
+
+def version(db: sqlite3.Connection) -> int:
+    """The schema version of an open database."""
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite3.Connection) -> list[int]:
+    """Run the pending migrations in order, each in one transaction; returns the versions applied.
+    The connection must be in autocommit mode (isolation_level=None)."""
+    done: list[int] = []
+    for number in range(version(db) + 1, LATEST + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if version(db) >= number:  # another process got there first
+                db.execute("ROLLBACK")
+                continue
+            MIGRATIONS[number - 1](db)
+            db.execute(f"PRAGMA user_version = {number}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        log.info("store: schema migrated to version %d", number)
+        done.append(number)
+    return done
+
+
+def pending(path: Path) -> list[int]:
+    """The migrations a store file still needs (every one for a file that does not exist yet); reads only."""
+    if not path.exists():
+        return list(range(1, LATEST + 1))
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return list(range(version(db) + 1, LATEST + 1))
+    finally:
+        db.close()
