@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .backend import Backend, BackendError
+from .comfyclient import BackendError, ComfyClient
 from .catalog import FILE_INPUTS, Catalog, Workflow
 from .config import BackendConfig, Config, ConfigError, load_config
 from .datalock import DataDirLock
@@ -63,7 +63,7 @@ async def check_config(config: Config, path: Path | None, demo: bool = False) ->
 
 
 async def _check_backend(config: Config, cfg: BackendConfig, catalog: Catalog) -> tuple[bool, list[str]]:
-    backend = Backend(cfg, config, "comfy-bridge-check")
+    backend = ComfyClient(cfg, config, "comfy-bridge-check")
     label = cfg.label
     try:
         started = time.monotonic()

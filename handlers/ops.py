@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfy.services import Services
+from comfy.facade import Api
 
 from .base import BaseHandler
 
@@ -20,18 +20,22 @@ class HealthHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """GET /ready: 200 when at least one backend is up and the queue is below its limit, else 503 with why."""
+    """GET /ready: 200 when the job store answers, at least one backend is up and the queue is below its limit,
+    else 503 with why."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         """For load balancers and systemd: should traffic come here now?"""
         services = self.services
-        up = sum(1 for b in services.backends if b.up and not b.draining)
-        waiting = len(services.scheduler.queue)
-        body = {"backends_up": up, "backends": len(services.backends), "queue_length": waiting,
-                "max_queue": services.config.max_queue}
+        members = services.pool.members
+        up = sum(1 for m in members if m.up and not m.draining)
+        body: dict[str, Any] = {"backends_up": up, "backends": len(members), "max_queue": services.config.max_queue}
         if services.shutting_down:
-            self.write_json({**body, "status": "not ready", "detail": "shutting down"}, 503)
-        elif up == 0:
+            return self.write_json({**body, "status": "not ready", "detail": "shutting down"}, 503)
+        if not services.jobs.available:
+            return self.write_json({**body, "status": "not ready", "detail": "the job store is unreachable"}, 503)
+        waiting = await services.jobs.queue_length()
+        body["queue_length"] = waiting
+        if up == 0:
             self.write_json({**body, "status": "not ready", "detail": "no backend is up"}, 503)
         elif waiting >= services.config.max_queue:
             self.write_json({**body, "status": "not ready", "detail": "the queue is full"}, 503)
@@ -42,14 +46,15 @@ class ReadyHandler(BaseHandler):
 class MetricsHandler(BaseHandler):
     """GET /metrics in the Prometheus text exposition format."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         """Counters and histograms of jobs, gauges of queue, backends and sockets."""
+        body = await self.services.metrics.exposition()
         # the classic text format, which every Prometheus version scrapes
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(self.services.metrics.exposition())
+        self.finish(body)
 
 
-def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(services: Api) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table of this module."""
     kw = {"services": services}
     return [(r"/health", HealthHandler, kw), (r"/ready", ReadyHandler, kw), (r"/metrics", MetricsHandler, kw)]

@@ -109,6 +109,10 @@ class Bridge:
     async def submit(self, client_id: str, body: dict[str, Any], status: int = 200) -> Any:
         return await self.post_json(f"/generate-based-workflow?clientId={client_id}", body, status)
 
+    async def settled(self, client_id: str) -> bool:
+        """True when none of the client's jobs waits or runs any more."""
+        return not await self.services.jobs.client_active(client_id)
+
     async def wait_state(self, client_id: str, statuses: set[str], timeout: float = TIMEOUT) -> dict[str, Any]:
         """Poll /execution-info until the status is one of statuses."""
         async def poll() -> dict[str, Any]:
@@ -124,6 +128,14 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> N
     """Wait until predicate() is true, bounded."""
     async def loop() -> None:
         while not predicate():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(loop(), timeout)
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT) -> None:
+    """Wait until the awaited check() is true (a question for the job store), bounded."""
+    async def loop() -> None:
+        while not await check():
             await asyncio.sleep(0.01)
     await asyncio.wait_for(loop(), timeout)
 
@@ -248,7 +260,7 @@ async def bridge_factory(tmp_path: Path, workflows_dir: Path,
         bridge.fakes = list(backends)
         running.append(bridge)
         if wait_up:
-            await wait_for(lambda: all(b.up for b in services.backends))
+            await wait_for(lambda: all(m.up for m in services.pool.members))
         return bridge
     yield make
     for bridge in running:

@@ -240,12 +240,13 @@ async def test_backends_listing(bridge_factory, fakes) -> None:  # type: ignore[
 
 
 def test_backend_listing_never_shows_credentials() -> None:
-    from comfy.backend import Backend
+    from comfy.comfyclient import ComfyClient
     from comfy.config import BackendConfig, Config
-    b = Backend(BackendConfig(url="http://user:secret@gpu-box:8188"), Config(), "cid")
+    from comfy.pool import Member
+    b = Member(ComfyClient(BackendConfig(url="http://user:secret@gpu-box:8188"), Config(), "cid"))
     shown = b.describe()
     assert "secret" not in str(shown) and shown["url"] == "http://gpu-box:8188"
-    b.http.close()
+    b.client.http.close()
 
 
 async def test_file_input_never_names_other_files_of_the_workflows_folder(bridge: Bridge) -> None:
