@@ -5,7 +5,7 @@ import importlib
 import logging
 import sys
 
-NAMES = ("scheduling", "store", "overhead", "control_plane", "websockets", "large_files", "abuse")
+NAMES = ("scheduling", "store", "overhead", "control_plane", "websockets", "large_files", "abuse", "cluster")
 
 
 def main() -> int:

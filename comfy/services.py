@@ -35,12 +35,13 @@ def make_store(config: Config, name: str) -> JobStore:
     """The job store the settings choose: PostgreSQL for a postgresql:// URL, else SQLite in data_dir."""
     if not config.store_url:
         return SqliteStore(config.data_dir, name)
-    try:
-        from .store_pg import PostgresStore  # only this mode needs the driver
-        return PostgresStore(config.store_url, name)
+    try:  # only this mode needs the driver, and it should say so at start, not at the first query
+        import asyncpg  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"store: a postgresql:// store needs the PostgreSQL driver: "
                           f"pip install -r requirements-postgres.txt ({exc})") from None
+    from .store_pg import PostgresStore
+    return PostgresStore(config.store_url, name, lease_ttl=config.lease_ttl)
 
 
 class Services:

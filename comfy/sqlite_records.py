@@ -13,6 +13,7 @@ from typing import Any, Callable, Coroutine, Iterable, ParamSpec, TypeVar
 
 from .jobs import Job, Output, State
 from .jobstore import FETCHED, JobEvent, JobStore, StoreUnavailable
+from .sqlite_schema import OPEN
 
 log = logging.getLogger(__name__)
 
@@ -20,27 +21,25 @@ COLUMNS = ("seq", "id", "client_id", "workflow", "inputs", "prompt", "files", "t
            "prompt_id", "attempts", "error", "created_at", "started_at", "finished_at", "counted", "fetched",
            "owner", "fetched_at", "expired", "round", "cancel_reason", "progress")
 COLS = ", ".join(COLUMNS)
-SETTABLE = frozenset(COLUMNS) - {"seq", "id"}
-JSON_COLUMNS = frozenset({"inputs", "prompt", "files"})
-ACTIVE = "('queued', 'dispatching', 'running')"
+SETTABLE = frozenset(COLUMNS) - {"seq", "id", "inputs", "prompt", "files"}  # what a submit asked never changes
+LIVE = "('queued', 'dispatching', 'running')"
+LIVE_STATES = frozenset({"queued", "dispatching", "running"})
 IDS = "(SELECT value FROM json_each(?))"  # a list of ids bound as one JSON parameter
 
 SQL_OUTPUTS = ("SELECT job_id, node_id, filename, content_type, path, size FROM outputs"
                f" WHERE job_id IN {IDS} ORDER BY job_id, idx")
-SQL_UNTAKEN = (f"SELECT {COLS} FROM jobs WHERE client_id = ? AND state = 'completed' AND fetched = 0"
-               " AND EXISTS (SELECT 1 FROM outputs WHERE job_id = jobs.id) ORDER BY seq")
-SQL_CLIENT_JOBS = (f"SELECT {COLS} FROM jobs WHERE state IN {ACTIVE} AND client_id = ? UNION ALL"
-                   f" SELECT {COLS} FROM jobs WHERE client_id = ? AND state = 'completed' AND fetched = 0"
-                   " AND EXISTS (SELECT 1 FROM outputs WHERE job_id = jobs.id) ORDER BY seq")
+HAS_OUTPUTS = "EXISTS (SELECT 1 FROM outputs WHERE job_id = jobs.id)"
+SQL_UNTAKEN = (f"SELECT {COLS} FROM jobs INDEXED BY jobs_open WHERE {OPEN} AND client_id = ? AND state = 'completed' AND {HAS_OUTPUTS}"
+               " ORDER BY seq")
+SQL_CLIENT_JOBS = (f"SELECT {COLS} FROM jobs INDEXED BY jobs_open WHERE {OPEN} AND client_id = ?"
+                   f" AND (state != 'completed' OR {HAS_OUTPUTS}) ORDER BY seq")
 SQL_FETCHED = (f"UPDATE jobs SET fetched = 1, expired = ?, fetched_at = ? WHERE id IN {IDS} AND fetched = 0"
                f" RETURNING {COLS}")
-SQL_EXPIRED = ("SELECT id FROM jobs WHERE state = 'completed' AND fetched = 0"
-               " AND finished_at < ? AND EXISTS (SELECT 1 FROM outputs WHERE job_id = jobs.id) ORDER BY seq")
+SQL_EXPIRED = (f"SELECT id FROM jobs INDEXED BY jobs_open WHERE {OPEN} AND state = 'completed' AND finished_at < ?"
+               f" AND {HAS_OUTPUTS} ORDER BY seq")
 # names of uploads that a waiting or running job, or an untaken result, still refers to
-SQL_UPLOADS_IN_USE = (
-    "SELECT json_extract(f.value, '$.name') FROM jobs, json_each(jobs.files) AS f"
-    f" WHERE jobs.state IN {ACTIVE} UNION SELECT json_extract(f.value, '$.name') FROM jobs,"
-    " json_each(jobs.files) AS f WHERE jobs.state = 'completed' AND jobs.fetched = 0")
+SQL_UPLOADS_IN_USE = (f"SELECT json_extract(f.value, '$.name') FROM jobs INDEXED BY jobs_open, json_each(jobs.files) AS f"
+                      f" WHERE {OPEN}")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -83,6 +82,8 @@ class SqliteRecords(JobStore):
         self._reserved: dict[str, float] = {}   # job id -> monotonic end of its take-once hold
         self._progress: dict[str, float] = {}   # job id -> progress published but not yet written
         self._attached: dict[str, int] = {}     # clientId -> open sockets and event streams
+        # job id -> decoded (inputs, prompt, files) of jobs still open; stored once, never changed
+        self._bodies: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -93,12 +94,21 @@ class SqliteRecords(JobStore):
 
     # records -------------------------------------------------------------------------------------
     def _job(self, row: tuple[Any, ...]) -> Job:
-        """A Job from a row of COLUMNS, with the progress published since the last write."""
+        """A Job from a row of COLUMNS, with the progress published since the last write.
+
+        A job's inputs, prompt and files are decoded once while it waits or runs and shared by the records
+        made of it until its results are taken (they never change once stored): callers treat them as
+        read-only."""
         (seq, job_id, client_id, workflow, inputs, prompt, files, timeout, state, backend, prompt_id, attempts,
          error, created_at, started_at, finished_at, counted, fetched, owner, fetched_at, expired, rnd,
          cancel_reason, progress) = row
-        return Job(id=job_id, client_id=client_id, workflow=workflow, inputs=json.loads(inputs),
-                   prompt=json.loads(prompt), files=json.loads(files), timeout=float(timeout), state=State(state),
+        body = self._bodies.get(job_id)
+        if body is None:
+            body = (json.loads(inputs), json.loads(prompt), json.loads(files))
+            if state in LIVE_STATES:
+                self._bodies[job_id] = body
+        return Job(id=job_id, client_id=client_id, workflow=workflow, inputs=body[0], prompt=body[1],
+                   files=body[2], timeout=float(timeout), state=State(state),
                    backend=backend, prompt_id=prompt_id, attempts=attempts, error=error, created_at=created_at,
                    started_at=started_at, finished_at=finished_at, counted=bool(counted), fetched=bool(fetched),
                    owner=owner, fetched_at=fetched_at, expired=bool(expired), seq=seq, round=rnd,
@@ -121,15 +131,15 @@ class SqliteRecords(JobStore):
     def _value(name: str, value: Any) -> Any:
         """A field's value as stored."""
         if name not in SETTABLE:
-            raise ValueError(f"a job has no stored field {name!r}")
-        if name in JSON_COLUMNS:
-            return json.dumps(value)
+            raise ValueError(f"{name!r} is not a field of a job that can change")
         if isinstance(value, State):
             return value.value
         return int(value) if isinstance(value, bool) else value
 
     def _emit(self, kind: str, job: Job, detail: str | None = None) -> None:
-        """Publish a committed change to this process's subscribers."""
+        """Publish a committed change to this process's subscribers (and forget the body of a closed job)."""
+        if not (job.state.active or (job.state is State.COMPLETED and job.outputs and not job.fetched)):
+            self._bodies.pop(job.id, None)
         self.fanout.publish(JobEvent.of(kind, job, self.bridge, detail))
 
     # reading jobs ---------------------------------------------------------------------------------
@@ -142,12 +152,12 @@ class SqliteRecords(JobStore):
     @guarded
     async def client_jobs(self, client_id: str) -> list[Job]:
         """The client's waiting, running and untaken jobs, oldest first."""
-        return self._jobs(self.db.execute(SQL_CLIENT_JOBS, (client_id, client_id)))
+        return self._jobs(self.db.execute(SQL_CLIENT_JOBS, (client_id,)))
 
     @guarded
     async def status_job(self, client_id: str) -> Job | None:
         """The client's latest active job, else its latest job."""
-        row = (self.db.execute(f"SELECT {COLS} FROM jobs WHERE state IN {ACTIVE} AND client_id = ?"
+        row = (self.db.execute(f"SELECT {COLS} FROM jobs INDEXED BY jobs_open WHERE {OPEN} AND client_id = ? AND state IN {LIVE}"
                                " ORDER BY seq DESC LIMIT 1", (client_id,)).fetchone()
                or self.db.execute(f"SELECT {COLS} FROM jobs WHERE client_id = ? ORDER BY seq DESC LIMIT 1",
                                   (client_id,)).fetchone())
@@ -168,8 +178,10 @@ class SqliteRecords(JobStore):
     @guarded
     async def active_on(self, backend: str) -> list[Job]:
         """Jobs dispatching or running on a backend, oldest first."""
-        return self._jobs(self.db.execute(f"SELECT {COLS} FROM jobs WHERE state IN ('dispatching', 'running')"
-                                          " AND backend = ? ORDER BY seq", (backend,)), outputs=False)
+        return self._jobs(self.db.execute(f"SELECT {COLS} FROM jobs INDEXED BY jobs_open WHERE {OPEN}"
+                                          " AND state IN ('dispatching', 'running') AND backend = ? ORDER BY seq",
+                                          (backend,)),
+                          outputs=False)
 
     # take-once ------------------------------------------------------------------------------------
     @guarded
@@ -193,20 +205,20 @@ class SqliteRecords(JobStore):
     async def mark_fetched(self, job_ids: list[str], expired: bool = False) -> list[str]:
         """Taken (or expired untaken): taken outputs stay for the grace, expired ones are forgotten now.
         Publishes fetched; returns the paths to delete now."""
-        ids = json.dumps(job_ids)
         db = self.db
         paths: list[str] = []
-        db.execute("BEGIN")
-        try:
-            rows = db.execute(SQL_FETCHED, (int(expired), time.time(), ids)).fetchall()
-            jobs = self._jobs(rows)
-            if expired:
+        if expired:
+            db.execute("BEGIN")
+            try:
+                jobs = self._jobs(db.execute(SQL_FETCHED, (1, time.time(), json.dumps(job_ids))).fetchall())
                 paths = [str(r[0]) for r in db.execute(f"DELETE FROM outputs WHERE job_id IN {IDS} RETURNING path",
                                                        (json.dumps([j.id for j in jobs]),))]
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        else:  # one statement; the outputs (read after it) stay for the grace
+            jobs = self._jobs(db.execute(SQL_FETCHED, (0, time.time(), json.dumps(job_ids))).fetchall())
         for job in jobs:
             self._reserved.pop(job.id, None)
             self._count(job.owner, -sum(o.size for o in job.outputs))  # no longer counts against the quota

@@ -81,21 +81,60 @@ def _v1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+# the jobs a client still has business with: waiting, running, or holding results it has not taken.
+# A query names this condition literally to use the partial index jobs_open.
+OPEN = "(state IN ('queued', 'dispatching', 'running') OR (state = 'completed' AND fetched = 0))"
+V2_JOBS = """CREATE TABLE jobs_v2 (
+    seq INTEGER PRIMARY KEY,
+    id TEXT UNIQUE NOT NULL,
+    client_id TEXT NOT NULL,
+    workflow TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    files TEXT NOT NULL,
+    timeout REAL NOT NULL,
+    state TEXT NOT NULL,
+    backend TEXT,
+    prompt_id TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    counted INTEGER NOT NULL DEFAULT 0,
+    fetched INTEGER NOT NULL DEFAULT 0,
+    expired INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT '',
+    fetched_at REAL,
+    round INTEGER NOT NULL DEFAULT 0,
+    progress REAL NOT NULL DEFAULT 0,
+    cancel_reason TEXT)"""
+V1_JOB_COLUMNS = ("seq, id, client_id, workflow, inputs, prompt, files, timeout, state, backend, prompt_id, attempts,"
+                  " error, created_at, started_at, finished_at, counted, fetched, expired, owner, fetched_at")
+
+
 def _v2(db: sqlite3.Connection) -> None:
-    """The store owns the queue: each job's fair round, its stored progress and cancel reason; indexes for
-    the fair claim, the per-owner and per-client waiting counts and the untaken results."""
-    db.execute("ALTER TABLE jobs ADD COLUMN round INTEGER NOT NULL DEFAULT 0")
-    db.execute("ALTER TABLE jobs ADD COLUMN progress REAL NOT NULL DEFAULT 0")
-    db.execute("ALTER TABLE jobs ADD COLUMN cancel_reason TEXT")
-    # jobs a release without a stored queue left waiting: its line was round-robin over clients in the
-    # order of their first job, which is round = the job's rank among its client's waiting jobs
+    """The store owns the queue: each job's fair round, its stored progress and cancel reason, and indexes
+    for the fair claim, the per-owner waiting count and each client's open jobs.
+
+    The table is rebuilt (SQLite's documented way to change a table): seq loses AUTOINCREMENT, which wrote
+    one more page per submit (jobs are never deleted, so seq still only grows). The queue's indexes are
+    partial: they hold only the jobs they serve, so a job's later changes write no page of them."""
+    db.execute(V2_JOBS)
+    db.execute(f"INSERT INTO jobs_v2 ({V1_JOB_COLUMNS}) SELECT {V1_JOB_COLUMNS} FROM jobs")
+    db.execute("DROP TABLE jobs")
+    db.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'jobs'")
+    # the jobs a release without a stored queue left waiting: its line was round-robin over clients in
+    # the order of their first job, which is round = the job's rank among its client's waiting jobs
     db.execute("UPDATE jobs SET round = (SELECT COUNT(*) FROM jobs AS j WHERE j.client_id = jobs.client_id"
                " AND j.state = 'queued' AND j.seq < jobs.seq) WHERE state = 'queued'")
-    db.execute("DROP INDEX IF EXISTS jobs_state")  # the fair index below starts with state
-    db.execute("CREATE INDEX jobs_fair ON jobs (state, round, seq)")
-    db.execute("CREATE INDEX jobs_state_owner ON jobs (state, owner)")
-    db.execute("CREATE INDEX jobs_state_client ON jobs (state, client_id, round)")
-    db.execute("CREATE INDEX jobs_untaken ON jobs (client_id, seq) WHERE state = 'completed' AND fetched = 0")
+    for statement in V1_INDEXES[:2]:  # jobs_owner, jobs_taken (the uploads' ones are untouched)
+        db.execute(statement)
+    db.execute("CREATE INDEX jobs_client ON jobs (client_id, seq)")
+    db.execute("CREATE INDEX jobs_fair ON jobs (round, seq) WHERE state = 'queued'")
+    db.execute("CREATE INDEX jobs_waiting_owner ON jobs (owner) WHERE state = 'queued'")
+    db.execute(f"CREATE INDEX jobs_open ON jobs (client_id, state, round) WHERE {OPEN}")
 
 
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)  # version n is MIGRATIONS[n - 1]

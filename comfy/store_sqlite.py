@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
 import time
 from dataclasses import replace
@@ -20,6 +21,7 @@ from .gencount import GenerationCounter
 from .jobs import Job, Output, State
 from .jobstore import CANCEL, PROGRESS, REQUEUED, JobEvent, QueueFull
 from .sqlite_records import COLS, IDS, SqliteRecords, guarded, states_sql
+from .sqlite_schema import OPEN
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +29,29 @@ PROGRESS_WRITE = 1.0  # seconds a running job's stored progress may lag its even
 _NEW = ("id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "state", "created_at", "owner",
         "cancel_reason")
 
-# a new job's round: one past its client's last waiting one, else the lowest waiting round (else 0)
-SQL_INSERT = (f"INSERT INTO jobs ({', '.join(_NEW)}, round) VALUES ({', '.join('?' * len(_NEW))},"
-              " COALESCE((SELECT MAX(round) + 1 FROM jobs WHERE state = 'queued' AND client_id = ?),"
-              " (SELECT MIN(round) FROM jobs WHERE state = 'queued'), 0)) RETURNING seq, round")
+# a new job, inserted only while both caps allow it (the two counts read the partial indexes of waiting
+# jobs); its round: one past its client's last waiting one, else the lowest waiting round (else 0)
+SQL_INSERT = (f"INSERT INTO jobs ({', '.join(_NEW)}, round) SELECT {', '.join('?' * len(_NEW))},"
+              f" COALESCE((SELECT MAX(round) + 1 FROM jobs WHERE {OPEN} AND client_id = ? AND state = 'queued'),"
+              " (SELECT MIN(round) FROM jobs WHERE state = 'queued'), 0)"
+              " WHERE (SELECT COUNT(*) FROM jobs WHERE state = 'queued') < ?"
+              " AND (? = '' OR (SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = ?) < ?)"
+              " RETURNING seq, round")
 SQL_WAITING = "SELECT COUNT(*) FROM jobs WHERE state = 'queued'"
-SQL_WAITING_OWNER = "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = ?"
-SQL_FIRST = "SELECT id FROM jobs WHERE state = 'queued' {} ORDER BY round, seq LIMIT 1"
+# the first waiting job in fair order among a JSON list of workflows (bound twice; NULL: any workflow)
+SQL_FIRST = ("SELECT id FROM jobs WHERE state = 'queued' AND (? IS NULL OR workflow IN (SELECT value FROM json_each(?)))"
+             " ORDER BY round, seq LIMIT 1")
 SQL_CLAIM = ("UPDATE jobs SET state = 'dispatching', backend = ?, attempts = attempts + 1, progress = 0,"
              f" prompt_id = NULL WHERE id = ({SQL_FIRST}) RETURNING {COLS}")
+SQL_PEEK = f"SELECT {COLS} FROM jobs WHERE id = ({SQL_FIRST})"
 SQL_PLACE = ("SELECT COUNT(*) FROM jobs AS j, jobs AS me WHERE me.id = ? AND me.state = 'queued'"
              " AND j.state = 'queued' AND (j.round, j.seq) <= (me.round, me.seq)")
 # back at the head of the line: one round before the lowest waiting one
 SQL_REQUEUE = ("UPDATE jobs SET state = 'queued', backend = NULL, prompt_id = NULL, progress = 0,"
                " round = COALESCE((SELECT MIN(round) FROM jobs WHERE state = 'queued'), 1) - 1"
                f" WHERE id = ? AND state IN {{}} RETURNING {COLS}")
-SQL_COUNT_ONCE = "UPDATE jobs SET counted = 1 WHERE id = ? AND counted = 0 AND state IN {}"
+SQL_ADD_OUTPUT = ("INSERT OR REPLACE INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
 class SqliteStore(SqliteRecords):
@@ -55,6 +64,7 @@ class SqliteStore(SqliteRecords):
         self.counter: GenerationCounter | None = None
         self._progress_timer: asyncio.TimerHandle | None = None
         self._sql: dict[Any, str] = {}  # statement texts built once per shape of change
+        self._listed: dict[frozenset[str], str] = {}  # backends' workflow sets as JSON lists
 
     # lifecycle ----------------------------------------------------------------------------------
     @property
@@ -114,31 +124,34 @@ class SqliteStore(SqliteRecords):
     @guarded
     async def enqueue(self, job: Job, max_queue: int, max_per_owner: int) -> Job:
         """Record a new waiting job at its fair place; QueueFull at max_queue or the owner's cap."""
-        db = self.db
-        if db.execute(SQL_WAITING).fetchone()[0] >= max_queue:
-            raise QueueFull(f"the queue is full ({max_queue} jobs waiting); try again later")
-        if job.owner and db.execute(SQL_WAITING_OWNER, (job.owner,)).fetchone()[0] >= max_per_owner:
-            raise QueueFull(f"this caller already has {max_per_owner} jobs waiting "
-                            "(jobs.max_queue_per_identity); try again when some have started")
         job.state = State.QUEUED
-        job.seq, job.round = db.execute(SQL_INSERT, (
+        placed = self.db.execute(SQL_INSERT, (
             job.id, job.client_id, job.workflow, json.dumps(job.inputs), json.dumps(job.prompt),
             json.dumps(job.files), job.timeout, job.state.value, job.created_at, job.owner, job.cancel_reason,
-            job.client_id)).fetchone()
+            job.client_id, max_queue, job.owner, job.owner, max_per_owner)).fetchone()
+        if placed is None:  # a cap stopped it: say which
+            if self.db.execute(SQL_WAITING).fetchone()[0] >= max_queue:
+                raise QueueFull(f"the queue is full ({max_queue} jobs waiting); try again later")
+            raise QueueFull(f"this caller already has {max_per_owner} jobs waiting "
+                            "(jobs.max_queue_per_identity); try again when some have started")
+        job.seq, job.round = placed
         self._emit(job.state.value, job)
         return job
 
-    def _first(self, workflows: frozenset[str] | None) -> tuple[str, tuple[Any, ...]]:
-        """The fair-claim filter for a backend's workflows: (SQL condition, parameters)."""
+    def _workflows(self, workflows: frozenset[str] | None) -> str | None:
+        """A backend's workflows as the JSON list SQL_FIRST takes (made once per set)."""
         if workflows is None:
-            return "", ()
-        return f"AND workflow IN {IDS}", (json.dumps(sorted(workflows)),)
+            return None
+        listed = self._listed.get(workflows)
+        if listed is None:
+            listed = self._listed[workflows] = json.dumps(sorted(workflows))
+        return listed
 
     @guarded
     async def claim(self, backend: str, workflows: frozenset[str] | None) -> Job | None:
         """Take the first waiting job in fair order a backend can run: QUEUED -> DISPATCHING, in one UPDATE."""
-        cond, args = self._first(workflows)
-        row = self.db.execute(SQL_CLAIM.format(cond), (backend, *args)).fetchone()
+        allowed = self._workflows(workflows)
+        row = self.db.execute(SQL_CLAIM, (backend, allowed, allowed)).fetchone()
         if row is None:
             return None
         self._progress.pop(row[1], None)
@@ -149,8 +162,8 @@ class SqliteStore(SqliteRecords):
     @guarded
     async def peek(self, workflows: frozenset[str] | None) -> Job | None:
         """The job claim() would take now."""
-        cond, args = self._first(workflows)
-        row = self.db.execute(f"SELECT {COLS} FROM jobs WHERE id = ({SQL_FIRST.format(cond)})", args).fetchone()
+        allowed = self._workflows(workflows)
+        row = self.db.execute(SQL_PEEK, (allowed, allowed)).fetchone()
         return self._job(row) if row is not None else None
 
     @guarded
@@ -182,7 +195,10 @@ class SqliteStore(SqliteRecords):
             sql = self._sql[key] = (f"UPDATE jobs SET {self._assignments(names) or 'id = id'}"
                                     f" WHERE id = ? AND state IN {states_sql(expect)} RETURNING {COLS}")
         row = self.db.execute(sql, (*(self._value(n, fields[n]) for n in names), job_id)).fetchone()
-        return self._with_outputs(self._job(row)) if row is not None else None
+        if row is None:
+            return None
+        job = self._job(row)
+        return self._with_outputs(job) if job.state is State.COMPLETED else job  # only results have outputs
 
     @guarded
     async def transition(self, job_id: str, expect: Iterable[State], to: State, *,
@@ -205,50 +221,52 @@ class SqliteStore(SqliteRecords):
         key = ("transition", names, expect, to)
         sql = self._sql.get(key)
         if sql is None:
-            started = ", started_at = COALESCE(started_at, ?)" if to is State.RUNNING else ""
+            # the first start counts the job: the row says so by holding exactly this start time (a job
+            # counted before keeps its start, or gets one a hair earlier if an old record had none)
+            started = (", counted = 1, started_at = CASE WHEN counted = 0 THEN ? ELSE COALESCE(started_at, ?) END"
+                       if to is State.RUNNING else "")
             sets = ", ".join(filter(None, [f"state = '{to.value}'", self._assignments(names)]))
             sql = self._sql[key] = (f"UPDATE jobs SET {sets}{started} WHERE id = ? AND state IN {states_sql(expect)}"
                                     f" RETURNING {COLS}")
         args = [self._value(n, fields[n]) for n in names]
         if to is State.RUNNING:
-            args.append(now)
+            args += [now, math.nextafter(now, 0.0)]
         args.append(job_id)
         db = self.db
-        first_run = False
-        db.execute("BEGIN")
-        try:
-            if to is State.RUNNING:
-                first_run = db.execute(SQL_COUNT_ONCE.format(states_sql(expect)), (job_id,)).rowcount == 1
+        if to is State.COMPLETED and outputs:
+            db.execute("BEGIN")
+            try:
+                row = db.execute(sql, args).fetchone()
+                if row is not None and outputs:
+                    db.executemany(SQL_ADD_OUTPUT, [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size)
+                                                    for i, o in enumerate(outputs)])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        else:
             row = db.execute(sql, args).fetchone()
-            if row is not None and to is State.COMPLETED and outputs:
-                db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
-                db.executemany("INSERT INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
-                               " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size)
-                                for i, o in enumerate(outputs)])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         if row is None:
             if pending is not None:
                 self._progress[job_id] = pending
             return None
-        if first_run and self.counter is not None:
-            self.counter.increment()
         job = self._job(row)
-        if to is State.COMPLETED and outputs:
+        if to is State.RUNNING and job.started_at == now and self.counter is not None:
+            self.counter.increment()
+        if outputs and to is State.COMPLETED:
             job.outputs = list(outputs)
             self._count(job.owner, sum(o.size for o in outputs))
-        else:
-            self._with_outputs(job)
         self._emit(to.value, job)
         return job
 
     @guarded
     async def requeue(self, job_id: str, expect: Iterable[State], reason: str) -> Job | None:
         """Back to the head of the line: round = the lowest waiting round - 1. Publishes requeued."""
-        row = self.db.execute(SQL_REQUEUE.format(states_sql(expect)), (job_id,)).fetchone()
+        expect = tuple(expect)
+        sql = self._sql.get(("requeue", expect))
+        if sql is None:
+            sql = self._sql[("requeue", expect)] = SQL_REQUEUE.format(states_sql(expect))
+        row = self.db.execute(sql, (job_id,)).fetchone()
         if row is None:
             return None
         self._progress.pop(job_id, None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -235,14 +236,24 @@ async def fakes(fake_profile: str) -> AsyncIterator[Callable[..., Awaitable[Fake
 
 
 @pytest.fixture
-async def bridge_factory(tmp_path: Path, workflows_dir: Path,
-                         fakes: Callable[..., Awaitable[FakeComfy]]) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
-    """Factory of running bridges over given fakes; each is stopped at teardown, before the fakes."""
+async def bridge_factory(tmp_path: Path, workflows_dir: Path, fakes: Callable[..., Awaitable[FakeComfy]],
+                         request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
+    """Factory of running bridges over given fakes; each is stopped at teardown, before the fakes.
+
+    With BRIDGE_TEST_STORE=postgresql every bridge of the test uses one fresh PostgreSQL database (of the
+    session's tests/pgcluster.py server) instead of SQLite in its data_dir: the whole API suite runs
+    against either engine."""
     running: list[Bridge] = []
+    engine = os.environ.get("BRIDGE_TEST_STORE", "sqlite")
+    if engine not in ("sqlite", "postgresql"):
+        raise pytest.UsageError(f"BRIDGE_TEST_STORE must be sqlite or postgresql, not {engine!r}")
+    # asked for here, not in make(): its database is then dropped only after the bridges stopped
+    store_url = str(request.getfixturevalue("pg_url")) if engine == "postgresql" else ""
 
     async def make(backends: list[FakeComfy], data_dir: Path | None = None, wait_up: bool = True,
                    backend_opts: list[dict[str, Any]] | None = None, **settings: Any) -> Bridge:
         opts = backend_opts or [{} for _ in backends]
+        settings.setdefault("store_url", store_url)
         config = Config(backends=tuple(BackendConfig(url=f.url, **o) for f, o in zip(backends, opts)),
                         workflows_dir=workflows_dir, data_dir=data_dir or tmp_path / "data",
                         keepalive_interval=settings.pop("keepalive_interval", 30.0),

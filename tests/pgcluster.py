@@ -48,7 +48,11 @@ class PgCluster:
         self.logfile = self.root / "postgres.log"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self._user = pwd.getpwnam(RUN_AS) if os.geteuid() == 0 else None
+        try:
+            self._user = pwd.getpwnam(RUN_AS) if os.geteuid() == 0 else None
+        except KeyError:
+            raise RuntimeError(f"PostgreSQL refuses to run as root: create the system user {RUN_AS}"
+                               " (as .ci/run does)") from None
         if self._user is not None:
             os.chown(self.root, self._user.pw_uid, self._user.pw_gid)
         self._run([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",

@@ -13,10 +13,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest
 
 from comfy.jobs import Job, Output, State
-from comfy.jobstore import CANCEL, FETCHED, PROGRESS, REQUEUED, JobEvent, JobStore, QueueFull
+from comfy.jobstore import CANCEL, FETCHED, PROGRESS, REQUEUED, JobEvent, JobStore, QueueFull, StoreUnavailable
+from comfy.store_pg import PostgresStore
 from comfy.store_sqlite import SqliteStore
 
-ENGINES = ["sqlite"]  # the PostgreSQL engine joins with "postgresql" (see make_store)
+ENGINES = ["sqlite", "postgresql"]
 BIG = 10_000          # max_queue / max_per_owner when a test is not about the caps
 WAITING, ON_BACKEND = [State.QUEUED], [State.DISPATCHING, State.RUNNING]
 
@@ -39,8 +40,8 @@ async def make_store(engine: str, tmp_path: Path, request: pytest.FixtureRequest
         store: JobStore
         if engine == "sqlite":
             store = SqliteStore(tmp_path / "data", bridge)
-        else:  # "postgresql": the engine on request.getfixturevalue("pg_url") (tests/pgcluster.py)
-            raise AssertionError(f"no engine {engine!r}")
+        else:  # a fresh database of the test session's PostgreSQL (tests/pgcluster.py)
+            store = PostgresStore(request.getfixturevalue("pg_url"), bridge)
         await store.open()
         opened.append(store)
         return store
@@ -51,7 +52,7 @@ async def make_store(engine: str, tmp_path: Path, request: pytest.FixtureRequest
 
 
 @pytest.fixture
-def state_now(engine: str, tmp_path: Path) -> Callable[[str], str | None]:
+def state_now(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[str], str | None]:
     """A job's state read over a connection of its own, synchronously: what another process sees, i.e.
     only what is committed."""
     def read(job_id: str) -> str | None:
@@ -62,7 +63,8 @@ def state_now(engine: str, tmp_path: Path) -> Callable[[str], str | None]:
             finally:
                 db.close()
             return None if row is None else str(row[0])
-        raise AssertionError(f"no engine {engine!r}")  # "postgresql": a blocking query on pg_url
+        url, cluster = request.getfixturevalue("pg_url"), request.getfixturevalue("pg_cluster")
+        return cluster.sql(f"SELECT state FROM jobs WHERE id = '{job_id}'", url.rsplit("/", 1)[1]) or None
     return read
 
 
@@ -134,6 +136,15 @@ async def test_a_late_client_joins_the_lowest_waiting_round(make_store: MakeStor
     jobs |= await push(store, "C1", "B2")
     # rounds: 1 = A2 B1 C1, 2 = A3 B2; within a round, in the order the jobs came
     assert await drain(store, jobs) == ["A2", "B1", "C1", "A3", "B2"]
+
+
+async def test_within_a_round_jobs_go_in_the_order_they_came(make_store: MakeStore) -> None:
+    store = await make_store()
+    jobs = await push(store, "A1", "B1", "B2", "A2", "C1")
+    # round 0: A1 B1 C1; round 1: B2 before A2, as B2 came first (FairQueue, which kept a rotation of
+    # clients, gave A1 B1 C1 A2 B2: fair the same way, a different order inside the round)
+    assert await places(store, jobs) == {"A1": 1, "B1": 2, "C1": 3, "B2": 4, "A2": 5}
+    assert await drain(store, jobs) == ["A1", "B1", "C1", "B2", "A2"]
 
 
 async def drain_one(store: JobStore, names: dict[str, Job]) -> str:
@@ -553,3 +564,24 @@ async def test_progress_is_written_seldom_but_not_lost(tmp_path: Path) -> None:
     db = sqlite3.connect(data / "bridge.sqlite3")
     assert db.execute("SELECT progress FROM jobs WHERE id = ?", (job.id,)).fetchone()[0] == 0.5
     db.close()
+
+
+async def test_a_file_that_became_unusable_makes_the_store_unavailable(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = SqliteStore(data, "b")
+    await store.open()
+    try:
+        job = await store.enqueue(new_job("A"), BIG, BIG)
+        other = sqlite3.connect(data / "bridge.sqlite3")
+        other.execute("ALTER TABLE outputs RENAME TO outputs_elsewhere")  # another process broke the file
+        other.commit()
+        with pytest.raises(StoreUnavailable, match="no such table: outputs"):
+            await store.claim_results("A", 30)
+        assert not store.available
+        assert await store.queue_length() == 1 and store.available  # what still works, works: available again
+        other.execute("ALTER TABLE outputs_elsewhere RENAME TO outputs")
+        other.commit()
+        other.close()
+        assert await store.claim_results("A", 30) == [] and (await store.job(job.id)) is not None
+    finally:
+        await store.close()

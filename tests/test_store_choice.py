@@ -53,7 +53,8 @@ def test_a_missing_driver_is_a_clear_settings_error(tmp_path: Path, monkeypatch:
         Services.build(config)
 
 
-async def test_postgresql_needs_no_data_dir_lock(bridge_factory: MakeBridge, fake: Any, pg_url: str,
+# pg_url comes first: its database is dropped only after the bridges on it stopped
+async def test_postgresql_needs_no_data_dir_lock(pg_url: str, bridge_factory: MakeBridge, fake: Any,
                                                  tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     one = await bridge_factory([fake], data_dir=shared, store_url=pg_url, cluster_name="one")
@@ -68,8 +69,8 @@ async def test_postgresql_needs_no_data_dir_lock(bridge_factory: MakeBridge, fak
     assert (await one.fetch("GET", f"/history?clientId={cid}")).code == 204  # once
 
 
-async def test_an_unreachable_store_answers_503_then_recovers(bridge_factory: MakeBridge, fake: Any,
-                                                              pg_url: str, pg_cluster: PgCluster) -> None:
+async def test_an_unreachable_store_answers_503_then_recovers(pg_cluster: PgCluster, pg_url: str,
+                                                              bridge_factory: MakeBridge, fake: Any) -> None:
     bridge = await bridge_factory([fake], store_url=pg_url)
     cid = new_client_id()
     await bridge.submit(cid, {"workflow": "blank-canvas"})
@@ -97,3 +98,19 @@ async def test_an_unreachable_store_answers_503_then_recovers(bridge_factory: Ma
     assert resp.code == 200 and b"\x89PNG" in resp.body
     await bridge.submit(cid, {"workflow": "blank-canvas"})
     assert (await bridge.wait_state(cid, {"closed", "error"}))["status"] == "closed"
+
+
+async def test_check_reports_the_store_and_its_pending_migrations(pg_url: str, tmp_path: Path,
+                                                                 bridge_factory: MakeBridge, fake: Any) -> None:
+    from comfy.check import check_store
+    fresh = Config(data_dir=tmp_path / "fresh")
+    good, line = await check_store(fresh)
+    assert good and line.startswith("ok   store: SQLite") and "run at the next start" in line, line
+    assert not (tmp_path / "fresh").exists()  # --check changes nothing in data_dir
+    good, line = await check_store(Config(store_url=pg_url))
+    assert good and "PostgreSQL" in line and "run at the next start" in line, line
+    await bridge_factory([fake], store_url=pg_url)  # its start runs them
+    good, line = await check_store(Config(store_url=pg_url))
+    assert good and line.endswith("schema up to date"), line
+    good, line = await check_store(Config(store_url="postgresql://bridge:s3cret@127.0.0.1:9/nowhere"))
+    assert not good and line.startswith("FAIL store: PostgreSQL 127.0.0.1:9/nowhere") and "s3cret" not in line, line
