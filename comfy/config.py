@@ -76,7 +76,7 @@ class Config:
     # the job store: "" = SQLite in data_dir (one bridge); postgresql://... = shared by several bridges
     store_url: str = field(default="", repr=False)
     cluster_name: str = ""  # this bridge's name in leases and events; "" = <hostname>:<port>
-    lease_ttl: float = 10.0  # seconds a backend lease lasts without renewal (renewed every lease_ttl/3)
+    lease_ttl: float = 10.0  # seconds within which a dead bridge's backends are taken over (see pool.py)
     # jobs
     job_timeout: float = 60.0
     max_queue: int = 1000

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 ON_BACKEND = (State.DISPATCHING, State.RUNNING)
 SAFETY_POLL = 2.0  # seconds between looks at the queue that no event asked for (an event may be lost)
+STORE_RETRY = 0.5  # seconds between looks at whether an unreachable store is back
 
 
 class Dispatcher:
@@ -34,6 +35,7 @@ class Dispatcher:
         self._attempts: dict[str, tuple[asyncio.Task[None], Member]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._recovering: set[str] = set()  # backends whose jobs are being picked up again: no new work yet
+        self._stranded: set[str] = set()  # backends with jobs left as recorded while the store was away
         self._last_pick: dict[str, float] = {}
         self._recheck: asyncio.TimerHandle | None = None
         self._recheck_when = 0.0
@@ -123,9 +125,27 @@ class Dispatcher:
                 self._start_attempt(job, member, resume=True)
         except StoreUnavailable as exc:
             log.warning("backend %s: its jobs could not be recovered yet: %s", member.label, exc)
+            self._recover_later(member)
         finally:
             self._recovering.discard(member.label)
             self.wake()
+
+    def _recover_later(self, member: Member) -> None:
+        """An attempt ended because the store was away: once it is back, pick the backend's jobs up again as
+        a restart would (its outcome is collected then; nothing is lost)."""
+        if member.label not in self._stranded:
+            self._stranded.add(member.label)
+            self._spawn(self._when_store_back(member))
+
+    async def _when_store_back(self, member: Member) -> None:
+        try:
+            while not self.store.available:
+                await asyncio.sleep(STORE_RETRY)
+        finally:
+            self._stranded.discard(member.label)
+        if member.leased:  # else the bridge that drives it now recovers them
+            self._recovering.add(member.label)
+            await self._recover(member)
 
     # dispatch -----------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -253,7 +273,8 @@ class Dispatcher:
         except BackendRejected as exc:
             await self._finish(job, member, State.FAILED, str(exc))
         except StoreUnavailable as exc:
-            log.warning("job %s: left as it is recorded (the store is unreachable): %s", job.id, exc)
+            log.warning("job %s: left as recorded until the store is back: %s", job.id, exc)
+            self._recover_later(member)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must fail the one job, never the bridge

@@ -17,6 +17,12 @@ from .jobstore import JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+# Lease rounds run every lease_ttl / LEASE_ROUNDS seconds, and each round makes the leases last
+# lease_ttl minus 1.2 rounds: a bridge that dies is then past its leases, and another bridge's next round
+# has taken them, within lease_ttl (the promise), even with the rounds' jitter; a live bridge loses a lease
+# only after missing nearly four rounds in a row.
+LEASE_ROUNDS = 5
+
 
 class PoolObserver(Protocol):
     """Who acts on changes of the pool (the dispatcher, the catalog's enrichment)."""
@@ -107,7 +113,8 @@ class BackendPool:
         self.members: list[Member] = []  # one per configured backend, made at start
         self.observers: list[PoolObserver] = []
         self._probe_timer = PeriodicCallback(self._probe_tick, config.probe_interval * 1000, jitter=0.1)
-        self._lease_timer = PeriodicCallback(self._lease_tick, config.lease_ttl / 3 * 1000, jitter=0.1)
+        self._lease_round = config.lease_ttl / LEASE_ROUNDS
+        self._lease_timer = PeriodicCallback(self._lease_tick, self._lease_round * 1000, jitter=0.1)
         self._round: asyncio.Task[None] | None = None
         self._leasing: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -155,7 +162,8 @@ class BackendPool:
     async def renew_leases(self) -> None:
         """Renew this bridge's leases and take free ones; connect to backends gained, let go of those lost."""
         try:
-            held = await self.store.leases([m.label for m in self.members], self.config.lease_ttl)
+            held = await self.store.leases([m.label for m in self.members],
+                                           self.config.lease_ttl - 1.2 * self._lease_round)
         except StoreUnavailable as exc:
             log.warning("leases not renewed: %s", exc)
             return
