@@ -80,6 +80,9 @@ class ClientHub:
         self._last_sent: dict[str, str] = {}        # clientId -> last state, progress or queue place sent
         self._waiting: dict[str, str] = {}          # clientId -> its job waiting in the line (for places)
         self._turn: dict[str, int] = {}             # clientId -> events seen: a slow lookup never overtakes
+        # clientId -> its waiting and running jobs, when every one of them is known here (it had none when
+        # its socket opened and events told the rest): then whether it is busy needs no question
+        self._known_active: dict[str, set[str]] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._places: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -138,16 +141,25 @@ class ClientHub:
         cid = sock.client_id
         turn = self._turn.get(cid, 0)
         job = await self.jobs.status_job(cid)
-        if job is None or not (job.state.active or not job.fetched) or self._turn.get(cid, 0) != turn:
-            return  # nothing to tell, or an event told it meanwhile
+        if self._turn.get(cid, 0) != turn or cid not in self.sockets:
+            return  # an event told it meanwhile
+        if (job is None or not job.state.active) and cid not in self._known_active:
+            self._known_active[cid] = set()
+        if job is None or not (job.state.active or not job.fetched):
+            return  # nothing to tell
         if job.state is State.QUEUED:
             self._waiting[cid] = job.id
         text = await self._state_text(job)
         if self._turn.get(cid, 0) != turn or sock not in self.sockets.get(cid, ()):
             return
         sock.send_text(text)
-        if not job.state.active and not await self.jobs.client_active(cid):
+        if not job.state.active and not await self._busy(cid):
             sock.close(1000, "work finished")
+
+    async def _busy(self, cid: str, known: set[str] | None = None) -> bool:
+        """True while the client has a job waiting or running (asked of the store only when not known here)."""
+        known = self._known_active.get(cid) if known is None else known
+        return bool(known) if known is not None else await self.jobs.client_active(cid)
 
     def remove(self, sock: ClientSocket) -> None:
         """A socket closed: if it was the client's last one while work is pending, cancel after a grace period."""
@@ -168,12 +180,12 @@ class ClientHub:
         due = self._due.pop(cid, None)
         if due is not None:
             due.cancel()
-        self._spawn(self._left(cid))
+        self._spawn(self._left(cid, self._known_active.pop(cid, None)))
 
-    async def _left(self, cid: str) -> None:
+    async def _left(self, cid: str, known: set[str] | None) -> None:
         """The client's last socket here closed: if work is pending, cancel it after a grace period."""
         await self.jobs.attach(cid, -1)
-        if cid in self._grace or not await self.jobs.client_active(cid) or cid in self.sockets:
+        if cid in self._grace or not await self._busy(cid, known) or cid in self.sockets:
             return
         loop = asyncio.get_running_loop()
         self._grace[cid] = loop.call_later(self.config.disconnect_grace, self._disconnected, cid)
@@ -217,12 +229,18 @@ class ClientHub:
         if cid not in self.sockets:
             return
         if kind == PROGRESS or kind == State.RUNNING.value:
+            known = self._known_active.get(cid)
+            if known is not None:
+                known.add(event.job_id)
             self._waiting.pop(cid, None)
             self._progress(cid, event)
             return
         if kind not in ACTIVE_KINDS and kind not in FINAL_KINDS:
             return  # fetched, cancel requests, commands: nothing a caller is told
         self._turn[cid] = self._turn.get(cid, 0) + 1
+        known = self._known_active.get(cid)
+        if known is not None:
+            (known.add if kind in ACTIVE_KINDS else known.discard)(event.job_id)
         self._pending.pop(cid, None)
         if kind in ACTIVE_KINDS:
             state = State.QUEUED if kind == REQUEUED else State(kind)
@@ -255,7 +273,7 @@ class ClientHub:
         self._send(cid, message("connected", "server connected", **extra))
 
     async def _close_if_done(self, cid: str) -> None:
-        if cid in self.sockets and not await self.jobs.client_active(cid):
+        if cid in self.sockets and not await self._busy(cid):
             for sock in list(self.sockets.get(cid, ())):
                 sock.close(1000, "work finished")
 

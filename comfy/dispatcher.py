@@ -41,8 +41,12 @@ class Dispatcher:
         self._recheck_when = 0.0
         self._pumping = False
         self._again = False
+        # queued/requeued events seen, and how many of them a claim that found nothing had seen: while the
+        # two are equal nothing new waits, and a slot that frees asks the store nothing
+        self._arrivals = 0
+        self._arrivals_when_empty = -1
         self.draining = False  # shutting down: no new job starts
-        self._poll = PeriodicCallback(self.wake, SAFETY_POLL * 1000, jitter=0.1)
+        self._poll = PeriodicCallback(self._look, SAFETY_POLL * 1000, jitter=0.1)
         store.subscribe(self.on_event)
         pool.observers.append(self)
 
@@ -78,6 +82,7 @@ class Dispatcher:
     def on_event(self, event: JobEvent) -> None:
         """Store events from every bridge: new work, cancels of jobs run here, commands for our backends."""
         if event.kind in (State.QUEUED.value, REQUEUED):
+            self._arrivals += 1
             self.wake()
         elif event.kind == CANCEL:
             job = self.live.get(event.job_id)
@@ -148,6 +153,11 @@ class Dispatcher:
             await self._recover(member)
 
     # dispatch -----------------------------------------------------------------------------------
+    def _look(self) -> None:
+        """The safety poll: ask the store even if no event said a job arrived (one may have been lost)."""
+        self._arrivals_when_empty = -1
+        self.wake()
+
     def wake(self) -> None:
         """Something changed that may let waiting jobs run; one dispatch round runs at a time."""
         if self._pumping:
@@ -170,7 +180,7 @@ class Dispatcher:
     async def _dispatch_round(self) -> None:
         """Give waiting jobs to backends with free slots (late binding: only now is a backend chosen)."""
         tried: set[str] = set()
-        while not self.draining:
+        while not self.draining and self._arrivals != self._arrivals_when_empty:
             free = [m for m in self.pool.members
                     if m.available and m.label not in tried and m.label not in self._recovering]
             if not free:
@@ -180,9 +190,11 @@ class Dispatcher:
             free.sort(key=lambda m: (-m.free_slots / m.slots, -m.cfg.weight, m.job_seconds or 0.0,
                                      self._last_pick.get(m.label, 0.0)))
             member = free[0]
+            seen = self._arrivals
             job = await self._claim_for(member)
             if job is None:
                 if member.cfg.workflows is None and member.job_seconds is None:
+                    self._arrivals_when_empty = seen
                     return  # nothing waits that any backend could take
                 tried.add(member.label)
                 continue

@@ -91,7 +91,9 @@ class JobService:
                   files=files, timeout=workflow.timeout, owner=owner)
         job = await self.store.enqueue(job, self.config.max_queue, self.config.max_queue_per_identity)
         log.info("job %s: queued (workflow %s, client %s)", job.id, job.workflow, client_tag(client_id))
-        return Submitted(job, await self.store.queue_length(), await self.store.position(job.id))
+        waiting = await self.store.queue_length()
+        # alone in the line it is first: no second question
+        return Submitted(job, waiting, 1 if waiting == 1 else await self.store.position(job.id))
 
     async def _check_file_inputs(self, workflow: Workflow, body: dict[str, Any], owner: str | None) -> None:
         """A file input names a saved upload (the owner's, when given) or keeps its default; never another

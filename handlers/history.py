@@ -52,10 +52,10 @@ class HistoryHandler(BaseHandler):
         # taking is a change of state, though a GET: another site's page may not do it (an <img> would)
         refuse_cross_site(self.request, self.services.config.cors_origins)
         service = self.services.jobs
-        if not await service.known_client(scoped):
+        jobs = await service.claim_results(scoped)
+        if not jobs and not await service.known_client(scoped):  # results name a known client: no question
             return self._no_content("The client ID has not been submitted to the server before. "
                                     f"It is not recognized. / {client_id}", scoped)
-        jobs = await service.claim_results(scoped)
         if jobs is None:
             raise api_error(409, "another request is receiving this clientId's results right now; if it does "
                                  "not receive them whole they can be taken again", {"Retry-After": "1"})

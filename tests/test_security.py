@@ -361,6 +361,7 @@ async def test_memory_holds_only_live_jobs_and_restart_loads_no_finished_ones(br
     await wait_for(lambda: not hub.sockets)
     assert dispatcher.live == {} and not dispatcher.runner.cancels
     assert not hub._sent_at and not hub._last_sent and not hub._pending and not hub._waiting and not hub._turn
+    assert not hub._known_active
     # every client is still known, with its last state, from the store
     info = await bridge.get_json(f"/execution-info?clientId={cids[1]}")
     assert info["status"] == "closed"
