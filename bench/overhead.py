@@ -338,10 +338,10 @@ LABELS = {"direct": "direct", "socket": "bridge, socket + take", "socket+open": 
 def _report(args: argparse.Namespace, samples: dict[str, list[float]], missing: str | None) -> None:
     where = f"a real ComfyUI at {args.backend}" if args.backend else f"the simulated ComfyUI {args.profile}"
     print(f"\n{args.jobs} interleaved jobs per path against {where}; kept-alive connections on every path")
-    print("path                        p50 ms   p90 ms   p99 ms     added vs direct p50 / p90 / p99 ms")
+    print("path                        p50 ms   p90 ms   p99 ms   max ms     added vs direct p50 / p90 / p99 ms")
     direct = samples["direct"]
     for key, vals in samples.items():
-        line = f"{LABELS[key]:<26} {pct(vals, 50):7.2f}  {pct(vals, 90):7.2f}  {pct(vals, 99):7.2f}"
+        line = f"{LABELS[key]:<26} {pct(vals, 50):7.2f}  {pct(vals, 90):7.2f}  {pct(vals, 99):7.2f}  {pct(vals, 100):7.1f}"
         if key not in ("direct", "open"):
             line += "   " + " / ".join(f"{pct(vals, p) - pct(direct, p):6.2f}" for p in (50, 90, 99))
         print(line)

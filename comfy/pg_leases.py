@@ -1,6 +1,7 @@
 """Backend leases in PostgreSQL: one driving bridge per backend, spread evenly over the live bridges.
 
-A bridge is live while its heartbeat (written by every lease round) is younger than the lease TTL.
+A bridge is live while its heartbeat (written by every lease round) is younger than 0.6 × the lease
+TTL, and a lease lasts as long after its renewal (see VALID).
 Each round runs in one transaction under an advisory lock, so rounds of different bridges never
 interleave, and every expiry is judged by the database's clock (`now()`), never by a bridge's.
 
@@ -26,6 +27,15 @@ if TYPE_CHECKING:
 
 LEASE_LOCK = 0x636F6D66_0002  # pg_advisory_xact_lock key of lease rounds ("comf" + 2)
 FORGET_AFTER = 6  # bridges silent for this many TTLs leave the bridges table (and their presence rows)
+# A lease, and a heartbeat, counts for this part of the TTL after its renewal. Renewed every TTL/3, a
+# lease forgives one late renewal; and a dead bridge's backends are taken within the TTL of its death:
+# its lease runs out at most 0.6 TTL after the kill, and a survivor looks again within TTL/3 (+ jitter).
+VALID = 0.6
+
+
+def lifetime(ttl: float) -> float:
+    """Seconds a lease or heartbeat counts after its renewal, for a bridge's lease_ttl."""
+    return ttl * VALID
 
 
 async def round_of(conn: PoolConnectionProxy[Any], instance: str, name: str, backends: list[str],
@@ -34,6 +44,7 @@ async def round_of(conn: PoolConnectionProxy[Any], instance: str, name: str, bac
     With take_expired False it takes only leases nobody holds (see the module's docstring)."""
     await conn.execute("SELECT pg_advisory_xact_lock($1)", LEASE_LOCK)
     await heartbeat(conn, instance, name)
+    valid = lifetime(ttl)
     await conn.execute("WITH gone AS (DELETE FROM bridges WHERE heartbeat < now() - make_interval(secs => $1)"
                        " RETURNING instance) DELETE FROM presence WHERE instance IN (SELECT instance FROM gone)",
                        ttl * FORGET_AFTER)
@@ -41,9 +52,9 @@ async def round_of(conn: PoolConnectionProxy[Any], instance: str, name: str, bac
     await conn.execute("DELETE FROM leases WHERE holder = $1 AND NOT (backend = ANY($2::text[]))", instance, backends)
     held = {r[0] for r in await conn.fetch(
         "UPDATE leases SET expires_at = now() + make_interval(secs => $2) WHERE holder = $1 RETURNING backend",
-        instance, ttl)}
+        instance, valid)}
     live = [r[0] for r in await conn.fetch(
-        "SELECT instance FROM bridges WHERE heartbeat > now() - make_interval(secs => $1)", ttl)]
+        "SELECT instance FROM bridges WHERE heartbeat > now() - make_interval(secs => $1)", valid)]
     current = await conn.fetch("SELECT backend, holder FROM leases WHERE expires_at > now()"
                                " AND backend = ANY($1::text[])", backends)
     holding = Counter(r[1] for r in current)
@@ -73,7 +84,7 @@ async def round_of(conn: PoolConnectionProxy[Any], instance: str, name: str, bac
             "INSERT INTO leases (backend, holder, expires_at)"
             " SELECT b, $1, now() + make_interval(secs => $2) FROM unnest($3::text[]) AS b"
             " ON CONFLICT (backend) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at"
-            " WHERE leases.expires_at <= now() RETURNING backend", instance, ttl, free)}
+            " WHERE leases.expires_at <= now() RETURNING backend", instance, valid, free)}
     return held
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .jobs import Job
 from .jobstore import FETCHED, JobEvent, JobStore
+from .pg_leases import lifetime
 from .pg_link import SENDER, PgLink
 from .pg_rows import ACTIVE, DETAIL, HAS_OUTPUTS, JOB, UNTAKEN, emitting, job_of
 
@@ -32,7 +33,7 @@ class PgRecords(JobStore):
         super().__init__()
         self.bridge = bridge
         self.instance = f"{bridge}#{secrets.token_hex(3)}"
-        self.lease_ttl = lease_ttl  # also how long a silent bridge's presence rows still count
+        self.lease_ttl = lease_ttl  # bounds how long a silent bridge's presence rows still count
         self.link = PgLink(url, self.instance, self._remote, timeout=timeout, pool_max=pool_max)
         self._progress_written: dict[str, float] = {}  # job id -> when its progress column was last written
 
@@ -57,10 +58,10 @@ class PgRecords(JobStore):
             self.fanout.publish(event)
 
     async def _changed(self, conn: Conn, change: str, args: list[Any], kind: str, detail: str | None = None,
-                       size: int | None = None, detail_sql: str = DETAIL) -> list[tuple[Job, JobEvent]]:
+                       size: int | None = None, detail_sql: str = DETAIL, also: str = "") -> list[tuple[Job, JobEvent]]:
         """Run one change of jobs that sends the event `kind` of each changed row (see pg_rows.emitting);
         the changed jobs and their events, which the caller publishes after the commit."""
-        rows = await conn.fetch(emitting(change, len(args) + 1, detail_sql), *args,
+        rows = await conn.fetch(emitting(change, len(args) + 1, detail_sql, also), *args,
                                 kind, detail, self.bridge, time.time(), size, self.instance)
         return [(job_of(r), JobEvent.from_dict(json.loads(r["payload"]))) for r in rows]
 
@@ -233,7 +234,8 @@ class PgRecords(JobStore):
             return bool(await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM presence p WHERE p.client_id = $1 AND p.count > 0 AND (p.instance = $2"
                 " OR EXISTS (SELECT 1 FROM bridges b WHERE b.instance = p.instance"
-                " AND b.heartbeat > now() - make_interval(secs => $3))))", client_id, self.instance, self.lease_ttl))
+                " AND b.heartbeat > now() - make_interval(secs => $3))))", client_id, self.instance,
+                lifetime(self.lease_ttl)))
 
     async def meta(self, key: str, make: Callable[[], str]) -> str:
         """A persistent value shared by every bridge, created by make() the first time."""

@@ -37,9 +37,24 @@ DETAIL = "COALESCE({detail}::text, moved.error)"  # as JobEvent.of: the given de
 JSON_FIELDS = frozenset({"inputs", "prompt", "files"})
 FIELDS = frozenset({"backend", "prompt_id", "progress", "attempts", "error", "cancel_reason", "started_at",
                     "finished_at", "timeout", "owner", *JSON_FIELDS})
-INSERTED = ("id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "state", "round", "backend",
+INSERTED = ("id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "state", "backend",
             "prompt_id", "progress", "attempts", "error", "cancel_reason", "created_at", "started_at",
             "finished_at", "counted", "fetched", "expired", "owner", "fetched_at")
+_ARGS = ", ".join(f"${i + 1}" for i in range(len(INSERTED)))
+_CAPS = len(INSERTED) + 1  # then: owner, client_id, max_queue, max_per_owner
+# a new job at its fair place (round: one past its client's last waiting one, else the lowest waiting
+# round, else 0), inserted only if the queue and the owner's share of it have room
+ENQUEUE = (f"INSERT INTO jobs ({', '.join(INSERTED)}, round) SELECT {_ARGS},"
+           " GREATEST(COALESCE(q.last + 1, q.lowest, 0), COALESCE(q.lowest, 0)) FROM (SELECT count(*) AS waiting,"
+           f" count(*) FILTER (WHERE owner = ${_CAPS}::text) AS mine,"
+           f" max(round) FILTER (WHERE client_id = ${_CAPS + 1}::text) AS last, min(round) AS lowest"
+           f" FROM jobs WHERE state = 'queued') AS q WHERE q.waiting < ${_CAPS + 2}::bigint"
+           f" AND (${_CAPS}::text = '' OR q.mine < ${_CAPS + 3}::bigint)")
+# the outputs of a job `moved` completes, from arrays (node ids, file names, types, paths, sizes) from $n
+OUTPUTS = ("outputs_in AS (INSERT INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
+           " SELECT moved.id, o.n - 1, o.node_id, o.filename, o.content_type, o.path, o.size FROM moved,"
+           " unnest(${0}::text[], ${1}::text[], ${2}::text[], ${3}::text[], ${4}::bigint[]) WITH ORDINALITY"
+           " AS o (node_id, filename, content_type, path, size, n))")
 
 
 def names(workflows: frozenset[str] | None) -> list[str] | None:
@@ -82,17 +97,17 @@ def job_of(row: Record) -> Job:
     return job
 
 
-def emitting(change: str, first: int, detail: str = DETAIL) -> str:
+def emitting(change: str, first: int, detail: str = DETAIL, also: str = "") -> str:
     """One statement that makes a change and sends its events: `change` is an UPDATE or INSERT of jobs
     (without RETURNING); each row it changed gets its event stored in `events` and NOTIFYed (delivered at
     commit), and comes back with its outputs and its event (column `payload`). The statement takes
     len(EVENT_PARAMS) more parameters from ${first}: the event's kind, detail, origin, at, result bytes
     (None: summed from the outputs table) and sender; `detail` is the SQL of the event's detail (it must
-    use the {detail} parameter, e.g. to prefer it)."""
+    use the {detail} parameter, e.g. to prefer it). `also`: more CTEs run with it (they see `moved`)."""
     params = {name: f"${first + i}" for i, name in enumerate(EVENT_PARAMS)}
     event = ", ".join(f"'{name}', {sql.replace('{detail_sql}', detail).format(**params)}"
                       for name, sql in EVENT.items())
-    return (f"WITH moved AS ({change} RETURNING *), ev AS (INSERT INTO events (job_id, payload)"
+    return (f"WITH moved AS ({change} RETURNING *), {also + ', ' if also else ''}ev AS (INSERT INTO events (job_id, payload)"
             f" SELECT moved.id, json_build_object({event})::text FROM moved RETURNING id, job_id, payload)"
             f" SELECT {with_outputs('moved')}, ev.payload, pg_notify('{CHANNEL}', ev.id || ' ' || ev.payload)"
             " FROM moved JOIN ev ON ev.job_id = moved.id ORDER BY ev.id")

@@ -137,9 +137,7 @@ async def migrate(conn: AnyConn) -> list[int]:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
         await conn.execute(VERSION_TABLE)
         current = await version(conn)
-        if current > LATEST:
-            raise RuntimeError(f"the store's schema is version {current}, newer than this bridge's {LATEST}: "
-                               "upgrade this bridge")
+        _not_newer(current)
         done = list(range(current + 1, LATEST + 1))
         for number in done:
             await conn.execute(MIGRATIONS[number - 1])
@@ -150,12 +148,20 @@ async def migrate(conn: AnyConn) -> list[int]:
 
 
 async def pending(url: str, timeout: float = 5.0) -> list[int]:
-    """The migrations a database still needs (for --check); reads only. Raises OSError or asyncpg's
-    errors when the database cannot be reached."""
+    """The migrations a database still needs (for --check); reads only. Raises RuntimeError when the
+    database is of a newer release, OSError or asyncpg's errors when it cannot be reached."""
     import asyncpg  # the driver is optional: only PostgreSQL users install it
 
     conn = await asyncpg.connect(url, timeout=timeout)
     try:
-        return list(range(await version(conn) + 1, LATEST + 1))
+        current = await version(conn)
     finally:
         await conn.close()
+    _not_newer(current)
+    return list(range(current + 1, LATEST + 1))
+
+
+def _not_newer(current: int) -> None:
+    if current > LATEST:
+        raise RuntimeError(f"the store's schema is version {current}, newer than this bridge's {LATEST}: "
+                           "upgrade this bridge")

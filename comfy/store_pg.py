@@ -36,7 +36,7 @@ from .jobs import Job, Output, State
 from .jobstore import CANCEL, PROGRESS, REQUEUED, JobEvent, QueueFull, StoreUnavailable
 from .pg_link import KEEP_EVENTS, describe, payload, unavailable_errors
 from .pg_records import PgRecords
-from .pg_rows import ACTIVE, INSERTED, JOB, assignments, encode, job_of, names, states
+from .pg_rows import ACTIVE, ENQUEUE, INSERTED, JOB, OUTPUTS, assignments, encode, job_of, names, states
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ class PostgresStore(PgRecords):
     """Jobs, the fair queue, take-once, uploads, leases and events in one PostgreSQL database.
 
     `PostgresStore(url, bridge)`: `bridge` is this bridge's name in events and leases; `timeout` bounds
-    every wait on the database; `lease_ttl` is how long a silent bridge's sockets still count (each
-    leases() call sets it)."""
+    every wait on the database; `lease_ttl` is the lease TTL (each leases() call sets it), which also
+    bounds how long a silent bridge's sockets still count (pg_leases.lifetime)."""
 
     # lifecycle ----------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -89,28 +89,21 @@ class PostgresStore(PgRecords):
     # the queue ----------------------------------------------------------------------------------
     async def enqueue(self, job: Job, max_queue: int, max_per_owner: int) -> Job:
         """Record a new QUEUED job at its fair place; raises QueueFull at a cap. Emits queued."""
+        job.state = State.QUEUED
+        values = list(encode({name: getattr(job, name) for name in INSERTED}).values())
         async with self._tx() as (conn, events):
             await conn.execute("SELECT pg_advisory_xact_lock($1)", ENQUEUE_LOCK)
-            row = await conn.fetchrow(
-                "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued') AS waiting,"
-                " (SELECT count(*) FROM jobs WHERE state = 'queued' AND owner = $1) AS mine,"
-                " (SELECT max(round) FROM jobs WHERE state = 'queued' AND client_id = $2) AS last,"
-                " (SELECT min(round) FROM jobs WHERE state = 'queued') AS lowest", job.owner, job.client_id)
-            assert row is not None
-            if row["waiting"] >= max_queue:
-                raise QueueFull(f"the queue is full ({max_queue} jobs waiting); try again later")
-            if job.owner and row["mine"] >= max_per_owner:
+            added = await self._changed(conn, ENQUEUE, [*values, job.owner, job.client_id, max_queue, max_per_owner],
+                                        State.QUEUED.value)
+            if not added:
+                waiting = await conn.fetchval("SELECT count(*) FROM jobs WHERE state = 'queued'")
+                if waiting >= max_queue:
+                    raise QueueFull(f"the queue is full ({max_queue} jobs waiting); try again later")
                 raise QueueFull(f"this caller already has {max_per_owner} jobs waiting "
                                 "(jobs.max_queue_per_identity); try again when some have started")
-            lowest = row["lowest"] if row["lowest"] is not None else 0
-            job.state = State.QUEUED
-            job.round = max(row["last"] + 1, lowest) if row["last"] is not None else lowest
-            values = encode({name: getattr(job, name) for name in INSERTED})
-            [(stored, event)] = await self._changed(
-                conn, f"INSERT INTO jobs ({', '.join(INSERTED)}) VALUES ({', '.join(f'${i + 1}' for i in range(len(INSERTED)))})",
-                list(values.values()), State.QUEUED.value)
+            [(stored, event)] = added
             events.append(event)
-        job.seq = stored.seq
+        job.seq, job.round = stored.seq, stored.round
         return job
 
     async def claim(self, backend: str, workflows: frozenset[str] | None) -> Job | None:
@@ -188,17 +181,16 @@ class PostgresStore(PgRecords):
         if to is not State.COMPLETED or not outputs:
             moved = await self._change(change, args, to.value)
             return moved[0] if moved else None
-        async with self._tx() as (conn, events):
-            changed = await self._changed(conn, change, args, to.value, size=sum(o.size for o in outputs))
-            if not changed:
-                return None
-            await conn.executemany(
-                "INSERT INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size) for i, o in enumerate(outputs)])
-            [(job, event)] = changed
-            events.append(event)
-        job.outputs = list(outputs)
+        also = OUTPUTS.format(*range(len(args) + 1, len(args) + 6))
+        args += [[o.node_id for o in outputs], [o.filename for o in outputs], [o.content_type for o in outputs],
+                 [o.path for o in outputs], [o.size for o in outputs]]
+        async with self.link.connection() as conn:
+            changed = await self._changed(conn, change, args, to.value, size=sum(o.size for o in outputs), also=also)
+        if not changed:
+            return None
+        [(job, event)] = changed
+        job.outputs = list(outputs)  # written by the same statement, so not in its own view of the outputs
+        self.fanout.publish(event)
         return job
 
     async def requeue(self, job_id: str, expect: Iterable[State], reason: str) -> Job | None:

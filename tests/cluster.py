@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -125,6 +126,15 @@ class Node:
         assert resp.code == 200, (self.name, resp.code, resp.body)
         return str(json.loads(resp.body)["job_id"])
 
+    async def taken(self, client_id: str) -> None:
+        """The client's results were taken: this bridge answers 204 (after 409s with Retry-After while the
+        answer that took them is still being recorded as delivered)."""
+        deadline = time.monotonic() + 5
+        while (resp := await self.fetch("GET", f"/history?clientId={client_id}")).code == 409:
+            assert resp.headers.get("Retry-After") and time.monotonic() < deadline, resp.headers
+            await asyncio.sleep(0.05)
+        assert resp.code == 204, (self.name, resp.code, resp.body)
+
     async def backends(self) -> list[dict[str, Any]]:
         """This bridge's GET /backends entries."""
         return list((await self.get_json("/backends"))["backends"])
@@ -220,6 +230,27 @@ class Cluster:
             if done(now):
                 return now
             if time.monotonic() > deadline:
-                raise AssertionError(f"backend drivers still {now} after {timeout:g} s; "
-                                     + " | ".join(f"{n.name}: {n.tail(5)}" for n in self.nodes))
+                raise AssertionError(f"backend drivers still {now} after {timeout:g} s\n{self.tails()}")
             await asyncio.sleep(0.05)
+
+    async def settled(self, job_ids: set[str], timeout: float) -> dict[str, dict[str, Any]]:
+        """Wait until every job has ended (the shared generation log, read from a live bridge); their entries."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = {e["id"]: e for e in (await self.live()[0].get_json("/history?limit=1000"))["history"]}
+            if all(entries.get(j, {}).get("status") in ("completed", "failed", "cancelled") for j in job_ids):
+                return entries
+            assert time.monotonic() < deadline, (Counter(entries.get(j, {}).get("status") for j in job_ids),
+                                                 self.tails())
+            await asyncio.sleep(0.1)
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until predicate() holds, bounded (the bridges' last log lines if it does not)."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, self.tails()
+            await asyncio.sleep(0.02)
+
+    def tails(self) -> str:
+        """Every bridge's last log lines."""
+        return "\n".join(f"{n.name}:\n{n.tail(12)}" for n in self.nodes)
