@@ -255,7 +255,9 @@ class UploadHandler(BaseHandler):
             raise api_error(400, f"identifier {field!r} is used twice")
         if len(self.parts) >= config.max_upload_files:
             raise api_error(400, f"at most {config.max_upload_files} files per upload")
-        self.current = _Part(field, filename.decode("utf-8", "replace")[:255], config.uploads_dir)
+        # the caller's name is only kept as a note: no NUL, which no database text column takes
+        original = filename.decode("utf-8", "replace").replace("\x00", "\ufffd")[:255]
+        self.current = _Part(field, original, config.uploads_dir)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.current

@@ -77,6 +77,7 @@ async def test_ready_is_503_when_the_queue_is_full(bridge_factory, fakes) -> Non
     fake.hang = True
     cid = new_client_id()
     await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await bridge.wait_state(cid, {"progress"})  # the first runs (dispatch follows the submit)
     await bridge.submit(cid, {"workflow": "blank-canvas"})
     await wait_until(lambda: _queue_is(bridge, 1))
     resp = await bridge.fetch("GET", "/ready")
