@@ -18,13 +18,14 @@ from comfy.check import run_check
 from comfy.config import Config, ConfigError, load_config
 from comfy.connlimits import ConnLimits, make_server
 from comfy.demo import demo_info, start_demo_backends
+from comfy.jobstore import StoreUnavailable
 from comfy.listener import raise_open_file_limit
+from comfy.logs import configure_logging, log_request
 from comfy.partfiles import remove_part_files
 from comfy.services import Services
 from comfy.starter import write_starter
 from handlers import backends, docs, history, jobs, ops, results, upload, workflows, ws
 from handlers.base import NotFoundHandler
-from handlers.ops import configure_logging, log_request
 
 log = logging.getLogger("bridge")
 HERE = Path(__file__).resolve().parent
@@ -44,8 +45,9 @@ def tune_gc() -> None:
 def make_app(config: Config, services: Services) -> web.Application:
     """The Tornado application: every module's URL table, static files last."""
     table: list[Any] = []
+    api = services.api
     for module in (workflows, upload, jobs, history, results, ws, backends, ops, docs):
-        table += module.routes(services)
+        table += module.routes(api)
     static = HERE / "static"
     if (static / "index.html").exists():
         table += [(r"/()", docs.StaticHandler, {"path": str(static), "default_filename": "index.html"}),
@@ -53,7 +55,7 @@ def make_app(config: Config, services: Services) -> web.Application:
     return web.Application(
         table,
         default_handler_class=NotFoundHandler,
-        default_handler_args={"services": services},
+        default_handler_args={"services": api},
         websocket_ping_interval=config.ws_ping_interval,
         websocket_ping_timeout=config.ws_ping_timeout,
         websocket_max_message_size=64 * 1024,
@@ -104,14 +106,15 @@ async def main(argv: list[str] | None = None) -> int:
         config, fakes = await start_demo_backends(config, args.demo_profile)
     try:
         services = Services.build(config)
-    except OSError as exc:  # data_dir unusable, or held by another bridge (the line names its pid)
+    except (OSError, ConfigError) as exc:  # data_dir unusable or held by another bridge, or no store driver
         print(f"bridge: cannot start: {exc}", file=sys.stderr)
         for fake in fakes:
             await fake.stop()
         return 2
     # only now, holding data_dir's lock: what a killed bridge was writing (uploads, downloaded results) is
-    # incomplete and nothing refers to it, while another live bridge's files would be in use
-    removed = remove_part_files(config.uploads_dir, config.results_dir)
+    # incomplete and nothing refers to it, while another live bridge's files would be in use (so never with
+    # PostgreSQL, whose bridges share data_dir)
+    removed = remove_part_files(config.uploads_dir, config.results_dir) if services.lock is not None else 0
     if removed:
         log.info("removed %d unfinished temporary file(s) left by an earlier run", removed)
     soft, hard = raise_open_file_limit()
@@ -122,7 +125,14 @@ async def main(argv: list[str] | None = None) -> int:
             f" (server.max_connections {config.max_connections} does not fit under it)" if capped else "")
     if args.demo:
         services.demo = demo_info()
-    await services.start()
+    try:
+        await services.start()
+    except StoreUnavailable as exc:
+        print(f"bridge: cannot start: the job store is unreachable: {exc}", file=sys.stderr)
+        await services.stop()
+        for fake in fakes:
+            await fake.stop()
+        return 2
     server = make_server(make_app(config, services), config, limits)
     try:
         server.listen(config.port, address=config.host)
@@ -156,10 +166,10 @@ async def shutdown(server: HTTPServer, services: Services, fakes: list[Any]) -> 
     log.info("shutdown 1/5: no longer accepting connections or new jobs")
     server.stop()
     services.shutting_down = True
-    running = sum(len(b.running) for b in services.backends)
+    running = services.dispatcher.running()
     # callers' sockets stay open meanwhile, so a job that finishes now is reported as it ends (closed/error)
     log.info("shutdown 2/5: letting %d running job(s) finish (up to %gs)", running, config.drain_timeout)
-    left = await services.scheduler.drain(config.drain_timeout)
+    left = await services.drain(config.drain_timeout)
     if left:
         log.warning("shutdown: %d job(s) still running; they resume at the next start", left)
     log.info("shutdown 3/5: telling %d client WebSocket(s) of unfinished jobs that the server stops; closing "

@@ -71,7 +71,7 @@ async def running_bridge(urls: list[str], **settings: Any) -> AsyncIterator[tupl
         server.add_sockets([sock])
         try:
             deadline = time.monotonic() + 20
-            while not all(b.up for b in services.backends):
+            while not all(m.up for m in services.pool.members):
                 if time.monotonic() > deadline:
                     raise MeasureError("the bridge did not reach every backend")
                 await asyncio.sleep(0.02)

@@ -1,5 +1,5 @@
 """Scheduling: throughput with N backends against N x one backend, makespan on mixed speeds against ideal,
-and the scheduler's time per dispatch with 1,000 jobs queued over 16 backends.
+and the dispatcher's time per dispatch with 1,000 jobs queued over 16 backends.
 
     python -m bench scheduling [--job-time 0.25] [--per-backend 12] [--backends 1,2,4,8,16] [--mixed-jobs 70]
                                [--dispatch-jobs 1000]
@@ -16,7 +16,8 @@ from tornado import httpclient
 
 from bench.harness import MeasureError, running_bridge, simulated_backends
 from comfy.fake.profile import PROFILES
-from comfy.jobs import Job, State
+from comfy.jobs import State
+from comfy.jobstore import JobEvent
 from comfy.services import Services
 
 
@@ -26,12 +27,12 @@ async def submit_and_wait(services: Services, port: int, count: int, clients: in
     done: dict[str, float] = {}
     failed: list[str] = []
 
-    def on_job(job: Job) -> None:
-        if job.state is State.COMPLETED:
-            done[job.id] = time.monotonic()
-        elif not job.state.active:
-            failed.append(f"{job.id}: {job.error}")
-    services.scheduler.listeners.append(on_job)
+    def on_event(event: JobEvent) -> None:
+        if event.kind == State.COMPLETED.value:
+            done[event.job_id] = time.monotonic()
+        elif event.kind in (State.FAILED.value, State.CANCELLED.value):
+            failed.append(f"{event.job_id}: {event.detail}")
+    services.store.subscribe(on_event)
     http = httpclient.AsyncHTTPClient(force_instance=True, max_clients=50)
     try:
         body = '{"workflow": "blank-canvas", "1/width": 8, "1/height": 8}'
@@ -76,22 +77,22 @@ def ideal_makespan(durations: list[float], count: int) -> float:
 
 async def dispatch_latency(backends: int, jobs: int, job_time: float,
                            profile: str = "0.3.64") -> tuple[float, float, int]:
-    """Submit `jobs` at once over `backends` servers; the scheduler's time per dispatched job (mean, p99 ms)."""
+    """Submit `jobs` at once over `backends` servers; the dispatcher's time per dispatched job (mean, p99 ms)."""
     async with simulated_backends([job_time] * backends, profile) as urls, \
             running_bridge(urls, keepalive_interval=60, max_queue=jobs + 10) as (services, port):
-        scheduler = services.scheduler
+        dispatcher = services.dispatcher
         costs: list[float] = []
-        inner = scheduler._pump
+        inner = dispatcher._dispatch_round
 
-        def timed_pump() -> None:
-            before = sum(len(b.running) for b in scheduler.backends)
+        async def timed_round() -> None:
+            before = dispatcher.running()
             t = time.perf_counter()
-            inner()
+            await inner()
             took = time.perf_counter() - t
-            dispatched = sum(len(b.running) for b in scheduler.backends) - before
+            dispatched = dispatcher.running() - before
             if dispatched > 0:
                 costs.extend([took / dispatched] * dispatched)
-        scheduler._pump = timed_pump  # type: ignore[method-assign]
+        dispatcher._dispatch_round = timed_round  # type: ignore[method-assign]
         await submit_and_wait(services, port, jobs, clients=50, timeout=110)
         costs.sort()
         return (sum(costs) / len(costs) * 1000, costs[int(0.99 * (len(costs) - 1))] * 1000, len(costs))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import statistics
 import time
 import uuid
@@ -16,14 +17,19 @@ from tornado import httpclient
 from bench.harness import ROOT, MeasureError, run_benchmark, scratch_dir
 from comfy.config import BackendConfig, Config
 from comfy.services import Services
-from comfy.store import Store
+from comfy.sqlite_schema import V1_TABLES
+from comfy.store_sqlite import SqliteStore
 
 GRAPH = json.dumps(json.loads((ROOT / "workflows" / "empty_image.json").read_text()))
 
 
-def fill(data_dir: Path, jobs: int, clients: int, unfetched: int, queued: int) -> None:
-    """Write a store as months of use would leave it: mostly finished jobs, some waiting, some results held."""
-    store = Store(data_dir)
+async def fill(data_dir: Path, jobs: int, clients: int, unfetched: int, queued: int) -> None:
+    """Write a store as months of use would leave it: mostly finished jobs, some waiting, some results held
+    (in the schema of the release before the job store, which the engine then brings up to date once)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(data_dir / "bridge.sqlite3")
+    for statement in V1_TABLES:
+        db.execute(statement)
     now = time.time() - jobs
     rows = []
     for i in range(jobs):
@@ -33,21 +39,24 @@ def fill(data_dir: Path, jobs: int, clients: int, unfetched: int, queued: int) -
         rows.append((f"gen_{uuid.uuid4().hex[:16]}", f"client-{i % clients}", "blank-canvas", "{}", GRAPH, "{}",
                      60.0, state, None if state == "queued" else "sim-0", None, 1, "boom" if state == "failed" else None,
                      now + i, now + i, now + i + 1, 1, fetched))
-    with store._tx():
-        store.db.executemany(
+    with db:
+        db.executemany(
             "INSERT INTO jobs (id, client_id, workflow, inputs, prompt, files, timeout, state, backend, prompt_id,"
             " attempts, error, created_at, started_at, finished_at, counted, fetched)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    store.close()
+    db.close()
+    store = SqliteStore(data_dir)
+    await store.open()
+    await store.close()
 
 
 async def start_and_stop(data_dir: Path) -> tuple[float, Services]:
-    """Seconds from nothing to a started bridge (store opened, jobs recovered) on this data_dir."""
+    """Seconds from nothing to a started bridge (store opened, backends leased, their jobs recovered)."""
     config = Config(backends=(BackendConfig(url="http://127.0.0.1:9", name="sim-0"),), data_dir=data_dir,
                     workflows_dir=ROOT / "workflows", connect_timeout=0.2)
     started = time.perf_counter()
     services = Services.build(config)
-    await services.scheduler.start()
+    await services.start()
     return time.perf_counter() - started, services
 
 
@@ -75,29 +84,23 @@ async def page_times(data_dir: Path, offsets: list[int], repeat: int) -> dict[in
     finally:
         http.close()
         server.stop()
-        await services.scheduler.stop()
-        services.store.close()
-        if services.lock is not None:
-            services.lock.release()
+        await services.stop()
     return out
 
 
 async def measure(args: argparse.Namespace) -> int:
     with scratch_dir() as small, scratch_dir() as big:
-        fill(Path(small), 100, 10, 10, 5)
+        await fill(Path(small), 100, 10, 10, 5)
         t = time.perf_counter()
-        fill(Path(big), args.jobs, args.clients, args.unfetched, args.queued)
+        await fill(Path(big), args.jobs, args.clients, args.unfetched, args.queued)
         print(f"  filled {args.jobs} jobs in {time.perf_counter() - t:.1f} s")
         recovery = {}
         for name, d in (("100 jobs", small), (f"{args.jobs} jobs", big)):
             took, services = await start_and_stop(Path(d))
-            waiting = len(services.scheduler.queue)
-            await services.scheduler.stop()
-            services.store.close()
-            if services.lock is not None:
-                services.lock.release()  # the next start on this data_dir needs it
+            waiting = await services.jobs.queue_length()
+            await services.stop()  # the next start on this data_dir needs its lock
             recovery[name] = took
-            print(f"  start-up with {name}: {took * 1000:.0f} ms ({waiting} jobs queued again)")
+            print(f"  start-up with {name}: {took * 1000:.0f} ms ({waiting} jobs waiting)")
         deep = args.jobs - 20
         small_pages = await page_times(Path(small), [0], args.repeat)
         big_pages = await page_times(Path(big), [0, args.jobs // 2, deep], args.repeat)

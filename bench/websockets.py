@@ -46,7 +46,7 @@ from bench.procs import (
     fake_backends,
     http_get,
 )
-from comfy.runner import Progress
+from comfy.protocol import Progress
 
 GRAPH = json.loads((ROOT / "workflows" / "test_sleep_progress.json").read_text())
 # sent by the bridge itself, not caused by a backend message: the job starting and the job done

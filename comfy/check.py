@@ -1,15 +1,18 @@
 """python bridge.py --check: settings, data_dir, the catalog, and each backend's nodes and models, as a report."""
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from .backend import Backend, BackendError
+from .comfyclient import BackendError, ComfyClient
 from .catalog import FILE_INPUTS, Catalog, Workflow
 from .config import BackendConfig, Config, ConfigError, load_config
 from .datalock import DataDirLock
+from .jobstore import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +42,13 @@ async def check_config(config: Config, path: Path | None, demo: bool = False) ->
         from .demo import demo_info
         lines.append(f"ok   demo: {demo_info()['note']}")
     ok = True
-    holder = DataDirLock.holder(config.data_dir) if config.data_dir.is_dir() else None
+    holder = DataDirLock.holder(config.data_dir) if config.data_dir.is_dir() and not config.store_url else None
     if holder is not None:
         ok = False
         lines.append(f"FAIL data_dir: {config.data_dir} is in use by another bridge (pid {holder})")
+    good, line = await check_store(config)
+    ok = ok and good
+    lines.append(line)
     catalog = Catalog.load(config.workflows_dir, config.job_timeout)
     lines.append(f"{'ok  ' if catalog.workflows else 'FAIL'} catalog: {len(catalog.workflows)} workflow(s) in "
                  f"{config.workflows_dir}: {', '.join(catalog.aliases()) or 'none'}")
@@ -62,8 +68,30 @@ async def check_config(config: Config, path: Path | None, demo: bool = False) ->
     return ok, lines
 
 
+async def check_store(config: Config) -> tuple[bool, str]:
+    """The job store: reachable, and which schema migrations the next start runs (nothing is changed)."""
+    from .services import make_store  # the assembly chooses the engine; only --check needs it here
+
+    if config.store_url:
+        parts = urlsplit(config.store_url)
+        where = f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"  # no password
+    else:
+        where = f"SQLite {config.data_dir / 'bridge.sqlite3'}"
+    try:
+        store = make_store(config, "check")
+        pending = getattr(store, "pending_migrations")()
+        if inspect.isawaitable(pending):
+            pending = await pending
+    except (ConfigError, StoreUnavailable, OSError) as exc:
+        return False, f"FAIL store: {where}: {exc}"
+    if not pending:
+        return True, f"ok   store: {where}: schema up to date"
+    return True, (f"ok   store: {where}: schema migration(s) {', '.join(map(str, pending))} run at the next "
+                  "start")
+
+
 async def _check_backend(config: Config, cfg: BackendConfig, catalog: Catalog) -> tuple[bool, list[str]]:
-    backend = Backend(cfg, config, "comfy-bridge-check")
+    backend = ComfyClient(cfg, config, "comfy-bridge-check")
     label = cfg.label
     try:
         started = time.monotonic()

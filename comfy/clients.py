@@ -11,10 +11,38 @@ from tornado.ioloop import PeriodicCallback
 
 from .config import Config
 from .identity import client_tag
-from .jobs import Job, State
-from .scheduler import Scheduler
+from .jobs import Job, State, client_status
+from .jobstore import PROGRESS, REQUEUED, JobEvent
 
 log = logging.getLogger(__name__)
+
+ACTIVE_KINDS = frozenset({State.QUEUED.value, REQUEUED, State.DISPATCHING.value})
+FINAL_KINDS = frozenset({State.COMPLETED.value, State.FAILED.value, State.CANCELLED.value})
+
+
+class JobQueries(Protocol):
+    """What the hub asks about jobs (the job service answers; with PostgreSQL, for every bridge)."""
+
+    async def status_job(self, client_id: str) -> Job | None:
+        """The job whose state the client sees."""
+
+    async def client_active(self, client_id: str) -> bool:
+        """True while the client has a job waiting or running."""
+
+    async def position(self, job_id: str) -> int | None:
+        """A waiting job's place in the line; None when it does not wait."""
+
+    async def positions(self) -> dict[str, int]:
+        """Every waiting job's place."""
+
+    async def cancel_client(self, client_id: str, reason: str) -> int:
+        """Cancel the client's waiting and running jobs; how many."""
+
+    async def attach(self, client_id: str, delta: int) -> None:
+        """This bridge opened (+1) or closed (-1) the client's sockets."""
+
+    async def attached(self, client_id: str) -> bool:
+        """True if any bridge holds a socket of the client."""
 
 
 class ClientSocket(Protocol):
@@ -40,25 +68,30 @@ KEEPALIVE_SLICES = 10  # each keep-alive interval is cut in this many ticks; a t
 
 
 class ClientHub:
-    """Fans job updates out to every socket of the job's clientId."""
+    """Fans job events out to every socket of the job's clientId."""
 
-    def __init__(self, config: Config, scheduler: Scheduler) -> None:
+    def __init__(self, config: Config, jobs: JobQueries) -> None:
         self.config = config
-        self.scheduler = scheduler
+        self.jobs = jobs
         self.sockets: dict[str, set[ClientSocket]] = {}
-        self._pending: dict[str, Job] = {}          # clientId -> running job with progress not yet sent
+        self._pending: dict[str, JobEvent] = {}     # clientId -> progress not yet sent
         self._due: dict[str, asyncio.TimerHandle] = {}  # clientId -> when its held-back progress goes out
         self._sent_at: dict[str, float] = {}        # clientId -> when progress last went out
         self._last_sent: dict[str, str] = {}        # clientId -> last state, progress or queue place sent
+        self._waiting: dict[str, str] = {}          # clientId -> its job waiting in the line (for places)
+        self._turn: dict[str, int] = {}             # clientId -> events seen: a slow lookup never overtakes
+        # clientId -> its waiting and running jobs, when every one of them is known here (it had none when
+        # its socket opened and events told the rest): then whether it is busy needs no question
+        self._known_active: dict[str, set[str]] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._places: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         # a timing wheel: a socket hears `listening` one interval after it opened and every interval after
         # that, and each tick writes to one slice of the sockets, never to all of them in one go
         self._wheel: list[set[ClientSocket]] = [set() for _ in range(KEEPALIVE_SLICES)]
         self._slot: dict[ClientSocket, int] = {}
         self._tick = 0
         self._keepalive = PeriodicCallback(self._send_keepalive, config.keepalive_interval * 1000 / KEEPALIVE_SLICES)
-        scheduler.listeners.append(self.on_job)
 
     async def start(self) -> None:
         """Start the keep-alive timer."""
@@ -80,6 +113,7 @@ class ClientHub:
         for ring in self._wheel:
             ring.clear()
         self._slot.clear()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @property
     def count(self) -> int:
@@ -87,8 +121,9 @@ class ClientHub:
         return sum(len(s) for s in self.sockets.values())
 
     def add(self, sock: ClientSocket) -> None:
-        """A socket opened: greet it and tell it where the client's work stands."""
+        """A socket opened: greet it, then tell it where the client's work stands."""
         cid = sock.client_id
+        first = cid not in self.sockets
         self.sockets.setdefault(cid, set()).add(sock)
         slot = (self._tick - 1) % KEEPALIVE_SLICES  # the slice whose turn is furthest away
         self._wheel[slot].add(sock)
@@ -98,11 +133,33 @@ class ClientHub:
             handle.cancel()
             log.info("client %s reconnected within the grace period; its jobs continue", client_tag(cid))
         sock.send_text(CONNECTED)
-        job = self.scheduler.status_job(cid)
-        if job is not None and (job.state.active or not job.fetched):
-            sock.send_text(self._state_text(job))
-            if not job.state.active and not self._active(cid):
-                sock.close(1000, "work finished")
+        if first:
+            self._spawn(self.jobs.attach(cid, 1))
+        self._spawn(self._greet(sock))
+
+    async def _greet(self, sock: ClientSocket) -> None:
+        cid = sock.client_id
+        turn = self._turn.get(cid, 0)
+        job = await self.jobs.status_job(cid)
+        if self._turn.get(cid, 0) != turn or cid not in self.sockets:
+            return  # an event told it meanwhile
+        if (job is None or not job.state.active) and cid not in self._known_active:
+            self._known_active[cid] = set()
+        if job is None or not (job.state.active or not job.fetched):
+            return  # nothing to tell
+        if job.state is State.QUEUED:
+            self._waiting[cid] = job.id
+        text = await self._state_text(job)
+        if self._turn.get(cid, 0) != turn or sock not in self.sockets.get(cid, ()):
+            return
+        sock.send_text(text)
+        if not job.state.active and not await self._busy(cid):
+            sock.close(1000, "work finished")
+
+    async def _busy(self, cid: str, known: set[str] | None = None) -> bool:
+        """True while the client has a job waiting or running (asked of the store only when not known here)."""
+        known = self._known_active.get(cid) if known is None else known
+        return bool(known) if known is not None else await self.jobs.client_active(cid)
 
     def remove(self, sock: ClientSocket) -> None:
         """A socket closed: if it was the client's last one while work is pending, cancel after a grace period."""
@@ -117,67 +174,120 @@ class ClientHub:
         if socks:
             return
         del self.sockets[cid]
-        for per_client in (self._sent_at, self._last_sent):  # nothing of a client without sockets stays here
+        # nothing of a client without sockets stays here
+        for per_client in (self._sent_at, self._last_sent, self._waiting, self._turn, self._pending):
             per_client.pop(cid, None)
-        if self._active(cid) and cid not in self._grace:
-            loop = asyncio.get_running_loop()
-            self._grace[cid] = loop.call_later(self.config.disconnect_grace, self._disconnected, cid)
+        due = self._due.pop(cid, None)
+        if due is not None:
+            due.cancel()
+        self._spawn(self._left(cid, self._known_active.pop(cid, None)))
+
+    async def _left(self, cid: str, known: set[str] | None) -> None:
+        """The client's last socket here closed: if work is pending, cancel it after a grace period."""
+        await self.jobs.attach(cid, -1)
+        if cid in self._grace or not await self._busy(cid, known) or cid in self.sockets:
+            return
+        loop = asyncio.get_running_loop()
+        self._grace[cid] = loop.call_later(self.config.disconnect_grace, self._disconnected, cid)
 
     def _disconnected(self, cid: str) -> None:
         self._grace.pop(cid, None)
-        if cid in self.sockets:
-            return
-        n = self.scheduler.cancel_client(cid, "cancelled: the client disconnected")
+        if cid not in self.sockets:
+            self._spawn(self._cancel_if_gone(cid))
+
+    async def _cancel_if_gone(self, cid: str) -> None:
+        if cid in self.sockets or await self.jobs.attached(cid):
+            return  # back here meanwhile, or a socket on another bridge follows the work
+        n = await self.jobs.cancel_client(cid, "cancelled: the client disconnected")
         if n:
             log.info("client %s gone for %.1fs: cancelled %d job(s)", client_tag(cid), self.config.disconnect_grace, n)
-
-    def _active(self, cid: str) -> bool:
-        return any(j.state.active for j in self.scheduler.client_jobs(cid))
 
     def _send(self, cid: str, text: str, droppable: bool = False) -> None:
         """One message to every socket of a client, encoded once."""
         for sock in list(self.sockets.get(cid, ())):
             sock.send_text(text, droppable)
 
-    # job updates --------------------------------------------------------------------------------
-    def on_job(self, job: Job) -> None:
-        """Scheduler callback on every change of a job."""
-        if job.state is not State.QUEUED and self._places is None and len(self.scheduler.queue):
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("client hub: %s", task.exception())
+
+    # job events ---------------------------------------------------------------------------------
+    def on_event(self, event: JobEvent) -> None:
+        """Every committed job event, from every bridge: tell the job's client, if it listens here."""
+        kind = event.kind
+        if kind in (State.DISPATCHING.value, State.CANCELLED.value, REQUEUED) and self._waiting \
+                and self._places is None:
             # the line moved: waiting clients hear their new place, at most a few times a second
             self._places = asyncio.get_running_loop().call_later(PLACES_DELAY, self._send_places)
-        cid = job.client_id
+        cid = event.client_id
         if cid not in self.sockets:
             return
-        if job.state is State.RUNNING:
-            self._progress(cid, job)
+        if kind == PROGRESS or kind == State.RUNNING.value:
+            known = self._known_active.get(cid)
+            if known is not None:
+                known.add(event.job_id)
+            self._waiting.pop(cid, None)
+            self._progress(cid, event)
             return
+        if kind not in ACTIVE_KINDS and kind not in FINAL_KINDS:
+            return  # fetched, cancel requests, commands: nothing a caller is told
+        self._turn[cid] = self._turn.get(cid, 0) + 1
+        known = self._known_active.get(cid)
+        if known is not None:
+            (known.add if kind in ACTIVE_KINDS else known.discard)(event.job_id)
         self._pending.pop(cid, None)
-        if job.state.active:
-            if self._last_sent.get(cid) == f"{job.id}:{job.state.value}":
+        if kind in ACTIVE_KINDS:
+            state = State.QUEUED if kind == REQUEUED else State(kind)
+            if self._last_sent.get(cid) == f"{event.job_id}:{state.value}":
                 return  # queued -> dispatching reads the same to a caller
-            self._last_sent[cid] = f"{job.id}:{job.state.value}"
-            self._send(cid, self._state_text(job))
+            self._last_sent[cid] = f"{event.job_id}:{state.value}"
+            if state is State.QUEUED:
+                self._waiting[cid] = event.job_id
+                self._spawn(self._send_queued(cid, event.job_id, self._turn[cid]))
+            else:
+                self._waiting.pop(cid, None)
+                self._send(cid, message("connected", "server connected", job_id=event.job_id))
             return
+        self._waiting.pop(cid, None)
         self._last_sent.pop(cid, None)
-        status, details = job.client_status()
-        if job.state is State.COMPLETED:
-            self._send(cid, message("progress", job.percent, job_id=job.id))  # the bar ends at 100.00%
-        self._send(cid, message(status, details, job_id=job.id))
-        if not self._active(cid):
+        status, details = client_status(State(kind), event.percent, event.detail)
+        if kind == State.COMPLETED.value:
+            self._send(cid, message("progress", "100.00%", job_id=event.job_id))  # the bar ends at 100.00%
+        self._send(cid, message(status, details, job_id=event.job_id))
+        self._spawn(self._close_if_done(cid))
+
+    async def _send_queued(self, cid: str, job_id: str, turn: int) -> None:
+        """A job of the client entered the line: tell it with its place (unless a later event came first)."""
+        pos = await self.jobs.position(job_id)
+        if self._turn.get(cid) != turn:
+            return
+        extra: dict[str, Any] = {"job_id": job_id}
+        if pos is not None:
+            extra["queue_position"] = pos
+        self._send(cid, message("connected", "server connected", **extra))
+
+    async def _close_if_done(self, cid: str) -> None:
+        if cid in self.sockets and not await self._busy(cid):
             for sock in list(self.sockets.get(cid, ())):
                 sock.close(1000, "work finished")
 
-    def _state_text(self, job: Job) -> str:
+    async def _state_text(self, job: Job) -> str:
         status, details = job.client_status()
         extra: dict[str, Any] = {"job_id": job.id}
-        pos = self.scheduler.position(job)
+        pos = await self.jobs.position(job.id) if job.state is State.QUEUED else None
         if pos is not None:
             extra["queue_position"] = pos
         return message(status, details, **extra)
 
-    def _progress(self, cid: str, job: Job) -> None:
+    def _progress(self, cid: str, event: JobEvent) -> None:
         """Progress goes out at once unless this client had one less than progress_interval ago."""
-        self._pending[cid] = job
+        self._pending[cid] = event
         if cid in self._due:
             return
         wait = self._sent_at.get(cid, 0.0) + self.config.progress_interval - time.monotonic()
@@ -188,28 +298,31 @@ class ClientHub:
 
     def _flush_progress(self, cid: str) -> None:
         self._due.pop(cid, None)
-        job = self._pending.pop(cid, None)
-        if job is None or job.state is not State.RUNNING:
+        event = self._pending.pop(cid, None)
+        if event is None:
             return
-        text = job.percent
+        text = event.percent
         if self._last_sent.get(cid) == text:
             return
         self._last_sent[cid] = text
         self._sent_at[cid] = time.monotonic()
-        self._send(cid, message("progress", text, job_id=job.id), droppable=True)
+        self._send(cid, message("progress", text, job_id=event.job_id), droppable=True)
 
     def _send_places(self) -> None:
         self._places = None
-        places = self.scheduler.queue.positions()
-        for cid in list(self.sockets):
-            job = self.scheduler.status_job(cid)
-            if job is None or job.state is not State.QUEUED:
+        if self._waiting:
+            self._spawn(self._places_now())
+
+    async def _places_now(self) -> None:
+        places = await self.jobs.positions()
+        for cid, job_id in list(self._waiting.items()):
+            place = places.get(job_id)
+            if place is None:
                 continue
-            key = f"{job.id}:queued:{places.get(job.id)}"
+            key = f"{job_id}:queued:{place}"
             if self._last_sent.get(cid) != key:
                 self._last_sent[cid] = key
-                self._send(cid, message("connected", "server connected", job_id=job.id,
-                                        queue_position=places.get(job.id)))
+                self._send(cid, message("connected", "server connected", job_id=job_id, queue_position=place))
 
     def _send_keepalive(self) -> None:
         slot, self._tick = self._tick, (self._tick + 1) % KEEPALIVE_SLICES

@@ -73,6 +73,10 @@ class Config:
     port: int = 8000
     workflows_dir: Path = HERE / "workflows"
     data_dir: Path = HERE / "data"
+    # the job store: "" = SQLite in data_dir (one bridge); postgresql://... = shared by several bridges
+    store_url: str = field(default="", repr=False)
+    cluster_name: str = ""  # this bridge's name in leases and events; "" = <hostname>:<port>
+    lease_ttl: float = 10.0  # seconds within which a dead bridge's backends are taken over (see pool.py)
     # jobs
     job_timeout: float = 60.0
     max_queue: int = 1000
@@ -178,9 +182,12 @@ _SECTIONS: dict[str, dict[str, str]] = {
                "submit_burst": "submit_burst", "upload_ttl": "upload_ttl", "quota_bytes": "quota_bytes"},
     "backend_connection": {"connect_timeout": "connect_timeout", "request_timeout": "request_timeout"},
     "auth": {"api_key": "api_key", "keys": "keys"},
+    "cluster": {"name": "cluster_name", "lease_ttl": "lease_ttl"},
 }
-_TOP_LEVEL = {"backends", "workflows_dir", "data_dir", *_SECTIONS}
-_ENV = {"BRIDGE_HOST": "host", "BRIDGE_PORT": "port", "BRIDGE_BACKENDS": "backends",
+_TOP_LEVEL = {"backends", "workflows_dir", "data_dir", "store", *_SECTIONS}
+_RENAMED = {"store": "store_url"}  # top-level settings whose Config field has another name
+_ENV = {"BRIDGE_STORE_URL": "store_url", "BRIDGE_HOST": "host", "BRIDGE_PORT": "port",
+        "BRIDGE_BACKENDS": "backends",
         "BRIDGE_WORKFLOWS_DIR": "workflows_dir", "BRIDGE_DATA_DIR": "data_dir", "BRIDGE_API_KEY": "api_key"}
 _POSITIVE = {"port", "max_queue", "max_queue_per_identity", "max_upload_bytes", "max_upload_files", "max_body_bytes",
              "max_string_length", "job_timeout", "history_poll_interval", "interrupt_wait",
@@ -188,7 +195,8 @@ _POSITIVE = {"port", "max_queue", "max_queue_per_identity", "max_upload_bytes", 
              "max_attempts", "results_ttl", "probe_interval", "max_ws_per_client", "max_ws_total",
              "max_client_id_length", "submit_rate", "submit_burst", "drain_timeout", "down_after", "up_after",
              "upload_ttl", "quota_bytes", "refetch_grace", "header_timeout", "body_timeout", "body_min_rate",
-             "idle_timeout", "send_timeout", "max_connections", "max_connections_per_address", "max_header_bytes", "ws_ping_interval", "ws_ping_timeout"}
+             "idle_timeout", "send_timeout", "max_connections", "max_connections_per_address", "max_header_bytes", "ws_ping_interval", "ws_ping_timeout",
+             "lease_ttl"}
 
 
 def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,
@@ -223,7 +231,7 @@ def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | 
                     raise ConfigError(f"{key}.{sub}: unknown setting")
                 values[_SECTIONS[key][sub]] = (f"{key}.{sub}", sval)
         else:
-            values[key] = (key, val)
+            values[_RENAMED.get(str(key), str(key))] = (key, val)
     env = {**dotenv_values(base / ".env"), **(os.environ if environ is None else environ)}
     for name, fld in _ENV.items():
         if env.get(name):
@@ -253,6 +261,8 @@ def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
             kwargs[fld] = p if p.is_absolute() else (base / p)
         elif fld == "keys":
             kwargs[fld] = _keys(key, val)
+        elif fld == "store_url":
+            kwargs[fld] = _store_url(key, val)
         elif fld in ("allowed_origins", "cors_origins", "trusted_proxies", "allowed_hosts"):
             if isinstance(val, str):
                 val = [v.strip() for v in val.split(",") if v.strip()]
@@ -278,6 +288,20 @@ def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
     if len(set(names)) != len(names):
         raise ConfigError("auth.keys: two keys share a name (\"default\" is BRIDGE_API_KEY's)")
     return config
+
+
+def _store_url(key: str, val: Any) -> str:
+    """store: empty (SQLite in data_dir) or a postgresql:// URL."""
+    if val is None or val == "":
+        return ""
+    if not isinstance(val, str):
+        raise ConfigError(f"{key}: must be empty (SQLite in data_dir) or a postgresql:// URL")
+    parts = urlsplit(val)
+    if parts.scheme not in ("postgresql", "postgres") or not (parts.hostname or parts.path.strip("/")):
+        shown = f"{parts.scheme}://..." if parts.scheme else repr(val[:40])
+        raise ConfigError(f"{key}: must be empty (SQLite in data_dir) or postgresql://user@host:port/db, "
+                          f"got {shown}")
+    return val
 
 
 def _keys(key: str, val: Any) -> tuple[ApiKey, ...]:

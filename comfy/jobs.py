@@ -9,7 +9,7 @@ from typing import Any
 
 
 class State(str, Enum):
-    """Where a job is in its life; only the scheduler moves it."""
+    """Where a job is in its life; only the job store moves it (compare-and-set)."""
 
     QUEUED = "queued"
     DISPATCHING = "dispatching"
@@ -65,7 +65,6 @@ class Job:
     seq: int = 0
     round: int = 0  # its fair-queue round: dispatch order is (round, seq) among waiting jobs
     cancel_reason: str | None = None
-    run_started: float | None = None  # monotonic time this attempt started running (not persisted)
 
     @property
     def percent(self) -> str:
@@ -74,10 +73,15 @@ class Job:
 
     def client_status(self) -> tuple[str, str]:
         """The (status, details) pair of the caller-facing vocabulary."""
-        if self.state in (State.QUEUED, State.DISPATCHING):
-            return "connected", "server connected"
-        if self.state is State.RUNNING:
-            return "progress", self.percent
-        if self.state is State.COMPLETED:
-            return "closed", "Execution is done"
-        return "error", self.error or "failed"
+        return client_status(self.state, self.percent, self.error)
+
+
+def client_status(state: State, percent: str, error: str | None) -> tuple[str, str]:
+    """The (status, details) pair callers see for a job in this state."""
+    if state in (State.QUEUED, State.DISPATCHING):
+        return "connected", "server connected"
+    if state is State.RUNNING:
+        return "progress", percent
+    if state is State.COMPLETED:
+        return "closed", "Execution is done"
+    return "error", error or "failed"

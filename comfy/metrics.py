@@ -2,28 +2,42 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .jobs import Job, State
+from .jobs import State
+from .jobstore import JobEvent
 
 if TYPE_CHECKING:
-    from .backend import Backend
     from .clients import ClientHub
-    from .scheduler import Scheduler
-    from .store import GenerationCounter
+    from .pool import BackendPool, Member
 
 # seconds; a GPU job takes from under a second to many minutes
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+FINAL = frozenset({State.COMPLETED.value, State.FAILED.value, State.CANCELLED.value})
+
+
+class Counts(Protocol):
+    """The shared numbers a scrape reads (the job service answers)."""
+
+    async def queue_length(self) -> int:
+        """Jobs waiting."""
+
+    async def generation_count(self) -> int:
+        """The persistent count of jobs that ran."""
 
 
 class Metrics:
-    """One registry per bridge; labels are bounded (workflow, backend, state, outcome — never a client or job id)."""
+    """One registry per bridge; labels are bounded (workflow, backend, state, outcome — never a client or job id).
 
-    def __init__(self) -> None:
+    Job counters follow the store's events, but only those this bridge caused (`origin`): with several
+    bridges sharing one store, the sum of their metrics counts every job once."""
+
+    def __init__(self, bridge: str) -> None:
+        self.bridge = bridge
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = Counter("comfy_bridge_jobs_total", "Jobs that ended, by workflow and outcome",
                             ["workflow", "outcome"], registry=self.registry)
@@ -38,62 +52,72 @@ class Metrics:
                                     registry=self.registry)
         self.result_bytes = Counter("comfy_bridge_result_bytes_total", "Bytes of outputs collected from backends",
                                     registry=self.registry)
-        self._seen_running: set[str] = set()
+        self._live: _LiveState | None = None
 
-    def attach(self, scheduler: Scheduler, hub: ClientHub, counter: GenerationCounter) -> None:
-        """Follow the scheduler's job events and expose live gauges."""
-        scheduler.listeners.append(self.on_job)
-        self.registry.register(_LiveState(scheduler, hub, counter))
+    def attach(self, counts: Counts, pool: BackendPool, hub: ClientHub) -> None:
+        """Expose live gauges of the queue, the backends and the sockets."""
+        self._live = _LiveState(counts, pool, hub)
+        self.registry.register(self._live)
 
-    def on_job(self, job: Job) -> None:
-        """Count transitions (called on every change of a job, progress included; kept cheap)."""
-        if job.state is State.QUEUED:
-            if job.attempts == 0:  # announced once at submit; a re-queued job has attempts >= 1
-                self.submitted.labels(job.workflow).inc()
-        elif job.state is State.RUNNING and job.id not in self._seen_running:
-            self._seen_running.add(job.id)
-            if job.started_at:
-                self.queue_wait.labels(job.workflow).observe(max(0.0, job.started_at - job.created_at))
-        elif not job.state.active:
-            self._seen_running.discard(job.id)
-            self.jobs.labels(job.workflow, job.state.value).inc()
-            if job.started_at and job.finished_at:
-                self.run_time.labels(job.workflow).observe(max(0.0, job.finished_at - job.started_at))
-            if job.state is State.COMPLETED:
-                self.result_bytes.inc(sum(o.size for o in job.outputs))
+    def on_event(self, event: JobEvent) -> None:
+        """Count one committed job event, if this bridge caused it (called for every event; kept cheap)."""
+        if event.origin != self.bridge:
+            return
+        kind = event.kind
+        if kind == State.QUEUED.value:
+            self.submitted.labels(event.workflow).inc()
+        elif kind == State.RUNNING.value:
+            if event.attempts <= 1 and event.started_at:  # the first time it ran
+                self.queue_wait.labels(event.workflow).observe(max(0.0, event.started_at - event.created_at))
+        elif kind in FINAL:
+            self.jobs.labels(event.workflow, kind).inc()
+            if event.started_at and event.finished_at:
+                self.run_time.labels(event.workflow).observe(max(0.0, event.finished_at - event.started_at))
+            if kind == State.COMPLETED.value:
+                self.result_bytes.inc(event.result_bytes)
 
-    def exposition(self) -> bytes:
-        """The Prometheus text format."""
+    async def exposition(self) -> bytes:
+        """The Prometheus text format (the shared numbers are read first)."""
+        if self._live is not None:
+            await self._live.refresh()
         return generate_latest(self.registry)
 
 
 class _LiveState(Collector):
-    """Gauges computed from the scheduler when scraped, so nothing is updated per request."""
+    """Gauges of the live state, read at scrape time, so nothing is updated per request."""
 
-    def __init__(self, scheduler: Scheduler, hub: ClientHub, counter: GenerationCounter) -> None:
-        self.scheduler = scheduler
+    def __init__(self, counts: Counts, pool: BackendPool, hub: ClientHub) -> None:
+        self.counts = counts
+        self.pool = pool
         self.hub = hub
-        self.counter = counter
+        self.queue_length = 0
+        self.generation_count = 0
+
+    async def refresh(self) -> None:
+        """Read the numbers the store holds."""
+        self.queue_length = await self.counts.queue_length()
+        self.generation_count = await self.counts.generation_count()
 
     def collect(self) -> Iterator[Metric]:
-        s = self.scheduler
-        yield GaugeMetricFamily("comfy_bridge_queue_depth", "Jobs waiting in the bridge's queue", value=len(s.queue))
-        states = GaugeMetricFamily("comfy_bridge_jobs_in_state", "Jobs the bridge holds, by state", labels=["state"])
-        counts = {st.value: 0 for st in State}
-        for job in s.jobs.values():
-            counts[job.state.value] += 1
-        for name, n in counts.items():
-            states.add_metric([name], n)
+        yield GaugeMetricFamily("comfy_bridge_queue_depth", "Jobs waiting in the shared queue",
+                                value=self.queue_length)
+        states = GaugeMetricFamily("comfy_bridge_jobs_in_state",
+                                   "Jobs waiting (all bridges) and on backends (this bridge), by state",
+                                   labels=["state"])
+        on_backends = [began for m in self.pool.members for began in m.running.values()]
+        states.add_metric([State.QUEUED.value], self.queue_length)
+        states.add_metric([State.DISPATCHING.value], sum(1 for b in on_backends if b is None))
+        states.add_metric([State.RUNNING.value], sum(1 for b in on_backends if b is not None))
         yield states
         yield GaugeMetricFamily("comfy_bridge_websocket_clients", "Open caller WebSockets", value=self.hub.count)
         yield GaugeMetricFamily("comfy_bridge_generation_count", "Jobs run through the API (persistent)",
-                                value=self.counter.value)
-        yield from _backend_gauges(s.backends)
+                                value=self.generation_count)
+        yield from _backend_gauges(self.pool.members)
         yield GaugeMetricFamily("comfy_bridge_scrape_timestamp_seconds", "When this scrape was taken",
                                 value=time.time())
 
 
-def _backend_gauges(backends: list[Backend]) -> Iterator[Metric]:
+def _backend_gauges(members: list[Member]) -> Iterator[Metric]:
     up = GaugeMetricFamily("comfy_bridge_backend_up", "1 if the backend takes work (probes pass, socket open)",
                            labels=["backend"])
     busy = GaugeMetricFamily("comfy_bridge_backend_busy_slots", "Jobs running on the backend", labels=["backend"])
@@ -104,7 +128,7 @@ def _backend_gauges(backends: list[Backend]) -> Iterator[Metric]:
                              labels=["backend"])
     latency = GaugeMetricFamily("comfy_bridge_backend_probe_latency_seconds", "Latency of the last good probe",
                                 labels=["backend"])
-    for b in backends:
+    for b in members:
         up.add_metric([b.label], 1 if b.up and not b.draining else 0)
         busy.add_metric([b.label], len(b.running))
         slots.add_metric([b.label], b.slots)

@@ -1,6 +1,7 @@
 """What ComfyUI says, as typed values: version and capabilities, job status, prompt errors, outcomes, outputs."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ log = logging.getLogger(__name__)
 # keys of a node's output that hold file entries ({filename, subfolder, type} plus whatever a release adds)
 FILE_KEYS = ("images", "gifs", "video", "videos", "audio", "files", "3d")
 FINISHED = ("completed", "failed", "cancelled")
+# messages the bridge never uses, recognised without parsing them (ComfyUI writes "type" first)
+IGNORED_PREFIXES = ('{"type": "progress_state"', '{"type":"progress_state"', '{"type": "status"', '{"type":"status"')
 # 0.3.64 names a missing class only inside this sentence
 _NO_SUCH_NODE = re.compile(r"Cannot execute because node (.+) does not exist\.")
 
@@ -111,6 +114,27 @@ def file_entries(node_out: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 yield item
 
 
+@dataclass(frozen=True)
+class OutputItem:
+    """One output of a finished prompt: a file entry to download through /view, or a text a node returned."""
+
+    node_id: str
+    file: dict[str, Any] | None = None  # {filename, subfolder, type, ...}
+    text: str | None = None
+    index: int = 0  # the text's place among its node's texts
+
+
+def output_items(entry: dict[str, Any]) -> Iterator[OutputItem]:
+    """Every file and text output of a history entry, node by node."""
+    for node_id, node_out in (entry.get("outputs") or {}).items():
+        if not isinstance(node_out, dict):
+            continue
+        for item in file_entries(node_out):
+            yield OutputItem(str(node_id), file=item)
+        for i, text in enumerate(node_out.get("text") or []):
+            yield OutputItem(str(node_id), text=str(text), index=i)
+
+
 def describe_prompt_error(body: Any) -> str:
     """One readable line from ComfyUI's /prompt error answer (its useful part is often in node_errors)."""
     if not isinstance(body, dict):
@@ -135,7 +159,8 @@ def describe_prompt_error(body: Any) -> str:
 
 def _top_error(err: dict[str, Any]) -> str:
     kind = err.get("type")
-    extra = err.get("extra_info") if isinstance(err.get("extra_info"), dict) else {}
+    raw_extra = err.get("extra_info")
+    extra: dict[str, Any] = raw_extra if isinstance(raw_extra, dict) else {}
     message = str(err.get("message") or "").strip()
     details = str(err.get("details") or "").strip()
     if kind == "missing_node_type":  # 0.12 and later
@@ -151,3 +176,85 @@ def _top_error(err: dict[str, Any]) -> str:
         return f"node {node_id}: node class {missing.group(1)} is not installed on this backend"
     text = message or str(kind or "")
     return f"{text}: {details}" if details and details != text else text
+
+
+@dataclass(frozen=True)
+class Message:
+    """One WebSocket message of ComfyUI about a prompt: its type ("executing", "progress", ...) and data."""
+
+    kind: str
+    prompt_id: str
+    data: dict[str, Any]
+
+    @property
+    def ends_prompt(self) -> bool:
+        """True for the end signal of a prompt: "executing" with no node."""
+        return self.kind == "executing" and self.data.get("node") is None
+
+
+def parse_message(text: str) -> Message | None:
+    """A text frame as a Message about one prompt; None for messages about no prompt, or not understood."""
+    if text.startswith(IGNORED_PREFIXES):
+        return None  # ComfyUI repeats its whole per-node state map on every tick; nothing here needs it
+    try:
+        msg = json.loads(text)
+        data = msg["data"]
+        prompt_id = data.get("prompt_id")
+        kind = msg["type"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(prompt_id, str) or not isinstance(kind, str):
+        return None
+    return Message(kind, prompt_id, data)
+
+
+def queued_prompt_ids(body: Any) -> set[str]:
+    """The prompt ids GET /queue names as running or pending."""
+    body = body if isinstance(body, dict) else {}
+    return {item[1] for key in ("queue_running", "queue_pending") for item in body.get(key) or []
+            if isinstance(item, list) and len(item) > 1}
+
+
+def partly_refused(body: Any) -> bool:
+    """True for a 200 answer of POST /prompt that names node errors: only the valid outputs were queued."""
+    return isinstance(body, dict) and bool(body.get("node_errors"))
+
+
+class Progress:
+    """Overall progress of one prompt: nodes done plus the current node's fraction, never going back."""
+
+    def __init__(self, graph: dict[str, Any]) -> None:
+        self.total = max(1, len(graph))
+        self.done: set[str] = set()
+        self.current: str | None = None
+        self.fraction = 0.0
+        self.value = 0.0
+
+    def feed(self, kind: str, data: dict[str, Any]) -> bool:
+        """Take one WebSocket message; True when the overall value moved."""
+        if kind == "execution_cached":
+            self.done.update(str(n) for n in data.get("nodes") or [])
+        elif kind == "executing" and data.get("node") is not None:
+            if self.current is not None:
+                self.done.add(self.current)
+            self.current, self.fraction = str(data["node"]), 0.0
+        elif kind == "progress":
+            node = str(data.get("node")) if data.get("node") is not None else self.current
+            if node != self.current:
+                if self.current is not None:
+                    self.done.add(self.current)
+                self.current = node
+            try:
+                self.fraction = max(0.0, min(1.0, float(data["value"]) / float(data["max"])))
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                return False
+        elif kind == "executed" and data.get("node") is not None:
+            self.done.add(str(data["node"]))
+        else:
+            return False
+        partial = self.fraction if self.current is not None and self.current not in self.done else 0.0
+        value = min(0.99, (len(self.done) + partial) / self.total)
+        if value > self.value:
+            self.value = value
+            return True
+        return False

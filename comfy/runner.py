@@ -7,111 +7,103 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .backend import Backend, BackendRejected, BackendUnavailable
-from .wire import commit_file
+from .comfyclient import BackendRejected, BackendUnavailable, ComfyClient
 from .config import Config
-from .jobs import Job, Output
-from .protocol import file_entries, outcome
-from .store import Store
+from .jobs import Job, Output, State
+from .jobstore import JobStore
+from .pool import BackendPool, Member
+from .protocol import Message, Progress, output_items
+from .wire import commit_file
 
 log = logging.getLogger(__name__)
-
-error_text = outcome  # the name the scheduler imports
 
 
 class Requeue(Exception):
     """The backend could not take or finish the job through no fault of the job: run it elsewhere."""
 
+    def __init__(self, reason: str, orphan: str | None = None) -> None:
+        super().__init__(reason)
+        self.orphan = orphan  # a prompt of ours left on the backend, to stop there when it is back
 
-class Progress:
-    """Overall progress of one prompt: nodes done plus the current node's fraction, never going back."""
 
-    def __init__(self, graph: dict[str, Any]) -> None:
-        self.total = max(1, len(graph))
-        self.done: set[str] = set()
-        self.current: str | None = None
-        self.fraction = 0.0
-        self.value = 0.0
-
-    def feed(self, kind: str, data: dict[str, Any]) -> bool:
-        """Take one WebSocket message; True when the overall value moved."""
-        if kind == "execution_cached":
-            self.done.update(str(n) for n in data.get("nodes") or [])
-        elif kind == "executing" and data.get("node") is not None:
-            if self.current is not None:
-                self.done.add(self.current)
-            self.current, self.fraction = str(data["node"]), 0.0
-        elif kind == "progress":
-            node = str(data.get("node")) if data.get("node") is not None else self.current
-            if node != self.current:
-                if self.current is not None:
-                    self.done.add(self.current)
-                self.current = node
-            try:
-                self.fraction = max(0.0, min(1.0, float(data["value"]) / float(data["max"])))
-            except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                return False
-        elif kind == "executed" and data.get("node") is not None:
-            self.done.add(str(data["node"]))
-        else:
-            return False
-        partial = self.fraction if self.current is not None and self.current not in self.done else 0.0
-        value = min(0.99, (len(self.done) + partial) / self.total)
-        if value > self.value:
-            self.value = value
-            return True
-        return False
+class Gone(Exception):
+    """The job changed under us (another bridge took it over): stop following it, change nothing."""
 
 
 class _Watch:
     """What the backend's WebSocket tells about one prompt: progress, the end signal, reconnects."""
 
-    def __init__(self, job: Job, graph: dict[str, Any], announce: Callable[[Job], None]) -> None:
+    def __init__(self, job: Job, graph: dict[str, Any], store: JobStore) -> None:
         self.job = job
-        self.announce = announce
+        self.store = store
         self.progress = Progress(graph)
         self.done = asyncio.Event()
         self.poke = asyncio.Event()
         self.reconnected = False
         self.heard = time.monotonic()  # last message about this prompt: silence past a while means "poll"
+        self._reporting: asyncio.Task[None] | None = None
 
-    def on_message(self, msg: dict[str, Any]) -> None:
-        """One message about our prompt (or the connection's own bridge_* notices)."""
-        kind, data = msg.get("type"), msg.get("data") or {}
+    def on_message(self, msg: Message) -> None:
+        """One message about our prompt."""
         self.heard = time.monotonic()
-        if kind in ("bridge_reconnected", "bridge_disconnected"):
-            self.reconnected = self.reconnected or kind == "bridge_reconnected"
-            self.poke.set()
-        elif kind == "executing" and data.get("node") is None:
+        if msg.ends_prompt:
             self.done.set()
-        elif isinstance(kind, str) and self.progress.feed(kind, data):
+        elif self.progress.feed(msg.kind, msg.data):
             self.job.progress = self.progress.value
-            self.announce(self.job)
+            if self._reporting is None or self._reporting.done():
+                self._reporting = asyncio.ensure_future(self._report())
+
+    async def _report(self) -> None:
+        """Publish progress; steps that arrive meanwhile go out as one (the latest value) after it."""
+        sent = -1.0
+        while self.job.progress != sent and self.job.state is State.RUNNING:
+            sent = self.job.progress
+            try:
+                await self.store.progress(self.job, sent)
+            except Exception as exc:  # a progress step is not worth a job: the next one may go through
+                log.warning("job %s: progress not published: %s", self.job.id, exc)
+                return
+
+    def on_connection(self, up: bool) -> None:
+        """The backend's socket opened or closed: a message about our prompt may have been lost."""
+        self.heard = time.monotonic()
+        self.reconnected = self.reconnected or up
+        self.poke.set()
 
 
 class Runner:
-    """Carries a job through one attempt on one backend."""
+    """Carries a job through one attempt on one backend; the job is this bridge's working copy."""
 
-    def __init__(self, config: Config, store: Store, announce: Callable[[Job], None],
-                 started: Callable[[Job], None]) -> None:
+    def __init__(self, config: Config, store: JobStore, pool: BackendPool) -> None:
         self.config = config
         self.store = store
-        self.announce = announce
-        self.started = started
+        self.pool = pool
         self.cancels: dict[str, asyncio.Event] = {}
         # (backend url, sha256) -> the name that file has in that backend's input folder
         self.remote_files: dict[tuple[str, str], str] = {}
 
-    async def run(self, job: Job, backend: Backend) -> dict[str, Any]:
-        """Run the job; returns the history entry of the finished prompt. Raises Requeue or BackendError."""
+    def cancel(self, job: Job, reason: str) -> None:
+        """Stop this running job (a cancel request reached the bridge that runs it)."""
+        job.cancel_reason = job.cancel_reason or reason
+        self.cancels.setdefault(job.id, asyncio.Event()).set()
+
+    async def run(self, job: Job, m: Member) -> dict[str, Any]:
+        """Run the job; returns the history entry of the finished prompt. Raises Requeue, Gone or BackendError."""
+        backend = m.client
         graph = await self._send_files(job, backend)
         prompt_id = str(uuid.uuid4())
+        # saved before posting: whoever recovers the job (a restart, another bridge) can find the prompt
+        stored = await self.store.update(job.id, [State.DISPATCHING], prompt_id=prompt_id)
+        if stored is None:
+            raise Gone("it changed before it was posted")
         job.prompt_id = prompt_id
-        self.store.save_job(job)  # before posting: a restart can then find the prompt on the backend
-        watch = _Watch(job, graph, self.announce)
-        backend.watch(prompt_id, watch.on_message)
+        if stored.cancel_reason:  # cancelled while its files went out: it never starts
+            job.cancel_reason = job.cancel_reason or stored.cancel_reason
+            return {}
+        watch = _Watch(job, graph, self.store)
+        backend.watch(prompt_id, watch)
         try:
             try:
                 try:
@@ -124,22 +116,29 @@ class Runner:
                     await backend.post_prompt(await self._send_files(job, backend), prompt_id)
             except BackendUnavailable as exc:
                 raise Requeue(str(exc)) from None
-            self.started(job)
-            return await self._follow_or_orphan(job, backend, watch, time.monotonic() + job.timeout)
+            running = await self.store.transition(job.id, [State.DISPATCHING], State.RUNNING)
+            if running is None:
+                raise Gone("it changed while it was posted")
+            job.state, job.started_at, job.counted = State.RUNNING, running.started_at, True
+            self.pool.started(m, job.id)
+            log.info("job %s: running on %s (attempt %d)", job.id, m.label, job.attempts)
+            return await self._follow_or_orphan(job, m, watch, time.monotonic() + job.timeout)
         finally:
             backend.unwatch(prompt_id)
 
-    async def resume(self, job: Job, backend: Backend) -> dict[str, Any]:
-        """Pick up a job that was running when the bridge stopped: collect it, re-attach to it, or re-queue."""
+    async def resume(self, job: Job, m: Member) -> dict[str, Any]:
+        """Pick up a job whose bridge stopped (or lost the backend) while it ran: collect it, re-attach to it,
+        or re-queue it."""
         prompt_id = job.prompt_id
         assert prompt_id is not None
-        watch = _Watch(job, job.prompt, self.announce)
-        backend.watch(prompt_id, watch.on_message)
+        backend = m.client
+        watch = _Watch(job, job.prompt, self.store)
+        backend.watch(prompt_id, watch)
         try:
             waited = 0.0
-            while not backend.up:
+            while not m.up:
                 if waited >= self.config.failover_grace:
-                    raise Requeue(f"backend {backend.label} did not come back after the restart")
+                    raise Requeue(f"backend {m.label} did not come back after the restart")
                 await asyncio.sleep(0.05)
                 waited += 0.05
             try:
@@ -148,26 +147,31 @@ class Runner:
                 raise Requeue(str(exc)) from None
             watch.reconnected = False  # this connection was just checked
             if entry is not None:
-                log.info("job %s: finished on %s while the bridge was away; collecting it", job.id, backend.label)
+                log.info("job %s: finished on %s while the bridge was away; collecting it", job.id, m.label)
                 return entry
+            if job.state is State.DISPATCHING:  # posted, and running there now: say so
+                running = await self.store.transition(job.id, [State.DISPATCHING], State.RUNNING)
+                if running is None:
+                    raise Gone("it changed while it was recovered")
+                job.state, job.started_at, job.counted = State.RUNNING, running.started_at, True
+            self.pool.started(m, job.id)
             ran = time.time() - (job.started_at or time.time())
-            return await self._follow_or_orphan(job, backend, watch, time.monotonic() + job.timeout - ran)
+            return await self._follow_or_orphan(job, m, watch, time.monotonic() + job.timeout - ran)
         finally:
             backend.unwatch(prompt_id)
 
-    async def _follow_or_orphan(self, job: Job, backend: Backend, watch: _Watch, deadline: float) -> dict[str, Any]:
+    async def _follow_or_orphan(self, job: Job, m: Member, watch: _Watch, deadline: float) -> dict[str, Any]:
         try:
-            return await self._follow(job, backend, watch, deadline)
-        except Requeue:
-            assert job.prompt_id is not None
-            backend.orphans.add(job.prompt_id)  # stop it there if that server comes back
-            raise
+            return await self._follow(job, m, watch, deadline)
+        except Requeue as exc:
+            raise Requeue(str(exc), orphan=job.prompt_id) from None  # stop it there if that server comes back
 
-    async def _follow(self, job: Job, backend: Backend, watch: _Watch, deadline: float) -> dict[str, Any]:
+    async def _follow(self, job: Job, m: Member, watch: _Watch, deadline: float) -> dict[str, Any]:
         """Wait for the end signal; after a silence, ask the backend where the prompt is (so a lost message
         never leaves a job hanging) and re-open a socket that stopped delivering; enforce timeout, cancels
         and failover."""
         assert job.prompt_id is not None
+        backend = m.client
         done, poke = watch.done, watch.poke
         cancel = self.cancels.setdefault(job.id, asyncio.Event())
         poll = self.config.history_poll_interval
@@ -181,17 +185,17 @@ class Runner:
             if cancel.is_set():
                 return await self._stop(job, backend, done)
             wait = min(max(0.0, watch.heard + poll - now), remaining)
-            if backend.healthy is False:
-                down_for = now - (backend.down_since or now)
+            if m.healthy is False:
+                down_for = now - (m.down_since or now)
                 if down_for >= grace:
-                    raise Requeue(f"backend {backend.label} down for {down_for:.1f}s")
+                    raise Requeue(f"backend {m.label} down for {down_for:.1f}s")
                 wait = min(wait, grace - down_for)
             waiters = [asyncio.ensure_future(e.wait()) for e in (done, poke, cancel)]
             await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:
                 w.cancel()
             poke.clear()
-            if cancel.is_set() or backend.healthy is False:
+            if cancel.is_set() or m.healthy is False:
                 continue
             silent = time.monotonic() - watch.heard >= poll
             if not (done.is_set() or silent or watch.reconnected):
@@ -214,9 +218,9 @@ class Runner:
                         backend.reconnect(f"silent for {time.monotonic() - backend.last_frame:.1f}s "
                                           "while our prompt is there", 3 * poll)
             except BackendUnavailable as exc:
-                log.warning("job %s: backend %s unavailable while running: %s", job.id, backend.label, exc)
+                log.warning("job %s: backend %s unavailable while running: %s", job.id, m.label, exc)
 
-    async def _still_known(self, job: Job, backend: Backend) -> dict[str, Any] | None:
+    async def _still_known(self, job: Job, backend: ComfyClient) -> dict[str, Any] | None:
         """After a reconnect: is our prompt still queued or running there? A restarted ComfyUI forgets it."""
         assert job.prompt_id is not None
         if backend.caps.jobs_api:  # a definite answer: 404 means the server does not know the prompt
@@ -228,8 +232,7 @@ class Runner:
             if found.state in ("pending", "in_progress"):
                 log.info("job %s: re-attached to its prompt on %s", job.id, backend.label)
                 return None
-        queue = await backend.queue()
-        if job.prompt_id in queue["queue_running"] or job.prompt_id in queue["queue_pending"]:
+        if job.prompt_id in await backend.queue():
             log.info("job %s: re-attached to its prompt on %s", job.id, backend.label)
             return None
         # checked after the queue: ComfyUI moves a prompt from the queue to history atomically
@@ -238,7 +241,7 @@ class Runner:
             return entry
         raise Requeue(f"backend {backend.label} no longer knows the prompt (restarted?)")
 
-    async def _stop(self, job: Job, backend: Backend, done: asyncio.Event) -> dict[str, Any]:
+    async def _stop(self, job: Job, backend: ComfyClient, done: asyncio.Event) -> dict[str, Any]:
         """Stop our prompt on the backend (never anyone else's) and wait, bounded, for it to end."""
         assert job.prompt_id is not None
         try:
@@ -258,7 +261,7 @@ class Runner:
             return {}
 
     @staticmethod
-    async def _cancel_job(backend: Backend, prompt_id: str) -> bool:
+    async def _cancel_job(backend: ComfyClient, prompt_id: str) -> bool:
         """The jobs API's atomic cancel; False if the server refused the call (then the old calls are used)."""
         try:
             await backend.cancel_job(prompt_id)
@@ -267,7 +270,7 @@ class Runner:
             log.warning("backend %s: jobs cancel refused, interrupting instead: %s", backend.label, exc)
             return False
 
-    async def _history(self, backend: Backend, prompt_id: str, patient: bool) -> dict[str, Any] | None:
+    async def _history(self, backend: ComfyClient, prompt_id: str, patient: bool) -> dict[str, Any] | None:
         """The finished prompt's history entry; when the end signal came, wait briefly for ComfyUI to write it."""
         delay = 0.005
         for _ in range(12 if patient else 1):
@@ -280,7 +283,7 @@ class Runner:
             delay = min(delay * 2, 0.5)
         return None
 
-    async def _send_files(self, job: Job, backend: Backend) -> dict[str, Any]:
+    async def _send_files(self, job: Job, backend: ComfyClient) -> dict[str, Any]:
         """Copy the job's input files to this backend (once per content) and name them in the graph."""
         graph = job.prompt
         if not job.files:
@@ -301,30 +304,28 @@ class Runner:
             graph[node_id]["inputs"][input_name] = remote
         return graph
 
-    def forget_files(self, backend: Backend) -> None:
+    def forget_files(self, backend: ComfyClient) -> None:
         """Assume this backend has none of the files sent to it before."""
         for key in [k for k in self.remote_files if k[0] == backend.url]:
             del self.remote_files[key]
 
-    async def collect(self, job: Job, backend: Backend, entry: dict[str, Any]) -> list[Output]:
+    async def collect(self, job: Job, backend: ComfyClient, entry: dict[str, Any]) -> list[Output]:
         """Download every output of the finished prompt into the result store."""
         outputs: list[Output] = []
         folder = self.config.results_dir
         folder.mkdir(parents=True, exist_ok=True)
-        for node_id, node_out in (entry.get("outputs") or {}).items():
-            if not isinstance(node_out, dict):
-                continue
-            for item in file_entries(node_out):
-                name = _safe_name(str(item["filename"]))
+        for item in output_items(entry):
+            if item.file is not None:
+                name = _safe_name(str(item.file["filename"]))
                 dest = folder / f"{job.id}-{len(outputs)}{Path(name).suffix}"
-                size, ctype = await backend.download(item, dest)
-                outputs.append(Output(str(node_id), name, ctype, dest.name, size))
-            for i, text in enumerate(node_out.get("text") or []):
+                size, ctype = await backend.download(item.file, dest)
+                outputs.append(Output(item.node_id, name, ctype, dest.name, size))
+            elif item.text is not None:
                 dest = folder / f"{job.id}-{len(outputs)}.txt"
-                data = str(text).encode("utf-8")
+                data = item.text.encode("utf-8")
                 _write_file(dest, data)
-                outputs.append(Output(str(node_id), f"node{node_id}_text{i}.txt", "text/plain", dest.name,
-                                      len(data)))
+                outputs.append(Output(item.node_id, f"node{item.node_id}_text{item.index}.txt", "text/plain",
+                                      dest.name, len(data)))
         return outputs
 
 

@@ -1,80 +1,131 @@
-"""The bridge's long-lived parts, built from the config, started and stopped in a fixed order."""
+"""The app assembly: the bridge's long-lived parts, built from the config, started and stopped in a fixed order."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import socket
 from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
-from .backend import Backend, new_client_id
 from .catalog import MANIFEST, Catalog
 from .clients import ClientHub
-from .config import Config
+from .config import Config, ConfigError
 from .datalock import DataDirLock
+from .dispatcher import Dispatcher
+from .enrich import CatalogEnricher
+from .facade import Api
 from .identity import Resolver
+from .jobservice import JobService
+from .jobstore import JobStore
 from .metrics import Metrics
-from .scheduler import Scheduler
-from .store import GenerationCounter, Store
+from .pool import BackendPool
+from .store_sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 2.0  # seconds between looks at workflows_dir for an administrator's edits
 
 
-@dataclass
-class Services:
-    """Everything a handler may use; handed to each through initialize()."""
+def bridge_name(config: Config) -> str:
+    """This bridge's name in leases and events: cluster.name, else <hostname>:<port>."""
+    return config.cluster_name or f"{socket.gethostname()}:{config.port}"
 
-    config: Config
-    catalog: Catalog
-    store: Store
-    counter: GenerationCounter
-    backends: list[Backend]
-    scheduler: Scheduler
-    hub: ClientHub
-    metrics: Metrics
-    resolver: Resolver
-    shutting_down: bool = False
-    receiving: dict[str, int] = field(default_factory=dict)  # owner -> upload bytes arriving right now (quota)
-    demo: dict[str, Any] | None = None  # what /health says about --demo's simulated backends
-    lock: DataDirLock | None = field(default=None, repr=False)
-    _watch: PeriodicCallback | None = field(default=None, repr=False)
-    _seen: tuple[tuple[str, int, int], ...] = ()
+
+def make_store(config: Config, name: str) -> JobStore:
+    """The job store the settings choose: PostgreSQL for a postgresql:// URL, else SQLite in data_dir."""
+    if not config.store_url:
+        return SqliteStore(config.data_dir, name)
+    try:  # only this mode needs the driver, and it should say so at start, not at the first query
+        import asyncpg  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"store: a postgresql:// store needs the PostgreSQL driver: "
+                          f"pip install -r requirements-postgres.txt ({exc})") from None
+    from .store_pg import PostgresStore
+    return PostgresStore(config.store_url, name, lease_ttl=config.lease_ttl)
+
+
+class Services:
+    """Everything the bridge runs; the handlers get `api`, a narrow facade of it."""
+
+    def __init__(self, config: Config, catalog: Catalog, store: JobStore, lock: DataDirLock | None) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.store = store
+        self.lock = lock
+        self.name = store.bridge
+        self.pool = BackendPool(config, store)
+        self.dispatcher = Dispatcher(config, store, self.pool)
+        self.enricher = CatalogEnricher(catalog, self.pool)
+        self.jobs = JobService(config, catalog, store, self.pool)
+        self.hub = ClientHub(config, self.jobs)
+        self.metrics = Metrics(self.name)
+        self.metrics.attach(self.jobs, self.pool, self.hub)
+        store.subscribe(self.hub.on_event)
+        store.subscribe(self.metrics.on_event)
+        self.api = Api(config, catalog, self.jobs, self.pool, self.hub, self.metrics, Resolver(config))
+        self._watch: PeriodicCallback | None = None
+        self._seen: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def build(cls, config: Config) -> Services:
-        """Load the catalog and the store; raise OSError when data_dir cannot be used."""
+        """Load the catalog and make the store; raise OSError when data_dir cannot be used, ConfigError
+        when the store's driver is missing."""
         catalog = Catalog.load(config.workflows_dir, config.job_timeout)
         for name, problem in catalog.errors.items():
             # a broken entry is left out and the rest serves, so a bad edit never keeps the service down
             log.error("catalog: %s left out: %s", name, problem)
         for d in (config.data_dir, config.uploads_dir, config.results_dir):
             d.mkdir(parents=True, exist_ok=True)
-        lock = DataDirLock.acquire(config.data_dir)  # before the store: two bridges must never share one
+        # SQLite: before the store, two bridges must never share one; PostgreSQL: data_dir is shared on purpose
+        lock = None if config.store_url else DataDirLock.acquire(config.data_dir)
         try:
-            store = Store(config.data_dir)
+            store = make_store(config, bridge_name(config))
         except BaseException:
-            lock.release()
+            if lock is not None:
+                lock.release()
             raise
-        counter = GenerationCounter(config.data_dir / "current_state.json", floor=store.count_counted())
-        # the clientId a backend knows us by is stable across restarts, so our prompts can be found again
-        backends = [Backend(b, config, store.meta(f"backend_client_id:{b.url}", new_client_id))
-                    for b in config.backends]
-        scheduler = Scheduler(config, catalog, store, counter, backends)
-        hub = ClientHub(config, scheduler)
-        metrics = Metrics()
-        metrics.attach(scheduler, hub, counter)
-        return cls(config, catalog, store, counter, backends, scheduler, hub, metrics, Resolver(config), lock=lock)
+        return cls(config, catalog, store, lock)
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once shutdown began (/ready says so)."""
+        return self.api.shutting_down
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        self.api.shutting_down = value
+
+    @property
+    def receiving(self) -> dict[str, int]:
+        """Upload bytes arriving right now, by owner."""
+        return self.api.receiving
+
+    @property
+    def demo(self) -> dict[str, Any] | None:
+        """What /health says about --demo's simulated backends."""
+        return self.api.demo
+
+    @demo.setter
+    def demo(self, value: dict[str, Any] | None) -> None:
+        self.api.demo = value
 
     async def start(self) -> None:
-        """Recover jobs, connect to backends, start the client timers and the catalog watch."""
-        await self.scheduler.start()
+        """Open the store, connect to the backends and recover their jobs, start dispatching, the client timers
+        and the catalog watch."""
+        try:
+            await self.store.open()
+        except BaseException:
+            self._release_lock()
+            raise
+        await self.jobs.start()
+        await self.pool.start()
+        await self.dispatcher.start()
         await self.hub.start()
         self._seen = Catalog.fingerprint(self.config.workflows_dir)
         self._watch = PeriodicCallback(self._check_catalog, WATCH_INTERVAL * 1000, jitter=0.1)
         self._watch.start()
-        log.info("serving %d workflow(s) over %d backend(s)", len(self.catalog.workflows), len(self.backends))
+        log.info("serving %d workflow(s) over %d backend(s) as %s", len(self.catalog.workflows),
+                 len(self.pool.members), self.name)
 
     def _check_catalog(self) -> None:
         seen = Catalog.fingerprint(self.config.workflows_dir)
@@ -101,17 +152,27 @@ class Services:
                 log.error("catalog: %s left out: %s", name, problem)
         self.catalog.workflows = new.workflows  # one assignment: readers see the old or the new catalog
         self.catalog.errors = new.errors
-        self.scheduler.refresh_catalog()
+        self.enricher.refresh()
         log.info("catalog reloaded: %d workflow(s): %s", len(new.workflows), ", ".join(new.aliases()))
         return not new.errors
 
+    async def drain(self, timeout: float) -> int:
+        """Start no new job; wait up to timeout for running ones. Returns how many still run."""
+        return await self.dispatcher.drain(timeout)
+
     async def stop(self) -> None:
-        """Close client sockets, stop following jobs, close backends and the store."""
+        """Close client sockets, stop following jobs, give the leases up, close backends and the store."""
         if self._watch is not None:
             self._watch.stop()
         await self.hub.stop()
-        await self.scheduler.stop()
-        self.counter.flush()
-        self.store.close()
+        await self.dispatcher.stop()
+        await self.enricher.stop()
+        await self.pool.stop()
+        await self.jobs.stop()
+        await self.store.close()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self.lock is not None:
             self.lock.release()
+            self.lock = None

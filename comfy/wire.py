@@ -32,7 +32,7 @@ class BackendUnavailable(BackendError):
 
 
 class BackendRejected(BackendError):
-    """The server refused the request (4xx, or node_errors): the job itself is at fault."""
+    """The server refused the request (4xx, or errors in some nodes): the job itself is at fault."""
 
 
 class CachingResolver(Resolver):
@@ -41,7 +41,7 @@ class CachingResolver(Resolver):
     Tornado's default resolver sends every lookup through a thread pool, even for 127.0.0.1: a thread
     hop on each of the several calls a job makes."""
 
-    def initialize(self, ttl: float = 60.0) -> None:  # type: ignore[override]
+    def initialize(self, ttl: float = 60.0) -> None:
         self._inner = DefaultLoopResolver()
         self._ttl = ttl
         self._cache: dict[tuple[str, int, int], tuple[float, list[tuple[int, Any]]]] = {}
@@ -58,7 +58,7 @@ class CachingResolver(Resolver):
         hit = self._cache.get(key)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        found = await self._inner.resolve(host, port, family)
+        found: list[tuple[int, Any]] = await self._inner.resolve(host, port, family)
         self._cache[key] = (time.monotonic() + self._ttl, found)
         return found
 

@@ -1,6 +1,7 @@
 """The base handler: JSON answers, {"detail": ...} errors, and the checks every route shares."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -11,7 +12,8 @@ from tornado import gen, web
 from tornado.iostream import StreamClosedError
 
 from comfy.identity import Identity, bearer, find_key, host_name, same_origin
-from comfy.services import Services
+from comfy.jobstore import StoreUnavailable
+from comfy.facade import Api
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,7 @@ CLIENT_ID_CHARS = re.compile(r"^[A-Za-z0-9._:-]+$")
 PUBLIC_PATHS = frozenset({"/docs", "/openapi.json", "/openapi.yaml", "/health"})
 CORS_ALLOW_HEADERS = "Authorization, Content-Type"
 CORS_EXPOSE_HEADERS = "Retry-After, X-Detail, X-Job-Ids"
+STORE_RETRY_AFTER = "5"  # seconds a caller should wait when the job store's database is unreachable
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -48,7 +51,7 @@ def safe_summary(handler: web.RequestHandler) -> str:
     return f"{req.method} {req.path} ({req.remote_ip})"
 
 
-def check_request(handler: web.RequestHandler, services: Services, public: bool = False,
+def check_request(handler: web.RequestHandler, services: Api, public: bool = False,
                   token: str | None = None) -> Identity:
     """The checks every request passes, in order: a Host this bridge serves, a key (unless the path is
     public or the bridge is open), and no state change from another site. Returns who is asking."""
@@ -93,6 +96,11 @@ def allowed_methods(cls: type[web.RequestHandler]) -> list[str]:
 def json_error(handler: web.RequestHandler, status_code: int, kwargs: dict[str, Any]) -> None:
     """Write any error as {"detail": ...} (shared by every handler class the bridge has)."""
     exc = kwargs.get("exc_info", (None, None, None))[1]
+    if isinstance(exc, StoreUnavailable):  # the database is away for a while: retry, nothing is wrong here
+        exc = api_error(503, f"the job store is unreachable right now; try again shortly ({exc})",
+                        {"Retry-After": STORE_RETRY_AFTER})
+        status_code = 503
+        handler.set_status(503)
     if isinstance(exc, web.HTTPError) and exc.get_message():
         detail = exc.get_message()
     elif status_code >= 500:
@@ -116,10 +124,10 @@ def json_error(handler: web.RequestHandler, status_code: int, kwargs: dict[str, 
 class BaseHandler(web.RequestHandler):
     """JSON in, JSON out; every error is {"detail": "..."} and never a traceback."""
 
-    services: Services
+    services: Api
     identity: Identity  # who is asking; set by check_auth() in prepare()
 
-    def initialize(self, services: Services) -> None:
+    def initialize(self, services: Api) -> None:
         """Receive the bridge's services (no globals)."""
         self.services = services
         self._body = bytearray()
@@ -152,8 +160,11 @@ class BaseHandler(web.RequestHandler):
                              "(loopback, not through a proxy); configure an admin key in auth.keys")
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        """A refusal (HTTPError) is logged once, by the access log; anything else with its traceback."""
-        if not isinstance(value, web.HTTPError):
+        """A refusal (HTTPError) is logged once, by the access log; an unreachable store in one line; anything
+        else with its traceback."""
+        if isinstance(value, StoreUnavailable):
+            log.warning("%s: the job store is unreachable: %s", self.request.path, value)
+        elif not isinstance(value, web.HTTPError):
             super().log_exception(typ, value, tb)
 
     def data_received(self, chunk: bytes) -> None:
@@ -204,7 +215,7 @@ class BaseHandler(web.RequestHandler):
         try:
             await gen.with_timeout(timedelta(seconds=self.services.config.send_timeout), pending,
                                    quiet_exceptions=(StreamClosedError,))
-        except gen.TimeoutError:
+        except asyncio.TimeoutError:  # what gen.with_timeout raises (tornado.gen.TimeoutError is its alias)
             log.info("%s: the caller stopped reading for %gs; closing the connection", self.request.path,
                      self.services.config.send_timeout)
             if self.request.connection is not None:
@@ -249,10 +260,10 @@ class BaseHandler(web.RequestHandler):
         client_id = self.client_id()
         return client_id, self.identity.scope(client_id)
 
-    def known_client_id(self) -> tuple[str, str]:
+    async def known_client_id(self) -> tuple[str, str]:
         """A clientId this identity has submitted with before (caller's, scoped), or 400."""
         client_id, scoped = self.scoped_client_id()
-        if not self.services.scheduler.known_client(scoped):
+        if not await self.services.jobs.known_client(scoped):
             raise api_error(400, f"The client ID has not been submitted to the server before. "
                                      f"It is not recognized. / {client_id}")
         return client_id, scoped

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from tornado import web
 
-from comfy.services import Services
+from comfy.facade import Api
 
 from .base import BaseHandler, json_error, safe_summary
 
@@ -34,7 +34,8 @@ th{background:#f4f4f4}
 
 def load_document(path: Path = DOCUMENT) -> dict[str, Any]:
     """The OpenAPI document kept beside this module."""
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return doc
 
 
 def _inline(text: str) -> str:
@@ -179,7 +180,7 @@ class Renderer:
 class DocumentHandler(BaseHandler):
     """GET /openapi.json, /openapi.yaml and /docs: one pre-rendered body each."""
 
-    def initialize(self, services: Services, body: bytes, content_type: str) -> None:  # type: ignore[override]
+    def initialize(self, services: Api, body: bytes, content_type: str) -> None:  # type: ignore[override]
         """Receive the services and the answer, rendered once at start."""
         super().initialize(services)
         self.body = body
@@ -205,7 +206,7 @@ class StaticHandler(web.StaticFileHandler):
         return safe_summary(self)
 
 
-def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(services: Api) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table of this module."""
     doc = load_document()
     page = Renderer(doc).page().encode("utf-8")

@@ -13,7 +13,7 @@ from tornado.iostream import StreamClosedError
 
 from comfy.identity import client_tag
 from comfy.jobs import Job, Output, State
-from comfy.services import Services
+from comfy.facade import Api
 
 from .base import BaseHandler, api_error, refuse_cross_site
 
@@ -37,7 +37,7 @@ class HistoryHandler(BaseHandler):
             client_id, scoped = self.scoped_client_id()
             await (self._again(client_id, scoped) if again else self._results(client_id, scoped))
         else:
-            self._generation_log(limit, offset)
+            await self._generation_log(limit, offset)
 
     def _no_content(self, detail: str, scoped: str) -> None:
         # a 204 has no body on the wire, so the reason travels in a header; the log gets no clientId
@@ -51,11 +51,11 @@ class HistoryHandler(BaseHandler):
         """Take the client's results: exactly one of any number of concurrent requests gets them."""
         # taking is a change of state, though a GET: another site's page may not do it (an <img> would)
         refuse_cross_site(self.request, self.services.config.cors_origins)
-        scheduler = self.services.scheduler
-        if not scheduler.known_client(scoped):
+        service = self.services.jobs
+        jobs = await service.claim_results(scoped)
+        if not jobs and not await service.known_client(scoped):  # results name a known client: no question
             return self._no_content("The client ID has not been submitted to the server before. "
                                     f"It is not recognized. / {client_id}", scoped)
-        jobs = scheduler.claim_results(scoped)
         if jobs is None:
             raise api_error(409, "another request is receiving this clientId's results right now; if it does "
                                  "not receive them whole they can be taken again", {"Retry-After": "1"})
@@ -66,18 +66,18 @@ class HistoryHandler(BaseHandler):
             else:
                 return self._no_content(f"No contents with that client id / {client_id}", scoped)
         finally:
-            if not delivered:
-                scheduler.release(jobs)
+            if not delivered and jobs:
+                await service.release_results(jobs)
         if not delivered:
             return
         # only now, with every byte handed to the connection, are the results taken; their files stay for
         # refetch_grace in case the caller's side lost them after all (?redeliver=1)
-        scheduler.mark_fetched(jobs)
+        await service.taken(jobs)
         self.finish()
 
     async def _again(self, client_id: str, scoped: str) -> None:
         """?redeliver=1: the results this client took within refetch_grace, sent again (nothing is taken)."""
-        jobs = self.services.scheduler.taken_results(scoped)
+        jobs = await self.services.jobs.taken_results(scoped)
         if not jobs:
             return self._no_content(f"No contents with that client id / {client_id}", scoped)
         if await self._send(jobs):
@@ -130,12 +130,12 @@ class HistoryHandler(BaseHandler):
                 f"Content-Type: {out.content_type}\r\n"
                 f"Content-Length: {out.size}\r\n\r\n").encode("utf-8")
 
-    def _generation_log(self, limit: int, offset: int) -> None:
+    async def _generation_log(self, limit: int, offset: int) -> None:
         """The log: every job in open mode and for admin; with keys a caller's own jobs only. It names no
         clientId; result_url is the job's resource, which only its owner (or admin) can read."""
         me = self.identity
         owner = me.name if me.key_mode and not me.admin else None
-        rows, total = self.services.store.log_page(limit, min(offset, MAX_OFFSET), owner)
+        rows, total = await self.services.jobs.log_page(limit, min(offset, MAX_OFFSET), owner)
         entries = []
         for row in rows:
             entry: dict[str, Any] = {
@@ -180,6 +180,6 @@ class HistoryHandler(BaseHandler):
         return value
 
 
-def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(services: Api) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table of this module."""
     return [(r"/history", HistoryHandler, {"services": services})]

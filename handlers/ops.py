@@ -1,14 +1,9 @@
 """Operations: /health (alive), /ready (can take work), /metrics (Prometheus text format)."""
 from __future__ import annotations
 
-import json
-import logging
 from typing import Any
 
-from tornado import web
-from tornado.log import access_log
-
-from comfy.services import Services
+from comfy.facade import Api
 
 from .base import BaseHandler
 
@@ -25,18 +20,22 @@ class HealthHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """GET /ready: 200 when at least one backend is up and the queue is below its limit, else 503 with why."""
+    """GET /ready: 200 when the job store answers, at least one backend is up and the queue is below its limit,
+    else 503 with why."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         """For load balancers and systemd: should traffic come here now?"""
         services = self.services
-        up = sum(1 for b in services.backends if b.up and not b.draining)
-        waiting = len(services.scheduler.queue)
-        body = {"backends_up": up, "backends": len(services.backends), "queue_length": waiting,
-                "max_queue": services.config.max_queue}
+        members = services.pool.members
+        up = sum(1 for m in members if m.up and not m.draining)
+        body: dict[str, Any] = {"backends_up": up, "backends": len(members), "max_queue": services.config.max_queue}
         if services.shutting_down:
-            self.write_json({**body, "status": "not ready", "detail": "shutting down"}, 503)
-        elif up == 0:
+            return self.write_json({**body, "status": "not ready", "detail": "shutting down"}, 503)
+        if not services.jobs.available:
+            return self.write_json({**body, "status": "not ready", "detail": "the job store is unreachable"}, 503)
+        waiting = await services.jobs.queue_length()
+        body["queue_length"] = waiting
+        if up == 0:
             self.write_json({**body, "status": "not ready", "detail": "no backend is up"}, 503)
         elif waiting >= services.config.max_queue:
             self.write_json({**body, "status": "not ready", "detail": "the queue is full"}, 503)
@@ -47,49 +46,16 @@ class ReadyHandler(BaseHandler):
 class MetricsHandler(BaseHandler):
     """GET /metrics in the Prometheus text exposition format."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         """Counters and histograms of jobs, gauges of queue, backends and sockets."""
+        body = await self.services.metrics.exposition()
         # the classic text format, which every Prometheus version scrapes
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(self.services.metrics.exposition())
+        self.finish(body)
 
 
-def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(services: Api) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table of this module."""
     kw = {"services": services}
     return [(r"/health", HealthHandler, kw), (r"/ready", ReadyHandler, kw), (r"/metrics", MetricsHandler, kw)]
 
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per log line (for log shippers): time, level, logger, message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
-                "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    """Set up logging once, in main(): plain text or JSON lines."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-def log_request(handler: web.RequestHandler) -> None:
-    """Access log: 2xx/3xx at debug, 4xx at warning, 5xx at error; the query string is left out
-    (it may carry a token), and so are request bodies."""
-    status = handler.get_status()
-    level = logging.DEBUG if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    if access_log.isEnabledFor(level):
-        req = handler.request
-        # the caller's address as resolved through trusted proxies, once the request got that far
-        identity = getattr(handler, "identity", None)
-        address = identity.address if identity is not None else req.remote_ip
-        access_log.log(level, "%d %s %s (%s) %.1fms", status, req.method, req.path, address,
-                       1000.0 * req.request_time())

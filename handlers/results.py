@@ -8,7 +8,7 @@ from urllib.parse import quote
 from tornado.iostream import StreamClosedError
 
 from comfy.jobs import Job, State
-from comfy.services import Services
+from comfy.facade import Api
 
 from .base import BaseHandler, api_error, check_client_id
 
@@ -23,10 +23,10 @@ def iso(ts: float | None) -> str | None:
 class JobResource(BaseHandler):
     """Shared by the job routes: find a job the caller may see, or 404 (whether it exists stays unsaid)."""
 
-    def owned_job(self, job_id: str) -> Job:
+    async def owned_job(self, job_id: str) -> Job:
         """The job if it is the caller's: same key (or admin); without keys, the request's clientId is the
         job's. Anyone else learns nothing, not even that the id exists."""
-        job = self.services.scheduler.find_job(job_id)
+        job = await self.services.jobs.find_job(job_id)
         me = self.identity
         if job is not None:
             if me.key_mode:
@@ -44,10 +44,9 @@ class JobResource(BaseHandler):
 class JobHandler(JobResource):
     """GET /jobs/{id}: the job's state and its outputs with their URLs."""
 
-    def get(self, job_id: str) -> None:
+    async def get(self, job_id: str) -> None:
         """The job document."""
-        job = self.owned_job(job_id)
-        scheduler = self.services.scheduler
+        job = await self.owned_job(job_id)
         query = f"?clientId={quote(self.get_query_argument('clientId'))}" \
             if self.get_query_argument("clientId", None) and not self.identity.key_mode else ""
         doc: dict[str, Any] = {
@@ -55,7 +54,7 @@ class JobHandler(JobResource):
             "attempts": job.attempts, "created_at": iso(job.created_at), "started_at": iso(job.started_at),
             "finished_at": iso(job.finished_at),
         }
-        pos = scheduler.position(job)
+        pos = await self.services.jobs.position(job.id) if job.state is State.QUEUED else None
         if pos is not None:
             doc["queue_position"] = pos
         if job.error and job.state is not State.COMPLETED:
@@ -73,7 +72,7 @@ class OutputHandler(JobResource):
 
     async def get(self, job_id: str, index: str) -> None:
         """Stream the file with its content type and length."""
-        job = self.owned_job(job_id)
+        job = await self.owned_job(job_id)
         if not index.isdigit() or len(index) > 6:
             raise api_error(404, f"no output {index[:20]!r}: outputs are numbered from 0")
         n = int(index)
@@ -103,7 +102,7 @@ class OutputHandler(JobResource):
         self.finish()
 
 
-def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(services: Api) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table of this module."""
     kw = {"services": services}
     return [(r"/jobs/(?P<job_id>[^/]+)", JobHandler, kw),

@@ -15,7 +15,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from tornado import web
 
 from comfy.imagecheck import HEAD_BYTES, hopeless, identify
-from comfy.services import Services
+from comfy.facade import Api
 
 from .base import BaseHandler, api_error
 
@@ -77,8 +77,8 @@ class _Part:
 class UploadHandler(BaseHandler):
     """Parses the multipart body as it arrives; never holds a whole file in memory."""
 
-    def prepare(self) -> None:
-        """Check type and declared size before reading any of the body."""
+    async def prepare(self) -> None:  # type: ignore[override]  # Tornado awaits a coroutine prepare()
+        """Check type and declared size before reading any of the body (and learn the caller's stored bytes)."""
         config = self.services.config
         self.parts: list[_Part] = []
         self.current: _Part | None = None
@@ -93,6 +93,7 @@ class UploadHandler(BaseHandler):
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise api_error(413, f"the upload is larger than {config.max_upload_bytes} bytes")
+        self._used = await self.services.jobs.usage(self.identity.owner)  # bytes stored before this upload
         if length is not None and length.isdigit():
             self.check_quota(int(length) - MULTIPART_SLACK)
         ctype, params = parse_options_header(self.request.headers.get("Content-Type", ""))
@@ -151,16 +152,17 @@ class UploadHandler(BaseHandler):
         if self.gone:  # the caller left while the files were synced
             self._cleanup()
             return
+        self._used = await self.services.jobs.usage(self.identity.owner)
         self.check_quota(sum(part.size for part in self.parts))
         saved = {}
-        store = self.services.store
         for part in self.parts:
             found = sniff(part.head, part.size)
             assert found is not None
             ext, ctype = found
             name = uuid.uuid4().hex + ext
             os.replace(part.tmp, self.services.config.uploads_dir / name)
-            store.add_upload(name, part.sha.hexdigest(), part.size, ctype, part.filename, self.identity.owner)
+            await self.services.jobs.add_upload(name, part.sha.hexdigest(), part.size, ctype, part.filename,
+                                                self.identity.owner)
             saved[part.field] = name
             self.services.metrics.upload_bytes.inc(part.size)
         # the saved names are how callers refer to their files: they stay out of the log
@@ -170,7 +172,7 @@ class UploadHandler(BaseHandler):
     def check_quota(self, incoming: int) -> None:
         """413 when these bytes would take the caller past its stored-bytes quota (uploads + untaken results)."""
         quota = self.services.config.quota_bytes
-        used = self.services.store.usage(self.identity.owner)
+        used = self._used
         if incoming > 0 and used + incoming > quota:
             raise api_error(413, f"this upload would take the caller's stored files past its quota of {quota} bytes "
                                  f"({used} in use); take results or wait for old uploads to expire "
@@ -183,7 +185,7 @@ class UploadHandler(BaseHandler):
         receiving[owner] = receiving.get(owner, 0) + size
         self._reserved = getattr(self, "_reserved", 0) + size
         quota = self.services.config.quota_bytes
-        used = self.services.store.usage(owner)
+        used = self._used
         if used + receiving[owner] > quota:
             raise api_error(413, f"these uploads would take the caller's stored files past its quota of {quota} "
                                  f"bytes ({used} stored, {receiving[owner]} arriving now)")
@@ -253,7 +255,9 @@ class UploadHandler(BaseHandler):
             raise api_error(400, f"identifier {field!r} is used twice")
         if len(self.parts) >= config.max_upload_files:
             raise api_error(400, f"at most {config.max_upload_files} files per upload")
-        self.current = _Part(field, filename.decode("utf-8", "replace")[:255], config.uploads_dir)
+        # the caller's name is only kept as a note: no NUL, which no database text column takes
+        original = filename.decode("utf-8", "replace").replace("\x00", "\ufffd")[:255]
+        self.current = _Part(field, original, config.uploads_dir)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.current
@@ -283,6 +287,6 @@ def _sync_all(parts: list[_Part]) -> None:
         part.sync()
 
 
-def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(services: Api) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table of this module."""
     return [(r"/upload", UploadHandler, {"services": services})]

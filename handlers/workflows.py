@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfy.services import Services
+from comfy.facade import Api
 
 from .base import BaseHandler, api_error
 
@@ -41,7 +41,7 @@ class WorkflowInfoHandler(BaseHandler):
                              "inputs": inputs})
 
 
-def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(services: Api) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table of this module."""
     kw = {"services": services}
     return [

@@ -10,7 +10,7 @@ from typing import Any
 from tornado import iostream, web, websocket
 
 from comfy.identity import client_tag, same_origin
-from comfy.services import Services
+from comfy.facade import Api
 
 from .base import api_error, check_client_id, check_request, json_error, safe_summary
 
@@ -51,10 +51,10 @@ class _FrameCache:
 class StatusSocket(websocket.WebSocketHandler):
     """One caller socket; the hub decides what it is told."""
 
-    services: Services
+    services: Api
     client_id: str
 
-    def initialize(self, services: Services) -> None:
+    def initialize(self, services: Api) -> None:
         """Receive the bridge's services."""
         self.services = services
         self._backlog = 0  # messages handed to Tornado and not yet written to the network
@@ -128,7 +128,8 @@ class StatusSocket(websocket.WebSocketHandler):
         """Register with the hub, which greets the socket and sends the current state."""
         # no Nagle: the greeting would otherwise wait for the caller's ACK of the 101 (a delayed ACK: ~40 ms)
         self.set_nodelay(True)
-        sock = self.ws_connection.stream.socket if self.ws_connection is not None else None
+        stream = self.ws_connection.stream if self.ws_connection is not None else None
+        sock = stream.socket if stream is not None else None
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.services.hub.add(self)
@@ -156,7 +157,7 @@ class StatusSocket(websocket.WebSocketHandler):
             if droppable:
                 return
         conn = self.ws_connection
-        if conn is None or conn.is_closing():
+        if conn is None or conn.is_closing() or conn.stream is None:
             return
         try:
             # the ready-made frame straight to the socket's stream: this is Tornado's write_message without
@@ -176,6 +177,6 @@ class StatusSocket(websocket.WebSocketHandler):
             self._stalled_since = None  # caught up completely; a trickle that keeps it near the bound does not count
 
 
-def routes(services: Services) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(services: Api) -> list[tuple[str, type, dict[str, Any]]]:
     """URL table of this module."""
     return [(r"/ws", StatusSocket, {"services": services})]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -109,6 +110,10 @@ class Bridge:
     async def submit(self, client_id: str, body: dict[str, Any], status: int = 200) -> Any:
         return await self.post_json(f"/generate-based-workflow?clientId={client_id}", body, status)
 
+    async def settled(self, client_id: str) -> bool:
+        """True when none of the client's jobs waits or runs any more."""
+        return not await self.services.jobs.client_active(client_id)
+
     async def wait_state(self, client_id: str, statuses: set[str], timeout: float = TIMEOUT) -> dict[str, Any]:
         """Poll /execution-info until the status is one of statuses."""
         async def poll() -> dict[str, Any]:
@@ -124,6 +129,14 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> N
     """Wait until predicate() is true, bounded."""
     async def loop() -> None:
         while not predicate():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(loop(), timeout)
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT) -> None:
+    """Wait until the awaited check() is true (a question for the job store), bounded."""
+    async def loop() -> None:
+        while not await check():
             await asyncio.sleep(0.01)
     await asyncio.wait_for(loop(), timeout)
 
@@ -223,14 +236,24 @@ async def fakes(fake_profile: str) -> AsyncIterator[Callable[..., Awaitable[Fake
 
 
 @pytest.fixture
-async def bridge_factory(tmp_path: Path, workflows_dir: Path,
-                         fakes: Callable[..., Awaitable[FakeComfy]]) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
-    """Factory of running bridges over given fakes; each is stopped at teardown, before the fakes."""
+async def bridge_factory(tmp_path: Path, workflows_dir: Path, fakes: Callable[..., Awaitable[FakeComfy]],
+                         request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
+    """Factory of running bridges over given fakes; each is stopped at teardown, before the fakes.
+
+    With BRIDGE_TEST_STORE=postgresql every bridge of the test uses one fresh PostgreSQL database (of the
+    session's tests/pgcluster.py server) instead of SQLite in its data_dir: the whole API suite runs
+    against either engine."""
     running: list[Bridge] = []
+    engine = os.environ.get("BRIDGE_TEST_STORE", "sqlite")
+    if engine not in ("sqlite", "postgresql"):
+        raise pytest.UsageError(f"BRIDGE_TEST_STORE must be sqlite or postgresql, not {engine!r}")
+    # asked for here, not in make(): its database is then dropped only after the bridges stopped
+    store_url = str(request.getfixturevalue("pg_url")) if engine == "postgresql" else ""
 
     async def make(backends: list[FakeComfy], data_dir: Path | None = None, wait_up: bool = True,
                    backend_opts: list[dict[str, Any]] | None = None, **settings: Any) -> Bridge:
         opts = backend_opts or [{} for _ in backends]
+        settings.setdefault("store_url", store_url)
         config = Config(backends=tuple(BackendConfig(url=f.url, **o) for f, o in zip(backends, opts)),
                         workflows_dir=workflows_dir, data_dir=data_dir or tmp_path / "data",
                         keepalive_interval=settings.pop("keepalive_interval", 30.0),
@@ -248,7 +271,7 @@ async def bridge_factory(tmp_path: Path, workflows_dir: Path,
         bridge.fakes = list(backends)
         running.append(bridge)
         if wait_up:
-            await wait_for(lambda: all(b.up for b in services.backends))
+            await wait_for(lambda: all(m.up for m in services.pool.members))
         return bridge
     yield make
     for bridge in running:

@@ -107,9 +107,10 @@ async def test_queue_full_answers_429(bridge_factory, fake) -> None:  # type: ig
     bridge = await bridge_factory([fake], max_queue=2)
     fake.hang = True
     cid = new_client_id()
-    for _ in range(3):  # one runs, two wait
+    await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await bridge.wait_state(cid, {"progress"})  # one runs (dispatch follows the submit, it is not part of it)
+    for _ in range(2):  # two wait
         await bridge.submit(cid, {"workflow": "blank-canvas"})
-    await asyncio.sleep(0.05)
     resp = await bridge.fetch("POST", f"/generate-based-workflow?clientId={cid}", {"workflow": "blank-canvas"})
     assert resp.code == 429 and resp.headers["Retry-After"].isdigit()
     await bridge.post_json(f"/interrupt?clientId={cid}", {})
@@ -240,12 +241,13 @@ async def test_backends_listing(bridge_factory, fakes) -> None:  # type: ignore[
 
 
 def test_backend_listing_never_shows_credentials() -> None:
-    from comfy.backend import Backend
+    from comfy.comfyclient import ComfyClient
     from comfy.config import BackendConfig, Config
-    b = Backend(BackendConfig(url="http://user:secret@gpu-box:8188"), Config(), "cid")
+    from comfy.pool import Member
+    b = Member(ComfyClient(BackendConfig(url="http://user:secret@gpu-box:8188"), Config(), "cid"))
     shown = b.describe()
     assert "secret" not in str(shown) and shown["url"] == "http://gpu-box:8188"
-    b.http.close()
+    b.client.http.close()
 
 
 async def test_file_input_never_names_other_files_of_the_workflows_folder(bridge: Bridge) -> None:

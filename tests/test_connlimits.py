@@ -42,7 +42,7 @@ async def bounded(tmp_path: Path, workflows_dir: Path, fake: FakeComfy) -> Async
         server.add_sockets([sock])
         bridge = Bridge(services, server, port)  # type: ignore[arg-type]
         running.append(bridge)
-        await wait_for(lambda: all(b.up for b in services.backends))
+        await wait_for(lambda: all(m.up for m in services.pool.members))
         return bridge
     yield make
     for bridge in running:

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from conftest import Bridge, new_client_id, next_message, parse_multipart, read_until_closed, wait_for
+from conftest import Bridge, new_client_id, next_message, parse_multipart, read_until_closed, wait_for, wait_until
 
 pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI release the fake imitates
 
 FAST_HEALTH = {"probe_interval": 0.05, "down_after": 2, "up_after": 2, "failover_grace": 0.3}
 
 
-def job_of(bridge: Bridge, job_id: str):  # type: ignore[no-untyped-def]
-    return bridge.services.scheduler.find_job(job_id)
+async def job_of(bridge: Bridge, job_id: str):  # type: ignore[no-untyped-def]
+    return await bridge.services.jobs.find_job(job_id)
 
 
 async def test_dead_backend_job_completes_elsewhere(bridge_factory, fakes, png: bytes) -> None:  # type: ignore[no-untyped-def]
@@ -26,19 +26,19 @@ async def test_dead_backend_job_completes_elsewhere(bridge_factory, fakes, png: 
     await next_message(conn)
     answer = await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 1.0})
     await bridge.wait_state(cid, {"progress"})
-    job = job_of(bridge, answer["job_id"])
     first = one if one.prompts else two
     other = two if first is one else one
     await first.go_down()
     messages = await read_until_closed(conn)
     assert [m["status"] for m in messages].count("closed") == 1
     assert messages[-1]["status"] == "closed"
-    assert job.attempts == 2 and len(other.prompts) == 1
+    assert (await job_of(bridge, answer["job_id"])).attempts == 2 and len(other.prompts) == 1
     resp = await bridge.fetch("GET", f"/history?clientId={cid}")
     assert resp.code == 200 and len(parse_multipart(resp)) == 1
     # the upload follows a job that moves: an invert-image job goes to the surviving box with its file
     await bridge.submit(cid, {"workflow": "invert-image", "1/image": saved["f"]})
-    assert (await bridge.wait_state(cid, {"closed", "error"}))["status"] == "closed"
+    info = await bridge.wait_state(cid, {"closed", "error"})
+    assert info["status"] == "closed", info
     assert [u["name"] for u in other.uploads if u.get("status", 200) == 200] == [saved["f"]]
     # /free?clientId acts on the backend the client's job is on now
     await bridge.post_json(f"/free?clientId={cid}", {})
@@ -49,11 +49,11 @@ async def test_backend_that_comes_back_is_used_again(bridge_factory, fakes) -> N
     one, two = await fakes(), await fakes()
     bridge = await bridge_factory([one, two], **FAST_HEALTH)
     await two.go_down()
-    await wait_for(lambda: not bridge.services.backends[1].up)
+    await wait_for(lambda: not bridge.services.pool.members[1].up)
     listing = await bridge.get_json("/backends")
     assert [b["state"] for b in listing["backends"]] == ["up", "down"]
     await two.come_up()
-    await wait_for(lambda: bridge.services.backends[1].up)
+    await wait_for(lambda: bridge.services.pool.members[1].up)
     one.hang = True
     a, b = new_client_id(), new_client_id()
     await bridge.submit(a, {"workflow": "blank-canvas"})
@@ -73,7 +73,7 @@ async def test_restarted_backend_reruns_the_lost_prompt_at_once(bridge_factory, 
     await fake.come_up()  # a fresh ComfyUI has forgotten the prompt; waiting out the grace would be wasted time
     info = await bridge.wait_state(cid, {"closed", "error"}, timeout=5)
     assert info["status"] == "closed"
-    assert job_of(bridge, answer["job_id"]).attempts == 2
+    assert (await job_of(bridge, answer["job_id"])).attempts == 2
 
 
 async def test_attempts_are_bounded(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
@@ -91,7 +91,7 @@ async def test_jobs_wait_while_no_backend_is_up(bridge_factory, fakes) -> None: 
     fake = await fakes()
     bridge = await bridge_factory([fake], **FAST_HEALTH)
     await fake.go_down()
-    await wait_for(lambda: not bridge.services.backends[0].up)
+    await wait_for(lambda: not bridge.services.pool.members[0].up)
     cid = new_client_id()
     answer = await bridge.submit(cid, {"workflow": "blank-canvas"})
     assert answer["detail"] == "queued / 1"
@@ -113,8 +113,8 @@ async def test_burst_does_not_starve_another_client(bridge_factory, fakes) -> No
     fake.hang = False
     await bridge.post_json(f"/interrupt?clientId={burst}", {})  # frees the held job; the rest are dropped
     assert (await bridge.wait_state(single, {"closed"}))["status"] == "closed"
-    mine = job_of(bridge, answer["job_id"])
-    ran_before = [j for j in ids if (job_of(bridge, j).started_at or 1e18) < mine.started_at]
+    mine = await job_of(bridge, answer["job_id"])
+    ran_before = [j for j in ids if ((await job_of(bridge, j)).started_at or 1e18) < mine.started_at]
     assert len(ran_before) <= 2
 
 
@@ -133,7 +133,8 @@ async def test_round_robin_order_across_clients(bridge_factory, fakes) -> None: 
     await bridge.post_json(f"/interrupt?clientId={hold}", {})
     await bridge.wait_state(a, {"closed"})
     await bridge.wait_state(b, {"closed"})
-    started = sorted(order, key=lambda j: job_of(bridge, j).started_at)
+    started_at = {j: (await job_of(bridge, j)).started_at for j in order}
+    started = sorted(order, key=lambda j: started_at[j])
     assert started == [order[0], order[3], order[1], order[2]]
 
 
@@ -166,13 +167,13 @@ async def test_workflow_no_backend_offers_is_refused(bridge_factory, fakes) -> N
 async def test_drain_and_resume(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
     one, two = await fakes(), await fakes()
     bridge = await bridge_factory([one, two])
-    name = bridge.services.backends[0].label
+    name = bridge.services.pool.members[0].label
     drained = await bridge.post_json(f"/backends/drain?name={name}", {})
     assert drained["state"] == "draining"
     cid = new_client_id()
     for _ in range(3):
         await bridge.submit(cid, {"workflow": "blank-canvas"})
-    await wait_for(lambda: all(not j.state.active for j in bridge.services.scheduler.client_jobs(cid)))
+    await wait_until(lambda: bridge.settled(cid))
     assert one.prompts == {} and len(two.prompts) == 3
     assert (await bridge.post_json(f"/backends/resume?name={name}", {}))["state"] == "up"
     resp = await bridge.fetch("POST", "/backends/drain?name=nope")
@@ -185,12 +186,12 @@ async def test_last_jobs_wait_for_a_much_faster_box(bridge_factory, fakes) -> No
     warm = new_client_id()
     for _ in range(4):  # the bridge learns how long a job takes on each box
         await bridge.submit(warm, {"workflow": "blank-canvas"})
-    await wait_for(lambda: all(not j.state.active for j in bridge.services.scheduler.client_jobs(warm)))
+    await wait_until(lambda: bridge.settled(warm))
     before = len(slow.prompts)
     cid = new_client_id()
     await bridge.submit(cid, {"workflow": "blank-canvas"})
     await bridge.submit(cid, {"workflow": "blank-canvas"})
-    await wait_for(lambda: all(not j.state.active for j in bridge.services.scheduler.client_jobs(cid)))
+    await wait_until(lambda: bridge.settled(cid))
     # both went to the fast box: the second waited ~0.05 s instead of taking 0.8 s on the slow one
     assert len(slow.prompts) == before
 
@@ -202,7 +203,7 @@ async def test_rejected_prompt_never_marks_the_backend_down(bridge_factory, fake
     cid = new_client_id()
     for _ in range(4):
         await bridge.submit(cid, {"workflow": "blank-canvas"})
-    await wait_for(lambda: all(not j.state.active for j in bridge.services.scheduler.client_jobs(cid)))
+    await wait_until(lambda: bridge.settled(cid))
     assert (await bridge.get_json(f"/execution-info?clientId={cid}"))["status"] == "error"
     await asyncio.sleep(0.2)
     assert (await bridge.get_json("/backends"))["backends"][0]["state"] == "up"
@@ -229,20 +230,21 @@ async def test_held_jobs_do_not_multiply_timers(bridge_factory, fakes) -> None: 
     slow = [await fakes(duration=0.6, cache=False) for _ in range(4)]
     fast = [await fakes(duration=0.15, cache=False) for _ in range(2)]
     bridge = await bridge_factory([*slow, *fast])
-    scheduler = bridge.services.scheduler
-    for b in scheduler.backends:  # as if learned from earlier jobs
-        b.job_seconds = 0.6 if b.url in {f.url for f in slow} else 0.15
+    dispatcher = bridge.services.dispatcher
+    for b in bridge.services.pool.members:  # as if learned from earlier jobs
+        b.job_seconds = 0.6 if b.client.url in {f.url for f in slow} else 0.15
     calls = 0
-    inner = scheduler._pump
+    inner = dispatcher._dispatch_round
 
-    def counted() -> None:
+    async def counted() -> None:
         nonlocal calls
         calls += 1
-        inner()
-    scheduler._pump = counted  # type: ignore[method-assign]
+        await inner()
+    dispatcher._dispatch_round = counted  # type: ignore[method-assign]
     clients = [new_client_id() for _ in range(4)]
     await asyncio.gather(*(bridge.submit(cid, {"workflow": "blank-canvas"}) for cid in clients))
-    await wait_for(lambda: all(not j.state.active for c in clients for j in scheduler.client_jobs(c)))
+    for cid in clients:
+        await wait_until(lambda: bridge.settled(cid))
     await asyncio.sleep(0.2)
     # held jobs re-check with one shared timer; before, every skipped (backend, client) pair added one
     assert calls < 100, calls

@@ -94,7 +94,7 @@ class LiveBridge:
         server.add_sockets([sock])
         self.url = f"http://127.0.0.1:{port}"
         for _ in range(500):
-            if all(b.up for b in services.backends):
+            if all(m.up for m in services.pool.members):
                 break
             await asyncio.sleep(0.01)
         self._ready.set()

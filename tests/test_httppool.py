@@ -218,6 +218,6 @@ async def test_jobs_reuse_the_connection_to_their_backend(bridge: Bridge, fake: 
         await read_until_closed(ws)
         resp = await bridge.fetch("GET", f"/history?clientId={client_id}")
         assert resp.code == 200 and b"\x89PNG" in resp.body
-    backend = bridge.services.backends[0]
+    backend = bridge.services.pool.members[0].client
     # five jobs (prompt, history, view each) and the health probes over one or two connections
     assert backend.http.connects <= 2

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 from prometheus_client.parser import text_string_to_metric_families
 from tornado import websocket
 
-from conftest import ROOT, Bridge, close_ws, new_client_id, next_message, wait_for
+from conftest import ROOT, Bridge, close_ws, new_client_id, next_message, wait_for, wait_until
 from test_crash import BridgeProcess, launch  # noqa: F401  (fixture)
 
 
@@ -29,7 +29,7 @@ async def scrape(bridge: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]]
 
 async def test_metrics_move_as_jobs_run(bridge: Bridge, png: bytes) -> None:
     before = await scrape(bridge)
-    label = bridge.services.backends[0].label
+    label = bridge.services.pool.members[0].label
     assert before[("comfy_bridge_backend_up", (("backend", label),))] == 1
     assert before[("comfy_bridge_queue_depth", ())] == 0
     assert ("comfy_bridge_jobs_total", (("outcome", "completed"), ("workflow", "blank-canvas"))) not in before
@@ -58,13 +58,17 @@ async def test_health_and_ready_follow_the_backends(bridge: Bridge) -> None:
     assert (await bridge.get_json("/ready"))["status"] == "ready"
     fake = bridge.fakes[0]
     await fake.go_down()
-    await wait_for(lambda: not bridge.services.backends[0].up)
+    await wait_for(lambda: not bridge.services.pool.members[0].up)
     resp = await bridge.fetch("GET", "/ready")
     assert resp.code == 503 and json.loads(resp.body)["detail"] == "no backend is up"
     assert (await bridge.fetch("GET", "/health")).code == 200
     await fake.come_up()
-    await wait_for(lambda: bridge.services.backends[0].up)
+    await wait_for(lambda: bridge.services.pool.members[0].up)
     assert (await bridge.fetch("GET", "/ready")).code == 200
+
+
+async def _queue_is(bridge: Bridge, n: int) -> bool:
+    return await bridge.services.jobs.queue_length() == n
 
 
 async def test_ready_is_503_when_the_queue_is_full(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
@@ -73,8 +77,9 @@ async def test_ready_is_503_when_the_queue_is_full(bridge_factory, fakes) -> Non
     fake.hang = True
     cid = new_client_id()
     await bridge.submit(cid, {"workflow": "blank-canvas"})
+    await bridge.wait_state(cid, {"progress"})  # the first runs (dispatch follows the submit)
     await bridge.submit(cid, {"workflow": "blank-canvas"})
-    await wait_for(lambda: len(bridge.services.scheduler.queue) == 1)
+    await wait_until(lambda: _queue_is(bridge, 1))
     resp = await bridge.fetch("GET", "/ready")
     assert resp.code == 503 and json.loads(resp.body)["detail"] == "the queue is full"
     await bridge.post_json(f"/interrupt?clientId={cid}", {})
@@ -188,10 +193,10 @@ async def test_access_log_levels(bridge: Bridge, caplog) -> None:  # type: ignor
 
 
 def test_json_log_lines() -> None:
-    from handlers.ops import JsonFormatter
-    record = logging.LogRecord("comfy.scheduler", logging.INFO, __file__, 1, "job %s: queued", ("gen_1",), None)
+    from comfy.logs import JsonFormatter
+    record = logging.LogRecord("comfy.dispatcher", logging.INFO, __file__, 1, "job %s: queued", ("gen_1",), None)
     line = json.loads(JsonFormatter().format(record))
-    assert line["level"] == "INFO" and line["message"] == "job gen_1: queued" and line["logger"] == "comfy.scheduler"
+    assert line["level"] == "INFO" and line["message"] == "job gen_1: queued" and line["logger"] == "comfy.dispatcher"
 
 
 async def test_check_reports_and_fails_on_errors(fake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -152,7 +152,7 @@ async def test_operator_actions_need_admin_or_plain_loopback(bridge_factory, fak
     assert (await open_bridge.fetch("POST", "/free")).code == 200
     keyed = await bridge_factory([await fakes()], data_dir=open_bridge.config.data_dir.parent / "keyed",
                                  **keyed_config())
-    name = keyed.services.backends[0].label
+    name = keyed.services.pool.members[0].label
     assert (await keyed.fetch("POST", f"/backends/drain?name={name}")).code == 401
     assert (await call(keyed, "POST", f"/backends/drain?name={name}", ALICE)).code == 403
     assert (await call(keyed, "POST", f"/backends/drain?name={name}", OPS)).code == 200
@@ -231,7 +231,7 @@ async def test_cross_site_pages_cannot_change_state(bridge: Bridge, png: bytes) 
         for path in (f"/interrupt?clientId={cid}", "/free", f"/backends/drain?name=x"):
             resp = await bridge.fetch("POST", path, headers=headers)
             assert resp.code == 403 and "other sites" in json.loads(resp.body)["detail"], (path, headers)
-    assert not bridge.services.scheduler.known_client(cid)
+    assert not await bridge.services.jobs.known_client(cid)
     # taking results is a change of state too: an <img src=".../history?clientId=..."> on another site
     theirs = new_client_id()
     await finished_job(bridge, theirs)
@@ -346,7 +346,7 @@ async def test_open_mode_job_resource_needs_the_jobs_client_id(bridge: Bridge) -
 
 async def test_memory_holds_only_live_jobs_and_restart_loads_no_finished_ones(bridge_factory, fake, tmp_path) -> None:  # type: ignore[no-untyped-def]
     bridge = await bridge_factory([fake], data_dir=tmp_path / "state")
-    scheduler, hub = bridge.services.scheduler, bridge.services.hub
+    dispatcher, hub = bridge.services.dispatcher, bridge.services.hub
     cids = [new_client_id() for _ in range(60)]
     for cid in cids:
         await bridge.submit(cid, {"workflow": "blank-canvas" if cids.index(cid) % 2 else "error_runtime"})
@@ -359,8 +359,9 @@ async def test_memory_holds_only_live_jobs_and_restart_loads_no_finished_ones(br
         assert json.loads(await asyncio.wait_for(conn.read_message(), 5))["status"] == "connected"
         conn.close()
     await wait_for(lambda: not hub.sockets)
-    assert scheduler.clients == {} and scheduler.jobs == {} and not scheduler.delivering
-    assert not hub._sent_at and not hub._last_sent and not hub._pending
+    assert dispatcher.live == {} and not dispatcher.runner.cancels
+    assert not hub._sent_at and not hub._last_sent and not hub._pending and not hub._waiting and not hub._turn
+    assert not hub._known_active
     # every client is still known, with its last state, from the store
     info = await bridge.get_json(f"/execution-info?clientId={cids[1]}")
     assert info["status"] == "closed"
@@ -370,9 +371,9 @@ async def test_memory_holds_only_live_jobs_and_restart_loads_no_finished_ones(br
     again = Services.build(bridge.config)
     await again.start()
     try:
-        assert again.scheduler.clients == {} and again.scheduler.jobs == {}
-        assert again.scheduler.known_client(cids[3])
-        assert again.scheduler.status_job(cids[3]).state.value == "completed"  # type: ignore[union-attr]
+        assert again.dispatcher.live == {}
+        assert await again.jobs.known_client(cids[3])
+        assert (await again.jobs.status_job(cids[3])).state.value == "completed"  # type: ignore[union-attr]
     finally:
         await again.stop()
     bridge.services = again  # teardown stops it again harmlessly

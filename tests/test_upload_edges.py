@@ -158,7 +158,7 @@ async def test_200_concurrent_free_requests_make_few_backend_calls(
 async def test_free_callers_share_a_failure_too(bridge_factory: Callable[..., Awaitable[Bridge]],
                                                 fake: FakeComfy) -> None:
     bridge = await bridge_factory([fake])
-    backend = bridge.services.backends[0]
+    backend = bridge.services.pool.members[0].client
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise OSError("connection refused")

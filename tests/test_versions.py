@@ -118,7 +118,7 @@ async def test_a_silenced_backend_socket_never_hangs_a_job(bridge_factory, fakes
     fake = await fakes()
     fake.reconnect_bug = True
     bridge = await bridge_factory([fake], history_poll_interval=0.3)
-    backend = bridge.services.backends[0]
+    backend = bridge.services.pool.members[0].client
     cid = new_client_id()
     await bridge.ws(cid)
     started = time.monotonic()
@@ -165,7 +165,7 @@ async def test_recovery_after_a_restart_asks_the_jobs_api_where_present(bridge_f
 async def test_a_long_silent_node_does_not_make_the_socket_churn(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
     fake = await fakes()
     bridge = await bridge_factory([fake], history_poll_interval=0.1, job_timeout=2.5)
-    backend = bridge.services.backends[0]
+    backend = bridge.services.pool.members[0]
     fake.hang = True  # the prompt starts, then its node works without a word (like a model loading)
     cid = new_client_id()
     await bridge.submit(cid, {"workflow": "blank-canvas"})

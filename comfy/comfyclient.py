@@ -1,4 +1,4 @@
-"""One ComfyUI server: its HTTP calls, its persistent WebSocket, and the prompts it runs for us."""
+"""A thin client of one ComfyUI server: its HTTP calls and its persistent WebSocket under the bridge's clientId."""
 from __future__ import annotations
 
 import asyncio
@@ -8,44 +8,57 @@ import random
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import urlencode, urlsplit
+from typing import Any, Callable, Protocol
+from urllib.parse import urlencode
 
 from tornado import httpclient, websocket
 
 from .config import BackendConfig, Config
 from .httppool import KeepAliveClient, Response
-from .protocol import Capabilities, JobStatus, history_status, job_status, system_info
+from .protocol import (Capabilities, JobStatus, Message, history_status, job_status, parse_message,
+                       partly_refused, queued_prompt_ids, system_info)
 from .sharedcall import SharedCall
 from .wire import (BackendError, BackendRejected, BackendUnavailable, close_if_connected,
                    commit_file, read_json, short_body, describe_prompt_error, new_client_id)
 
-__all__ = ["Backend", "BackendError", "BackendRejected", "BackendUnavailable", "describe_prompt_error",
-           "new_client_id"]
+__all__ = ["ComfyClient", "PromptWatcher", "BackendError", "BackendRejected", "BackendUnavailable",
+           "describe_prompt_error", "new_client_id"]
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[dict[str, Any]], None]
-# messages the bridge never uses, recognised without parsing them (ComfyUI writes "type" first)
-IGNORED_PREFIXES = ('{"type": "progress_state"', '{"type":"progress_state"', '{"type": "status"', '{"type":"status"')
 FORGET_DELAY = 1.0  # seconds finished prompts wait to be deleted from a backend's history, in one call
 FREE_REUSE = 2.0  # seconds a finished /free answers later requests for it, while no prompt was posted since
 RECONNECT_GAP = 2.0  # seconds between two forced reconnects of a socket that stopped delivering
 
 
-class Backend:
+class PromptWatcher(Protocol):
+    """Who follows one prompt: its messages, and the state of the socket they come over."""
+
+    def on_message(self, msg: Message) -> None:
+        """One message about the prompt."""
+
+    def on_connection(self, up: bool) -> None:
+        """The socket to the server opened (again) or closed: messages may have been lost."""
+
+
+# (up, why): the socket opened (why is None) or closed / failed to open (why says how)
+ConnectionListener = Callable[[bool, "str | None"], None]
+
+
+class ComfyClient:
     """Client for one ComfyUI server, with one persistent WebSocket under the bridge's own clientId."""
 
-    def __init__(self, cfg: BackendConfig, config: Config, client_id: str) -> None:
+    def __init__(self, cfg: BackendConfig, config: Config, client_id: str,
+                 on_connection: ConnectionListener = lambda up, why: None) -> None:
         self.cfg = cfg
         self.url = cfg.url
         self.label = cfg.label
-        self.slots = cfg.slots
         self.client_id = client_id
+        self.on_connection = on_connection
         self.http = KeepAliveClient(cfg.url, connect_timeout=config.connect_timeout,
                                     request_timeout=config.request_timeout)
         self._connect_timeout = config.connect_timeout
-        self._watchers: dict[str, Listener] = {}
+        self._watchers: dict[str, PromptWatcher] = {}
         self._inflight: set[asyncio.Future[Response]] = set()
         self._forget: set[str] = set()
         self._forget_task: asyncio.Task[None] | None = None
@@ -53,72 +66,25 @@ class Backend:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
         self.connected = asyncio.Event()
-        self.on_state: Callable[[Backend], None] = lambda b: None
-        self.running: set[str] = set()
-        self.jobs_done = 0
-        self.failures = 0
-        self.last_error = ""
-        self.object_info: dict[str, Any] | None = None
+        self.object_info: dict[str, Any] | None = None  # a cache of node definitions, for the catalog
         self.caps = Capabilities()  # learnt on every (re)connect: the server may have been upgraded
         self.last_frame = 0.0  # monotonic time the socket last delivered anything
         self._last_reconnect = 0.0
         self._suspicions = 0  # reconnects on silence alone since the socket last delivered a prompt's message
-        # health, kept by HealthMonitor: None until the first probe
-        self.healthy: bool | None = None
-        self.down_since: float | None = None
-        self.probe_failures = 0
-        self.probe_successes = 0
-        self.probe_latency_ms: float | None = None
-        self.draining = False
-        self.job_seconds: float | None = None  # moving average of a job's run time here (dispatch preference)
-        self.orphans: set[str] = set()  # our prompts abandoned here while it was down; stopped when it is back
         self._prompts_posted = 0
         self.free = SharedCall(self._free_once, lambda: self._prompts_posted, FREE_REUSE)
-
-    def describe(self) -> dict[str, Any]:
-        """The public view of this backend (its URL without any credentials)."""
-        parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        url = f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
-        return {"name": self.label, "url": url, "state": self.state, "slots": self.slots,
-                "running": len(self.running), "jobs_done": self.jobs_done, "failures": self.failures,
-                "last_error": self.last_error or None, "weight": self.cfg.weight,
-                "workflows": list(self.cfg.workflows) if self.cfg.workflows is not None else None,
-                "probe_latency_ms": round(self.probe_latency_ms, 2) if self.probe_latency_ms is not None else None,
-                "comfyui_version": self.caps.version, "capabilities": self.caps.describe()}
-
-    @property
-    def up(self) -> bool:
-        """True while probes pass and the WebSocket to the server is open."""
-        return bool(self.healthy) and self.connected.is_set()
-
-    @property
-    def state(self) -> str:
-        """"up", "down" or "draining" (finishing its jobs, taking no new ones)."""
-        if self.draining:
-            return "draining"
-        return "up" if self.up else "down"
-
-    @property
-    def available(self) -> bool:
-        """True if new jobs may be sent here now."""
-        return self.up and not self.draining and self.free_slots > 0
 
     async def probe(self, timeout: float) -> None:
         """The cheap health check: GET /queue (not /system_stats, which is ~50x slower)."""
         self._check(await self._call("GET", "/queue", request_timeout=timeout), "GET /queue")
 
-    @property
-    def free_slots(self) -> int:
-        """How many more jobs this server may take now."""
-        return self.slots - len(self.running)
-
     async def start(self) -> None:
         """Start the WebSocket reader (it connects, and reconnects with backoff)."""
+        self._closing = False
         self._reader = asyncio.create_task(self._read_loop(), name=f"ws-{self.label}")
 
-    async def stop(self) -> None:
-        """Close the WebSocket and the HTTP client."""
+    async def close_socket(self) -> None:
+        """Close the WebSocket and stop its reader (the HTTP client stays usable)."""
         self._closing = True
         if self._ws is not None and self._reader is not None:
             self._ws.close()
@@ -130,6 +96,12 @@ class Backend:
                 await self._reader
             except asyncio.CancelledError:
                 pass
+            self._reader = None
+        self.connected.clear()
+
+    async def stop(self) -> None:
+        """Close the WebSocket and the HTTP client."""
+        await self.close_socket()
         if self._forget_task is not None:
             self._forget_task.cancel()
             await asyncio.gather(self._forget_task, return_exceptions=True)
@@ -138,9 +110,10 @@ class Backend:
         self.http.close()
 
     # WebSocket ----------------------------------------------------------------------------------
-    def watch(self, prompt_id: str, listener: Listener) -> None:
-        """Send every message about this prompt to listener (register before posting it)."""
-        self._watchers[prompt_id] = listener
+    def watch(self, prompt_id: str, watcher: PromptWatcher) -> None:
+        """Tell watcher every message about this prompt and every change of the socket (register before
+        posting it)."""
+        self._watchers[prompt_id] = watcher
 
     def unwatch(self, prompt_id: str) -> None:
         """Stop following a prompt."""
@@ -150,9 +123,9 @@ class Backend:
         attempt = 0
         ws_url = self.url.replace("http", "ws", 1) + "/ws?" + urlencode({"clientId": self.client_id})
         while not self._closing:
-            pending = websocket.websocket_connect(
+            pending = asyncio.ensure_future(websocket.websocket_connect(
                 httpclient.HTTPRequest(ws_url, connect_timeout=self._connect_timeout),
-                max_message_size=256 * 1024 * 1024)
+                max_message_size=256 * 1024 * 1024))
             try:
                 # shielded: a stop() during the handshake must not orphan a half-open socket
                 self._ws = await asyncio.shield(pending)
@@ -162,7 +135,7 @@ class Backend:
             except (OSError, httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
                 if attempt == 0 or attempt % 20 == 0:
                     log.warning("backend %s: WebSocket connect failed: %s", self.label, exc)
-                self.last_error = f"connect: {exc}"
+                self.on_connection(False, f"connect: {exc}")
                 attempt += 1
                 # capped exponential backoff with full jitter
                 await asyncio.sleep(random.uniform(0, min(10.0, 0.25 * 2 ** min(attempt, 6))))
@@ -172,8 +145,7 @@ class Backend:
             log.info("backend %s: connected (ComfyUI %s)", self.label, self.caps.version or "of unknown version")
             self.last_frame = time.monotonic()
             self.connected.set()
-            self._notify_all({"type": "bridge_reconnected"})
-            self.on_state(self)
+            self._connection_changed(True, None)
             while True:
                 msg = await self._ws.read_message()
                 if msg is None:
@@ -187,9 +159,7 @@ class Backend:
             self._ws = None
             if not self._closing:
                 log.warning("backend %s: WebSocket closed", self.label)
-                self.last_error = "websocket closed"
-                self._notify_all({"type": "bridge_disconnected"})
-                self.on_state(self)
+                self._connection_changed(False, "websocket closed")
 
     def reconnect(self, why: str, gap: float = RECONNECT_GAP, certain: bool = False) -> None:
         """Replace a socket that stopped delivering: close it first (so ComfyUI's cleanup of the old socket
@@ -225,22 +195,17 @@ class Backend:
                                  job_cancel=cancel is not None and cancel.code == 200)
 
     def _dispatch(self, text: str) -> None:
-        if text.startswith(IGNORED_PREFIXES):
-            return  # ComfyUI repeats its whole per-node state map on every tick; nothing here needs it
-        try:
-            msg = json.loads(text)
-            prompt_id = msg["data"].get("prompt_id")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return
-        if prompt_id is not None:
-            listener = self._watchers.get(prompt_id)
-            if listener is not None:
+        msg = parse_message(text)
+        if msg is not None:
+            watcher = self._watchers.get(msg.prompt_id)
+            if watcher is not None:
                 self._suspicions = 0  # the socket delivers
-                listener(msg)
+                watcher.on_message(msg)
 
-    def _notify_all(self, msg: dict[str, Any]) -> None:
-        for listener in list(self._watchers.values()):
-            listener(msg)
+    def _connection_changed(self, up: bool, why: str | None) -> None:
+        for watcher in list(self._watchers.values()):
+            watcher.on_connection(up)
+        self.on_connection(up, why)
 
     # HTTP ---------------------------------------------------------------------------------------
     async def _call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
@@ -250,12 +215,17 @@ class Backend:
             headers = {"Content-Type": "application/json", **(headers or {})}
         pending = asyncio.ensure_future(self.http.fetch(method, path, raw, headers, **kw))
         self._inflight.add(pending)
-        pending.add_done_callback(self._inflight.discard)
+        pending.add_done_callback(self._settled)
         try:
             # shielded: a cancelled caller lets the request finish, so its connection stays usable
             return await asyncio.shield(pending)
         except OSError as exc:  # HTTPFailure: no answer (refused, reset, timed out, malformed)
             raise BackendUnavailable(f"{self.label}: {method} {path}: {exc}") from None
+
+    def _settled(self, pending: asyncio.Future[Response]) -> None:
+        self._inflight.discard(pending)
+        if not pending.cancelled():
+            pending.exception()  # retrieved: a caller cancelled meanwhile no longer looks at it
 
     @staticmethod
     def _check(resp: Response, what: str) -> None:
@@ -273,8 +243,7 @@ class Backend:
             raise BackendRejected(describe_prompt_error(read_json(resp)) or f"rejected: HTTP {resp.code}")
         self._check(resp, "POST /prompt")
         body = read_json(resp)
-        if isinstance(body, dict) and body.get("node_errors"):
-            # 200 with node_errors: ComfyUI queued only the valid outputs. Not what the caller asked for.
+        if partly_refused(body):  # ComfyUI queued only the valid outputs: not what the caller asked for
             await self.delete_queued([prompt_id])
             await self.interrupt(prompt_id)
             raise BackendRejected(describe_prompt_error(body))
@@ -340,13 +309,11 @@ class Backend:
         except BackendError as exc:
             log.debug("backend %s: could not delete %d history entries: %s", self.label, len(batch), exc)
 
-    async def queue(self) -> dict[str, list[str]]:
-        """The server's running and pending prompt ids."""
+    async def queue(self) -> set[str]:
+        """The ids of the prompts the server runs or has pending."""
         resp = await self._call("GET", "/queue")
         self._check(resp, "GET /queue")
-        body = read_json(resp) or {}
-        return {k: [item[1] for item in body.get(k, []) if isinstance(item, list) and len(item) > 1]
-                for k in ("queue_running", "queue_pending")}
+        return queued_prompt_ids(read_json(resp))
 
     async def delete_queued(self, prompt_ids: list[str]) -> None:
         """Remove pending prompts (a no-op for a running or unknown one)."""
