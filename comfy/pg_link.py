@@ -80,7 +80,8 @@ class PgLink:
         import asyncpg  # the driver is optional: only PostgreSQL users install it
 
         try:
-            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_max,
+            # min_size 0: no floor of connections for asyncpg to restore (with tracebacks) while the database is away
+            self._pool = await asyncpg.create_pool(self.url, min_size=0, max_size=self.pool_max,
                                                    timeout=self.timeout, command_timeout=self.timeout,
                                                    server_settings={"application_name": self.name},
                                                    reset=_nothing_to_reset)

@@ -17,10 +17,10 @@ from .jobstore import JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# Lease rounds run every lease_ttl / LEASE_ROUNDS seconds, and each round makes the leases last
-# lease_ttl minus 1.2 rounds: a bridge that dies is then past its leases, and another bridge's next round
-# has taken them, within lease_ttl (the promise), even with the rounds' jitter; a live bridge loses a lease
-# only after missing nearly four rounds in a row.
+# Lease rounds run every lease_ttl / LEASE_ROUNDS seconds. The store makes a renewed lease count for part of
+# lease_ttl (comfy/pg_leases.py: 0.6), so a bridge that dies is past its leases, and another bridge's next
+# round has taken them, within lease_ttl (the promise) even with the rounds' jitter; a live bridge loses a
+# lease only after missing three rounds in a row.
 LEASE_ROUNDS = 5
 
 
@@ -162,8 +162,7 @@ class BackendPool:
     async def renew_leases(self) -> None:
         """Renew this bridge's leases and take free ones; connect to backends gained, let go of those lost."""
         try:
-            held = await self.store.leases([m.label for m in self.members],
-                                           self.config.lease_ttl - 1.2 * self._lease_round)
+            held = await self.store.leases([m.label for m in self.members], self.config.lease_ttl)
         except StoreUnavailable as exc:
             log.warning("leases not renewed: %s", exc)
             return
