@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -309,8 +310,13 @@ async def bridge(bridge_factory: Callable[..., Awaitable[Bridge]], fake: FakeCom
     return await bridge_factory([fake])
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection made lives for the whole run: keep it out of every later collection's scan."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def _collect_garbage():
     yield
-    import gc
     gc.collect()
