@@ -1,7 +1,6 @@
 """python bridge.py --check: settings, data_dir, the catalog, and each backend's nodes and models, as a report."""
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -69,7 +68,8 @@ async def check_config(config: Config, path: Path | None, demo: bool = False) ->
 
 
 async def check_store(config: Config) -> tuple[bool, str]:
-    """The job store: reachable, and which schema migrations the next start runs (nothing is changed)."""
+    """The job store: reachable, and its schema brought up to date (the pending migrations run now, as a
+    start would run them; a fresh SQLite data_dir is left for the first start to create)."""
     from .services import make_store  # the assembly chooses the engine; only --check needs it here
 
     if config.store_url:
@@ -77,17 +77,19 @@ async def check_store(config: Config) -> tuple[bool, str]:
         where = f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"  # no password
     else:
         where = f"SQLite {config.data_dir / 'bridge.sqlite3'}"
+        if not (config.data_dir / "bridge.sqlite3").exists():
+            return True, f"ok   store: {where}: created at the first start"
     try:
         store = make_store(config, "check")
-        pending = getattr(store, "pending_migrations")()
-        if inspect.isawaitable(pending):
-            pending = await pending
-    except (ConfigError, StoreUnavailable, OSError) as exc:
+        pending = await store.pending_migrations()
+        if pending:
+            await store.open()  # runs them, each once, under the engine's own lock
+            await store.close()
+    except (ConfigError, StoreUnavailable, OSError, RuntimeError) as exc:
         return False, f"FAIL store: {where}: {exc}"
     if not pending:
         return True, f"ok   store: {where}: schema up to date"
-    return True, (f"ok   store: {where}: schema migration(s) {', '.join(map(str, pending))} run at the next "
-                  "start")
+    return True, f"ok   store: {where}: ran schema migration(s) {', '.join(map(str, pending))}"
 
 
 async def _check_backend(config: Config, cfg: BackendConfig, catalog: Catalog) -> tuple[bool, list[str]]:

@@ -139,6 +139,10 @@ class JobStore(abc.ABC):
     async def close(self) -> None:
         """Stop listening and close the connection(s); flush the generation count."""
 
+    @abc.abstractmethod
+    async def pending_migrations(self) -> list[int]:
+        """Numbers of the schema migrations open() would run now (reads only; works before open())."""
+
     @property
     @abc.abstractmethod
     def available(self) -> bool:
@@ -235,6 +239,10 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def active_on(self, backend: str) -> list[Job]:
         """Jobs DISPATCHING or RUNNING on a backend (recovery when its lease is taken), oldest first."""
+
+    @abc.abstractmethod
+    async def active_elsewhere(self, backends: list[str]) -> list[Job]:
+        """Jobs DISPATCHING or RUNNING on a backend not in `backends` (one taken out of the settings)."""
 
     # take-once ------------------------------------------------------------------------------------
     @abc.abstractmethod

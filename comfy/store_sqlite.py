@@ -82,8 +82,8 @@ class SqliteStore(SqliteRecords):
         """The schema version of the open file."""
         return sqlite_schema.version(self.db)
 
-    def pending_migrations(self) -> list[int]:
-        """Migrations open() would run on this data_dir's file (for --check; the file is only read)."""
+    async def pending_migrations(self) -> list[int]:
+        """Migrations open() would run on this data_dir's file (the file is only read)."""
         return sqlite_schema.pending(self.path)
 
     async def open(self) -> None:

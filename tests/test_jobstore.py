@@ -485,10 +485,10 @@ async def test_a_store_of_an_earlier_release_is_migrated_in_order(tmp_path: Path
     data = tmp_path / "data"
     old_store(data, last)
     store = SqliteStore(data, "b")
-    assert store.pending_migrations() == [1, 2]
+    assert await store.pending_migrations() == [1, 2]
     await store.open()
     try:
-        assert store.schema_version == 2 and store.pending_migrations() == [] and await store.migrate() == []
+        assert store.schema_version == 2 and await store.pending_migrations() == [] and await store.migrate() == []
         done = await store.job("gen_done")
         assert done is not None and done.state is State.COMPLETED and done.inputs == {"seed": 1}
         assert done.owner == "" and done.outputs == [Output("9", "a.png", "image/png", "gen_done/a.png", 42)]
@@ -513,12 +513,12 @@ async def test_a_store_of_an_earlier_release_is_migrated_in_order(tmp_path: Path
 async def test_each_migration_runs_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
     store = SqliteStore(data, "b")
-    assert store.pending_migrations() == [1, 2]
+    assert await store.pending_migrations() == [1, 2]
     await store.open()
     await store.enqueue(new_job("A"), BIG, BIG)
     await store.close()
     again = SqliteStore(data, "b")
-    assert again.pending_migrations() == []
+    assert await again.pending_migrations() == []
     await again.open()
     try:
         assert again.schema_version == 2 and await again.queue_length() == 1

@@ -11,8 +11,10 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from comfy.config import Config, ConfigError, load_config
+from comfy.pg_schema import LATEST
 from comfy.services import Services
 from conftest import Bridge, new_client_id
+from test_jobstore import old_store
 from pgcluster import PgCluster
 
 MakeBridge = Callable[..., Awaitable[Bridge]]
@@ -100,17 +102,23 @@ async def test_an_unreachable_store_answers_503_then_recovers(pg_cluster: PgClus
     assert (await bridge.wait_state(cid, {"closed", "error"}))["status"] == "closed"
 
 
-async def test_check_reports_the_store_and_its_pending_migrations(pg_url: str, tmp_path: Path,
+async def test_check_runs_the_pending_migrations(pg_url: str, tmp_path: Path,
                                                                  bridge_factory: MakeBridge, fake: Any) -> None:
     from comfy.check import check_store
     fresh = Config(data_dir=tmp_path / "fresh")
     good, line = await check_store(fresh)
-    assert good and line.startswith("ok   store: SQLite") and "run at the next start" in line, line
-    assert not (tmp_path / "fresh").exists()  # --check changes nothing in data_dir
+    assert good and line.startswith("ok   store: SQLite") and "created at the first start" in line, line
+    assert not (tmp_path / "fresh").exists()  # a fresh data_dir is the first start's to create
     good, line = await check_store(Config(store_url=pg_url))
-    assert good and "PostgreSQL" in line and "run at the next start" in line, line
-    await bridge_factory([fake], store_url=pg_url)  # its start runs them
+    every = ", ".join(map(str, range(1, LATEST + 1)))
+    assert good and "PostgreSQL" in line and line.endswith(f"ran schema migration(s) {every}"), line
     good, line = await check_store(Config(store_url=pg_url))
+    assert good and line.endswith("schema up to date"), line
+    await bridge_factory([fake], store_url=pg_url)  # a bridge starts on the migrated database
+    old_store(tmp_path / "old", False)  # a data_dir of an earlier release
+    good, line = await check_store(Config(data_dir=tmp_path / "old"))
+    assert good and line.endswith("ran schema migration(s) 1, 2"), line
+    good, line = await check_store(Config(data_dir=tmp_path / "old"))
     assert good and line.endswith("schema up to date"), line
     good, line = await check_store(Config(store_url="postgresql://bridge:s3cret@127.0.0.1:9/nowhere"))
     assert not good and line.startswith("FAIL store: PostgreSQL 127.0.0.1:9/nowhere") and "s3cret" not in line, line
