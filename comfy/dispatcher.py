@@ -53,6 +53,10 @@ class Dispatcher:
     # lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Start dispatching (jobs on backends are recovered as their leases are taken)."""
+        if not self.store.shared:  # with several bridges, another one may know a backend this one does not
+            for job in await self.store.active_elsewhere([m.label for m in self.pool.members]):
+                log.warning("job %s: its backend %s is no longer configured; it waits again", job.id, job.backend)
+                await self.store.requeue(job.id, ON_BACKEND, f"backend {job.backend} is no longer configured")
         self._poll.start()
         self.wake()
 

@@ -104,6 +104,11 @@ class PgRecords(JobStore):
         """Jobs dispatching or running on a backend, oldest first."""
         return await self._many(f"SELECT {JOB} FROM jobs WHERE backend = $1 AND state IN {ACTIVE} ORDER BY seq", backend)
 
+    async def active_elsewhere(self, backends: list[str]) -> list[Job]:
+        """Jobs dispatching or running on a backend not in `backends`, oldest first."""
+        return await self._many(f"SELECT {JOB} FROM jobs WHERE NOT (backend = ANY($1::text[]))"
+                                f" AND state IN {ACTIVE} ORDER BY seq", backends)
+
     async def _one(self, query: str, *args: Any) -> Job | None:
         async with self.link.connection() as conn:
             row = await conn.fetchrow(query, *args)

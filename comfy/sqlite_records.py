@@ -183,6 +183,15 @@ class SqliteRecords(JobStore):
                                           (backend,)),
                           outputs=False)
 
+    @guarded
+    async def active_elsewhere(self, backends: list[str]) -> list[Job]:
+        """Jobs dispatching or running on a backend not in `backends`, oldest first."""
+        marks = ", ".join("?" * len(backends))
+        return self._jobs(self.db.execute(f"SELECT {COLS} FROM jobs INDEXED BY jobs_open WHERE {OPEN}"
+                                          " AND state IN ('dispatching', 'running')"
+                                          f" AND backend NOT IN ({marks}) ORDER BY seq", backends),
+                          outputs=False)
+
     # take-once ------------------------------------------------------------------------------------
     @guarded
     async def claim_results(self, client_id: str, hold: float) -> list[Job] | None:

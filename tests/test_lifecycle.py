@@ -222,3 +222,18 @@ async def test_progress_is_throttled(bridge_factory, fakes) -> None:  # type: ig
     progress = [m for m in messages if m["status"] == "progress"]
     # about 500 progress ticks from the backend; at most ~10 a second reach the caller
     assert 5 <= len(progress) <= 14, len(progress)
+
+
+async def test_a_job_on_a_backend_taken_out_of_the_settings_runs_on_another(bridge_factory, fakes,  # type: ignore[no-untyped-def]
+                                                                            tmp_path) -> None:
+    from conftest import stop_bridge
+    data = tmp_path / "removed-backend"
+    old, new = await fakes(), await fakes()
+    first = await bridge_factory([old], data_dir=data)
+    cid = new_client_id()
+    await first.submit(cid, {"workflow": "sleep-progress", "2/seconds": 3})
+    assert (await first.wait_state(cid, {"progress"}))["status"] == "progress"
+    await stop_bridge(first)  # the job stays recorded as running on `old`
+    second = await bridge_factory([new], data_dir=data)  # `old` is no longer in the settings
+    assert (await second.wait_state(cid, {"closed", "error"}, timeout=20))["status"] == "closed"
+    assert len(new.prompts) == 1
