@@ -27,20 +27,48 @@ PROFILES = ("0.3.64", "current")  # the ComfyUI releases the fake imitates (comf
 pytest_plugins = ("pgcluster",)  # pg_cluster, pg_url: a throw-away PostgreSQL 15 (tests/pgcluster.py)
 
 
+ENGINES = ("sqlite", "postgresql")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """--fake-profile: which ComfyUI release the fakes imitate."""
+    """--fake-profile: which ComfyUI release the fakes imitate; --store: which job store engines bridges use."""
     parser.addoption("--fake-profile", choices=("both", *PROFILES), default="both",
                      help="both (default): modules marked both_profiles run against each profile, the rest "
                           "against 0.3.64; or one profile for the whole suite")
+    parser.addoption("--store", choices=("both", *ENGINES), default=os.environ.get("BRIDGE_TEST_STORE", "both"),
+                     help="both (default): every test that starts a bridge in the process runs once with SQLite "
+                          "and once with PostgreSQL (env BRIDGE_TEST_STORE sets the default)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Run the tests of modules marked both_profiles once per fake profile."""
-    if "fake_profile" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("both_profiles") is None:
-        return
-    chosen = metafunc.config.getoption("--fake-profile")
-    metafunc.parametrize("fake_profile", PROFILES if chosen == "both" else (chosen,), indirect=True,
-                         ids=lambda p: f"comfy-{p}")
+    """Run each test that starts a bridge once per store engine, and the tests of modules marked both_profiles
+    once per fake profile. PostgreSQL runs with one profile: the profiles differ in ComfyUI, not in the store."""
+    profiles: tuple[str, ...] = ()
+    if "fake_profile" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_profiles"):
+        chosen = metafunc.config.getoption("--fake-profile")
+        profiles = PROFILES if chosen == "both" else (chosen,)
+    engines: tuple[str, ...] = ()
+    if "store_engine" in metafunc.fixturenames:
+        chosen = metafunc.config.getoption("--store")
+        engines = ENGINES if chosen == "both" else (chosen,)
+        if metafunc.definition.get_closest_marker("sqlite_only") is not None:
+            engines = ("sqlite",)
+    if profiles and engines:
+        pairs = [(p, "sqlite") for p in profiles if "sqlite" in engines]
+        pairs += [(profiles[0], e) for e in engines if e != "sqlite"]
+        metafunc.parametrize(("fake_profile", "store_engine"), pairs, indirect=True,
+                             ids=[f"comfy-{p}-{e}" for p, e in pairs])
+    elif profiles:
+        metafunc.parametrize("fake_profile", profiles, indirect=True, ids=lambda p: f"comfy-{p}")
+    elif engines:
+        metafunc.parametrize("store_engine", engines, indirect=True)
+
+
+@pytest.fixture
+def store_engine(request: pytest.FixtureRequest) -> str:
+    """The job store engine of the bridges this test starts (see pytest_generate_tests)."""
+    chosen = request.config.getoption("--store")
+    return str(getattr(request, "param", None) or ("sqlite" if chosen == "both" else chosen))
 
 
 @pytest.fixture
@@ -238,16 +266,15 @@ async def fakes(fake_profile: str) -> AsyncIterator[Callable[..., Awaitable[Fake
 
 @pytest.fixture
 async def bridge_factory(tmp_path: Path, workflows_dir: Path, fakes: Callable[..., Awaitable[FakeComfy]],
-                         request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
+                         store_engine: str, request: pytest.FixtureRequest
+                         ) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
     """Factory of running bridges over given fakes; each is stopped at teardown, before the fakes.
 
-    With BRIDGE_TEST_STORE=postgresql every bridge of the test uses one fresh PostgreSQL database (of the
+    With the postgresql engine every bridge of the test uses one fresh PostgreSQL database (of the
     session's tests/pgcluster.py server) instead of SQLite in its data_dir: the whole API suite runs
-    against either engine."""
+    against both engines."""
     running: list[Bridge] = []
-    engine = os.environ.get("BRIDGE_TEST_STORE", "sqlite")
-    if engine not in ("sqlite", "postgresql"):
-        raise pytest.UsageError(f"BRIDGE_TEST_STORE must be sqlite or postgresql, not {engine!r}")
+    engine = store_engine
     # asked for here, not in make(): its database is then dropped only after the bridges stopped
     store_url = str(request.getfixturevalue("pg_url")) if engine == "postgresql" else ""
 

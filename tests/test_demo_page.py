@@ -367,6 +367,7 @@ async def run_in_browser(scenario: Callable[[WebDriver, str, Path], None], base:
     await asyncio.to_thread(body)
 
 
+@pytest.mark.sqlite_only("the page's behaviour; the store engines run the same API in the other tests")
 async def test_demo_page(bridge_factory, fakes, tmp_path: Path) -> None:
     fake = await fakes(duration=RUN_SECONDS, tick=0.05)
     bridge = await bridge_factory([fake])
@@ -379,6 +380,7 @@ async def test_demo_page(bridge_factory, fakes, tmp_path: Path) -> None:
     assert 2**64 - 1 in seeds  # typed in the page, sent exactly
 
 
+@pytest.mark.sqlite_only("the page's behaviour; the store engines run the same API in the other tests")
 async def test_demo_page_asks_for_the_api_key(bridge_factory, fakes, tmp_path: Path) -> None:
     bridge = await bridge_factory([await fakes(duration=0.3)], api_key="demo-secret")
     await run_in_browser(api_key_scenario, bridge.url, tmp_path)

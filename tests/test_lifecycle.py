@@ -224,6 +224,7 @@ async def test_progress_is_throttled(bridge_factory, fakes) -> None:  # type: ig
     assert 5 <= len(progress) <= 14, len(progress)
 
 
+@pytest.mark.sqlite_only("with several bridges another one may still drive that backend (README: Several bridges)")
 async def test_a_job_on_a_backend_taken_out_of_the_settings_runs_on_another(bridge_factory, fakes,  # type: ignore[no-untyped-def]
                                                                             tmp_path) -> None:
     from conftest import stop_bridge
