@@ -65,6 +65,7 @@ class SqliteStore(SqliteRecords):
         self._progress_timer: asyncio.TimerHandle | None = None
         self._sql: dict[Any, str] = {}  # statement texts built once per shape of change
         self._listed: dict[frozenset[str], str] = {}  # backends' workflow sets as JSON lists
+        self._columns: frozenset[str] = frozenset()  # of the jobs table, once open
 
     # lifecycle ----------------------------------------------------------------------------------
     @property
@@ -94,6 +95,7 @@ class SqliteStore(SqliteRecords):
         db.execute("PRAGMA synchronous=NORMAL")
         sqlite_schema.migrate(db)
         self._db = db
+        self._columns = frozenset(row[1] for row in db.execute("PRAGMA table_info(jobs)"))
         floor = int(db.execute("SELECT COUNT(*) FROM jobs WHERE counted = 1").fetchone()[0])
         self.counter = GenerationCounter(self.data_dir / "current_state.json", floor=floor)
 
@@ -118,6 +120,11 @@ class SqliteStore(SqliteRecords):
         return self.counter.value
 
     def _assignments(self, names: Iterable[str]) -> str:
+        """`col = ?, ...` for job fields (built once per set of names; a name that is no column is refused)."""
+        names = list(names)
+        unknown = set(names) - self._columns
+        if unknown:
+            raise TypeError(f"not a changeable job field: {', '.join(sorted(unknown))}")
         return ", ".join(f"{n} = ?" for n in names)
 
     # the queue ----------------------------------------------------------------------------------

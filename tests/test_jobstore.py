@@ -585,3 +585,12 @@ async def test_a_file_that_became_unusable_makes_the_store_unavailable(tmp_path:
         assert await store.claim_results("A", 30) == [] and (await store.job(job.id)) is not None
     finally:
         await store.close()
+
+
+async def test_a_change_of_an_unknown_field_is_refused(make_store: MakeStore) -> None:
+    store = await make_store()
+    job = await store.enqueue(new_job("A"), BIG, BIG)
+    with pytest.raises(TypeError, match="not a changeable job field"):
+        await store.update(job.id, [State.QUEUED], **{"error = 'x', state": "y"})
+    stored = await store.job(job.id)
+    assert stored is not None and stored.state is State.QUEUED and stored.error is None
