@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import ipaddress
 import math
 import os
@@ -15,53 +14,11 @@ from urllib.parse import urlsplit
 import yaml
 from dotenv import dotenv_values
 
+from .configtypes import KEY_NAME as KEY_NAME, ROLES as ROLES, ApiKey as ApiKey
+from .configtypes import BackendConfig as BackendConfig, ConfigError as ConfigError
+
 HERE = Path(__file__).resolve().parent.parent
 DEFAULT_SETTINGS = HERE / "settings.yaml"
-
-
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message names the key."""
-
-
-ROLES = ("caller", "admin")
-KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """One named key: who holds it and what it may do. Only the key's SHA-256 is kept."""
-
-    name: str
-    role: str
-    digest: bytes = field(repr=False)
-
-    @staticmethod
-    def hash(key: str) -> bytes:
-        """The digest a key is stored and compared as."""
-        return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    """One ComfyUI server the bridge may send jobs to."""
-
-    url: str
-    slots: int = 1
-    name: str = ""
-    weight: float = 1.0
-    workflows: tuple[str, ...] | None = None  # None: every workflow
-
-    def accepts(self, alias: str) -> bool:
-        """True if this server may run the workflow (its allow-list, when it has one, names it)."""
-        return self.workflows is None or alias in self.workflows
-
-    @property
-    def label(self) -> str:
-        """The name used in logs and listings: never includes credentials from the URL."""
-        if self.name:
-            return self.name
-        parts = urlsplit(self.url)
-        return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
 
 
 @dataclass(frozen=True)
