@@ -33,6 +33,7 @@ class Output:
     content_type: str
     path: str
     size: int
+    meta: dict[str, Any] = field(default_factory=dict)  # what is known of it: width, height, frames, duration, ...
 
 
 @dataclass(eq=False)
@@ -65,6 +66,7 @@ class Job:
     seq: int = 0
     round: int = 0  # its fair-queue round: dispatch order is (round, seq) among waiting jobs
     cancel_reason: str | None = None
+    webhook: dict[str, Any] | None = None  # the caller's own callback: {"url": ..., "events": [...]}
 
     @property
     def percent(self) -> str:

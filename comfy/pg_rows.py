@@ -19,7 +19,7 @@ UNTAKEN = f"state = 'completed' AND NOT fetched AND {HAS_OUTPUTS}"
 def with_outputs(alias: str) -> str:
     """The columns of a job row `alias` plus its outputs as JSON (column `outs`), for one query."""
     return (f"{alias}.*, (SELECT COALESCE(json_agg(json_build_array(o.node_id, o.filename, o.content_type, o.path,"
-            f" o.size) ORDER BY o.idx), '[]') FROM outputs o WHERE o.job_id = {alias}.id)::text AS outs")
+            f" o.size, o.meta) ORDER BY o.idx), '[]') FROM outputs o WHERE o.job_id = {alias}.id)::text AS outs")
 
 
 JOB = with_outputs("jobs")
@@ -34,12 +34,12 @@ EVENT = {"kind": "{kind}::text", "job_id": "moved.id", "client_id": "moved.clien
 assert set(EVENT) == {*JobEvent.__dataclass_fields__, SENDER}, "EVENT must name every JobEvent field"
 EVENT_PARAMS = ("kind", "detail", "origin", "at", "size", "sender")
 DETAIL = "COALESCE({detail}::text, moved.error)"  # as JobEvent.of: the given detail, else the job's error
-JSON_FIELDS = frozenset({"inputs", "prompt", "files"})
+JSON_FIELDS = frozenset({"inputs", "prompt", "files", "webhook"})
 FIELDS = frozenset({"backend", "prompt_id", "progress", "attempts", "error", "cancel_reason", "started_at",
-                    "finished_at", "timeout", "owner", *JSON_FIELDS})
+                    "finished_at", "timeout", "owner", *(JSON_FIELDS - {"webhook"})})
 INSERTED = ("id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "state", "backend",
             "prompt_id", "progress", "attempts", "error", "cancel_reason", "created_at", "started_at",
-            "finished_at", "counted", "fetched", "expired", "owner", "fetched_at")
+            "finished_at", "counted", "fetched", "expired", "owner", "fetched_at", "webhook")
 _ARGS = ", ".join(f"${i + 1}" for i in range(len(INSERTED)))
 _CAPS = len(INSERTED) + 1  # then: owner, client_id, max_queue, max_per_owner
 # a new job at its fair place (round: one past its client's last waiting one, else the lowest waiting
@@ -50,11 +50,12 @@ ENQUEUE = (f"INSERT INTO jobs ({', '.join(INSERTED)}, round) SELECT {_ARGS},"
            f" max(round) FILTER (WHERE client_id = ${_CAPS + 1}::text) AS last, min(round) AS lowest"
            f" FROM jobs WHERE state = 'queued') AS q WHERE q.waiting < ${_CAPS + 2}::bigint"
            f" AND (${_CAPS}::text = '' OR q.mine < ${_CAPS + 3}::bigint)")
-# the outputs of a job `moved` completes, from arrays (node ids, file names, types, paths, sizes) from $n
-OUTPUTS = ("outputs_in AS (INSERT INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
-           " SELECT moved.id, o.n - 1, o.node_id, o.filename, o.content_type, o.path, o.size FROM moved,"
-           " unnest(${0}::text[], ${1}::text[], ${2}::text[], ${3}::text[], ${4}::bigint[]) WITH ORDINALITY"
-           " AS o (node_id, filename, content_type, path, size, n))")
+# the outputs of a job `moved` completes, from arrays (node ids, file names, types, paths, sizes, metadata
+# JSON) from $n
+OUTPUTS = ("outputs_in AS (INSERT INTO outputs (job_id, idx, node_id, filename, content_type, path, size, meta)"
+           " SELECT moved.id, o.n - 1, o.node_id, o.filename, o.content_type, o.path, o.size, o.meta FROM moved,"
+           " unnest(${0}::text[], ${1}::text[], ${2}::text[], ${3}::text[], ${4}::bigint[], ${5}::text[])"
+           " WITH ORDINALITY AS o (node_id, filename, content_type, path, size, meta, n))")
 
 
 def names(workflows: frozenset[str] | None) -> list[str] | None:
@@ -71,7 +72,8 @@ def encode(fields: dict[str, Any]) -> dict[str, Any]:
     """Job fields as column values: JSON text for the JSON columns, the value of a State."""
     out = {}
     for name, value in fields.items():
-        out[name] = json.dumps(value) if name in JSON_FIELDS else value.value if isinstance(value, State) else value
+        out[name] = (json.dumps(value) if value is not None else None) if name in JSON_FIELDS \
+            else value.value if isinstance(value, State) else value
     return out
 
 
@@ -92,8 +94,9 @@ def job_of(row: Record) -> Job:
               attempts=row["attempts"], error=row["error"], created_at=row["created_at"], started_at=row["started_at"],
               finished_at=row["finished_at"], counted=row["counted"], fetched=row["fetched"], owner=row["owner"],
               fetched_at=row["fetched_at"], expired=row["expired"], seq=row["seq"], round=row["round"],
-              cancel_reason=row["cancel_reason"])
-    job.outputs = [Output(*o) for o in json.loads(row["outs"])]
+              cancel_reason=row["cancel_reason"], webhook=json.loads(row["webhook"]) if row["webhook"] else None)
+    job.outputs = [Output(node_id, filename, ctype, path, size, json.loads(meta))
+                   for node_id, filename, ctype, path, size, meta in json.loads(row["outs"])]
     return job
 
 

@@ -116,7 +116,32 @@ CREATE TABLE events (
 CREATE INDEX events_at ON events (at);
 """
 
-MIGRATIONS: tuple[str, ...] = (V1,)  # version n is MIGRATIONS[n - 1]
+# jobs as resources: each output's metadata, a job's own callback, and the webhook outbox (one row per
+# event and endpoint, written in the transaction of the change it reports)
+V2 = """
+ALTER TABLE outputs ADD COLUMN meta TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE jobs ADD COLUMN webhook TEXT;
+CREATE TABLE deliveries (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    event TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    next_at DOUBLE PRECISION NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending',
+    last_status INTEGER,
+    last_error TEXT,
+    holder TEXT,
+    held_until DOUBLE PRECISION,
+    delivered_at DOUBLE PRECISION
+);
+CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+CREATE INDEX deliveries_state ON deliveries (state, created_at);
+CREATE INDEX deliveries_job ON deliveries (job_id);
+"""
+MIGRATIONS: tuple[str, ...] = (V1, V2)  # version n is MIGRATIONS[n - 1]
 LATEST = len(MIGRATIONS)
 
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (

@@ -19,14 +19,14 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("seq", "id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "state", "backend",
            "prompt_id", "attempts", "error", "created_at", "started_at", "finished_at", "counted", "fetched",
-           "owner", "fetched_at", "expired", "round", "cancel_reason", "progress")
+           "owner", "fetched_at", "expired", "round", "cancel_reason", "progress", "webhook")
 COLS = ", ".join(COLUMNS)
-SETTABLE = frozenset(COLUMNS) - {"seq", "id", "inputs", "prompt", "files"}  # what a submit asked never changes
+SETTABLE = frozenset(COLUMNS) - {"seq", "id", "inputs", "prompt", "files", "webhook"}  # what a submit asked never changes
 LIVE = "('queued', 'dispatching', 'running')"
 LIVE_STATES = frozenset({"queued", "dispatching", "running"})
 IDS = "(SELECT value FROM json_each(?))"  # a list of ids bound as one JSON parameter
 
-SQL_OUTPUTS = ("SELECT job_id, node_id, filename, content_type, path, size FROM outputs"
+SQL_OUTPUTS = ("SELECT job_id, node_id, filename, content_type, path, size, meta FROM outputs"
                f" WHERE job_id IN {IDS} ORDER BY job_id, idx")
 HAS_OUTPUTS = "EXISTS (SELECT 1 FROM outputs WHERE job_id = jobs.id)"
 SQL_UNTAKEN = (f"SELECT {COLS} FROM jobs INDEXED BY jobs_open WHERE {OPEN} AND client_id = ? AND state = 'completed' AND {HAS_OUTPUTS}"
@@ -40,6 +40,14 @@ SQL_EXPIRED = (f"SELECT id FROM jobs INDEXED BY jobs_open WHERE {OPEN} AND state
 # names of uploads that a waiting or running job, or an untaken result, still refers to
 SQL_UPLOADS_IN_USE = (f"SELECT json_extract(f.value, '$.name') FROM jobs INDEXED BY jobs_open, json_each(jobs.files) AS f"
                       f" WHERE {OPEN}")
+
+
+
+def output_of(row: list[Any]) -> Output:
+    """An Output from (node_id, filename, content_type, path, size, meta JSON)."""
+    node_id, filename, content_type, path, size, meta = row
+    return Output(node_id, filename, content_type, path, size, json.loads(meta))
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -101,7 +109,7 @@ class SqliteRecords(JobStore):
         read-only."""
         (seq, job_id, client_id, workflow, inputs, prompt, files, timeout, state, backend, prompt_id, attempts,
          error, created_at, started_at, finished_at, counted, fetched, owner, fetched_at, expired, rnd,
-         cancel_reason, progress) = row
+         cancel_reason, progress, webhook) = row
         body = self._bodies.get(job_id)
         if body is None:
             body = (json.loads(inputs), json.loads(prompt), json.loads(files))
@@ -112,7 +120,8 @@ class SqliteRecords(JobStore):
                    backend=backend, prompt_id=prompt_id, attempts=attempts, error=error, created_at=created_at,
                    started_at=started_at, finished_at=finished_at, counted=bool(counted), fetched=bool(fetched),
                    owner=owner, fetched_at=fetched_at, expired=bool(expired), seq=seq, round=rnd,
-                   cancel_reason=cancel_reason, progress=float(self._progress.get(job_id, progress)))
+                   cancel_reason=cancel_reason, progress=float(self._progress.get(job_id, progress)),
+                   webhook=json.loads(webhook) if webhook else None)
 
     def _jobs(self, rows: Iterable[tuple[Any, ...]], outputs: bool = True) -> list[Job]:
         """Jobs from rows, their outputs loaded in one query."""
@@ -120,11 +129,11 @@ class SqliteRecords(JobStore):
         if outputs and jobs:
             by_id = {j.id: j for j in jobs}
             for job_id, *out in self.db.execute(SQL_OUTPUTS, (json.dumps(list(by_id)),)):
-                by_id[job_id].outputs.append(Output(*out))
+                by_id[job_id].outputs.append(output_of(out))
         return jobs
 
     def _with_outputs(self, job: Job) -> Job:
-        job.outputs = [Output(*out) for _, *out in self.db.execute(SQL_OUTPUTS, (json.dumps([job.id]),))]
+        job.outputs = [output_of(out) for _, *out in self.db.execute(SQL_OUTPUTS, (json.dumps([job.id]),))]
         return job
 
     @staticmethod

@@ -2,7 +2,8 @@
 
 The version lives in `PRAGMA user_version` (0 = a file made before migrations were numbered, or a new
 file). Version 1 is the schema the bridge used before the JobStore contract, reached from any earlier
-file by adding the columns it gained over time; version 2 adds what the contract needs."""
+file by adding the columns it gained over time; version 2 adds what the contract needs;
+version 3 adds output metadata, per-job callbacks and the webhook outbox."""
 from __future__ import annotations
 
 import logging
@@ -137,7 +138,36 @@ def _v2(db: sqlite3.Connection) -> None:
     db.execute(f"CREATE INDEX jobs_open ON jobs (client_id, state, round) WHERE {OPEN}")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)  # version n is MIGRATIONS[n - 1]
+# the webhook outbox: one row per (event, endpoint), written in the transaction of the change it reports
+DELIVERIES = """CREATE TABLE deliveries (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    event TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    next_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending',
+    last_status INTEGER,
+    last_error TEXT,
+    holder TEXT,
+    held_until REAL,
+    delivered_at REAL)"""
+
+
+def _v3(db: sqlite3.Connection) -> None:
+    """Jobs as resources: each output's metadata (width, height, frames, duration, ...), a job's own
+    callback, and the webhook outbox."""
+    db.execute("ALTER TABLE outputs ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
+    db.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")
+    db.execute(DELIVERIES)
+    db.execute("CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending'")
+    db.execute("CREATE INDEX deliveries_state ON deliveries (state, created_at)")
+    db.execute("CREATE INDEX deliveries_job ON deliveries (job_id)")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)  # version n is MIGRATIONS[n - 1]
 LATEST = len(MIGRATIONS)
 
 

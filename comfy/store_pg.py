@@ -26,6 +26,7 @@ How the contract holds across bridges:
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import replace
@@ -181,9 +182,9 @@ class PostgresStore(PgRecords):
         if to is not State.COMPLETED or not outputs:
             moved = await self._change(change, args, to.value)
             return moved[0] if moved else None
-        also = OUTPUTS.format(*range(len(args) + 1, len(args) + 6))
+        also = OUTPUTS.format(*range(len(args) + 1, len(args) + 7))
         args += [[o.node_id for o in outputs], [o.filename for o in outputs], [o.content_type for o in outputs],
-                 [o.path for o in outputs], [o.size for o in outputs]]
+                 [o.path for o in outputs], [o.size for o in outputs], [json.dumps(o.meta) for o in outputs]]
         async with self.link.connection() as conn:
             changed = await self._changed(conn, change, args, to.value, size=sum(o.size for o in outputs), also=also)
         if not changed:

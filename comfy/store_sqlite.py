@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_WRITE = 1.0  # seconds a running job's stored progress may lag its events
 _NEW = ("id", "client_id", "workflow", "inputs", "prompt", "files", "timeout", "state", "created_at", "owner",
-        "cancel_reason")
+        "cancel_reason", "webhook")
 
 # a new job, inserted only while both caps allow it (the two counts read the partial indexes of waiting
 # jobs); its round: one past its client's last waiting one, else the lowest waiting round (else 0)
@@ -50,8 +50,8 @@ SQL_PLACE = ("SELECT COUNT(*) FROM jobs AS j, jobs AS me WHERE me.id = ? AND me.
 SQL_REQUEUE = ("UPDATE jobs SET state = 'queued', backend = NULL, prompt_id = NULL, progress = 0,"
                " round = COALESCE((SELECT MIN(round) FROM jobs WHERE state = 'queued'), 1) - 1"
                f" WHERE id = ? AND state IN {{}} RETURNING {COLS}")
-SQL_ADD_OUTPUT = ("INSERT OR REPLACE INTO outputs (job_id, idx, node_id, filename, content_type, path, size)"
-                  " VALUES (?, ?, ?, ?, ?, ?, ?)")
+SQL_ADD_OUTPUT = ("INSERT OR REPLACE INTO outputs (job_id, idx, node_id, filename, content_type, path, size, meta)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class SqliteStore(SqliteRecords):
@@ -135,7 +135,7 @@ class SqliteStore(SqliteRecords):
         placed = self.db.execute(SQL_INSERT, (
             job.id, job.client_id, job.workflow, json.dumps(job.inputs), json.dumps(job.prompt),
             json.dumps(job.files), job.timeout, job.state.value, job.created_at, job.owner, job.cancel_reason,
-            job.client_id, max_queue, job.owner, job.owner, max_per_owner)).fetchone()
+            json.dumps(job.webhook) if job.webhook is not None else None, job.client_id, max_queue, job.owner, job.owner, max_per_owner)).fetchone()
         if placed is None:  # a cap stopped it: say which
             if self.db.execute(SQL_WAITING).fetchone()[0] >= max_queue:
                 raise QueueFull(f"the queue is full ({max_queue} jobs waiting); try again later")
@@ -245,7 +245,8 @@ class SqliteStore(SqliteRecords):
             try:
                 row = db.execute(sql, args).fetchone()
                 if row is not None and outputs:
-                    db.executemany(SQL_ADD_OUTPUT, [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size)
+                    db.executemany(SQL_ADD_OUTPUT, [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size,
+                                                     json.dumps(o.meta))
                                                     for i, o in enumerate(outputs)])
                 db.execute("COMMIT")
             except BaseException:

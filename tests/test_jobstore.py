@@ -485,10 +485,10 @@ async def test_a_store_of_an_earlier_release_is_migrated_in_order(tmp_path: Path
     data = tmp_path / "data"
     old_store(data, last)
     store = SqliteStore(data, "b")
-    assert await store.pending_migrations() == [1, 2]
+    assert await store.pending_migrations() == [1, 2, 3]
     await store.open()
     try:
-        assert store.schema_version == 2 and await store.pending_migrations() == [] and await store.migrate() == []
+        assert store.schema_version == 3 and await store.pending_migrations() == [] and await store.migrate() == []
         done = await store.job("gen_done")
         assert done is not None and done.state is State.COMPLETED and done.inputs == {"seed": 1}
         assert done.owner == "" and done.outputs == [Output("9", "a.png", "image/png", "gen_done/a.png", 42)]
@@ -513,7 +513,7 @@ async def test_a_store_of_an_earlier_release_is_migrated_in_order(tmp_path: Path
 async def test_each_migration_runs_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
     store = SqliteStore(data, "b")
-    assert await store.pending_migrations() == [1, 2]
+    assert await store.pending_migrations() == [1, 2, 3]
     await store.open()
     await store.enqueue(new_job("A"), BIG, BIG)
     await store.close()
@@ -521,7 +521,7 @@ async def test_each_migration_runs_once(tmp_path: Path) -> None:
     assert await again.pending_migrations() == []
     await again.open()
     try:
-        assert again.schema_version == 2 and await again.queue_length() == 1
+        assert again.schema_version == 3 and await again.queue_length() == 1
     finally:
         await again.close()
 
@@ -594,3 +594,23 @@ async def test_a_change_of_an_unknown_field_is_refused(make_store: MakeStore) ->
         await store.update(job.id, [State.QUEUED], **{"error = 'x', state": "y"})
     stored = await store.job(job.id)
     assert stored is not None and stored.state is State.QUEUED and stored.error is None
+
+
+async def test_output_metadata_and_a_jobs_callback_survive_a_reopen(make_store: MakeStore) -> None:
+    store = await make_store("bridge-7")
+    job = new_job("A")
+    job.webhook = {"url": "https://hooks.example.com/done", "events": ["completed"]}
+    await store.enqueue(job, BIG, BIG)
+    out = [Output("9", "clip.mp4", "video/mp4", f"{job.id}/clip.mp4", 5000,
+                  meta={"width": 512, "height": 288, "frames": 48, "duration": 2.0}),
+           Output("9", "a.png", "image/png", f"{job.id}/a.png", 100)]
+    await run_to(store, job, out)
+    reopened = await make_store("bridge-8")
+    seen = await reopened.job(job.id)
+    assert seen is not None and seen.outputs == out and seen.outputs[1].meta == {}
+    assert seen.webhook == {"url": "https://hooks.example.com/done", "events": ["completed"]}
+    taken = await reopened.claim_results("A", 30)
+    assert taken is not None and taken[0].outputs[0].meta["frames"] == 48
+    other = (await push(reopened, "B1"))["B1"]
+    seen = await reopened.job(other.id)
+    assert seen is not None and seen.webhook is None

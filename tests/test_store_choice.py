@@ -117,7 +117,7 @@ async def test_check_runs_the_pending_migrations(pg_url: str, tmp_path: Path,
     await bridge_factory([fake], store_url=pg_url)  # a bridge starts on the migrated database
     old_store(tmp_path / "old", False)  # a data_dir of an earlier release
     good, line = await check_store(Config(data_dir=tmp_path / "old"))
-    assert good and line.endswith("ran schema migration(s) 1, 2"), line
+    assert good and line.endswith("ran schema migration(s) 1, 2, 3"), line
     good, line = await check_store(Config(data_dir=tmp_path / "old"))
     assert good and line.endswith("schema up to date"), line
     good, line = await check_store(Config(store_url="postgresql://bridge:s3cret@127.0.0.1:9/nowhere"))
