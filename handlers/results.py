@@ -1,23 +1,18 @@
 """GET /jobs/{id} and /jobs/{id}/outputs/{n}: one job and its stored results, for their owner only."""
 from __future__ import annotations
 
-import time
 from typing import Any
 from urllib.parse import quote
 
 from tornado.iostream import StreamClosedError
 
+from comfy.jobdoc import job_document, open_mode_query
 from comfy.jobs import Job, State
 from comfy.facade import Api
 
 from .base import BaseHandler, api_error, check_client_id
 
 CHUNK = 256 * 1024
-
-
-def iso(ts: float | None) -> str | None:
-    """A timestamp as the API writes it (UTC, seconds)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
 
 
 class JobResource(BaseHandler):
@@ -42,29 +37,14 @@ class JobResource(BaseHandler):
 
 
 class JobHandler(JobResource):
-    """GET /jobs/{id}: the job's state and its outputs with their URLs."""
+    """GET /jobs/{id}: the job document (state, inputs, place, progress, times, outputs with their URLs)."""
 
     async def get(self, job_id: str) -> None:
         """The job document."""
         job = await self.owned_job(job_id)
-        query = f"?clientId={quote(self.get_query_argument('clientId'))}" \
-            if self.get_query_argument("clientId", None) and not self.identity.key_mode else ""
-        doc: dict[str, Any] = {
-            "id": job.id, "workflow": job.workflow, "state": job.state.value, "progress": round(job.progress, 4),
-            "attempts": job.attempts, "created_at": iso(job.created_at), "started_at": iso(job.started_at),
-            "finished_at": iso(job.finished_at),
-        }
+        query = open_mode_query(None if self.identity.key_mode else self.get_query_argument("clientId", None))
         pos = await self.services.jobs.position(job.id) if job.state is State.QUEUED else None
-        if pos is not None:
-            doc["queue_position"] = pos
-        if job.error and job.state is not State.COMPLETED:
-            doc["error"] = job.error
-        if job.state is State.COMPLETED:
-            doc["results"] = "expired" if job.expired else "taken" if job.fetched else "stored"
-        doc["outputs"] = [{"index": i, "node_id": o.node_id, "filename": o.filename, "content_type": o.content_type,
-                           "size": o.size, "url": f"/jobs/{job.id}/outputs/{i}{query}"}
-                          for i, o in enumerate(job.outputs)]
-        self.write_json(doc)
+        self.write_json(job_document(job, pos, query))
 
 
 class OutputHandler(JobResource):
