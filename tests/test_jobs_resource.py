@@ -12,12 +12,14 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
+import pytest
 from tornado import httpclient
 
 from conftest import TIMEOUT, Bridge, new_client_id, parse_multipart, stopped, wait_for, wait_until
 from comfy.config import ApiKey
 from comfy.fake import containers, imaging
 from comfy.mediainfo import probe
+from comfy.outputs import reported_meta
 
 MB = 1024 * 1024
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -66,6 +68,7 @@ def by_node(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {o["node_id"]: o for o in doc["outputs"]}
 
 
+@pytest.mark.both_profiles  # current releases add asset ids and "metadata" to output entries
 async def test_typed_outputs_in_the_document_the_files_and_the_multipart(bridge: Bridge) -> None:
     cid = new_client_id()
     job_id = await finished(bridge, cid, "media_outputs")
@@ -298,3 +301,15 @@ def test_header_readers_on_real_and_damaged_files(tmp_path: Path) -> None:
                 damaged[rng.randrange(len(damaged))] = rng.randrange(256)
             path.write_bytes(damaged)
             assert isinstance(probe(path), dict), name
+
+
+def test_what_comfyui_says_of_an_output_is_kept_only_when_it_makes_sense() -> None:
+    # current releases' "metadata" (media_enrichment), VHS_VideoCombine's own keys
+    current = {"filename": "v.mp4", "id": "x", "metadata": {"kind": "video", "width": 640, "height": 360,
+                                                             "duration": 2.5, "fps": 24, "frame_count": 60}}
+    assert reported_meta(current) == {"width": 640, "height": 360, "duration": 2.5, "frame_rate": 24.0, "frames": 60}
+    vhs = {"filename": "a.mp4", "format": "video/h264-mp4", "frame_rate": 8, "fullpath": "/srv/out/a.mp4"}
+    assert reported_meta(vhs) == {"format": "video/h264-mp4", "frame_rate": 8.0}
+    odd = {"format": "video/h264\r\nX-Evil: 1", "frame_rate": True,
+           "metadata": {"width": "640", "height": -1, "duration": float("nan"), "frame_count": 2.5, "fps": 1e12}}
+    assert reported_meta(odd) == {}
