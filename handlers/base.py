@@ -22,7 +22,8 @@ CLIENT_ID_CHARS = re.compile(r"^[A-Za-z0-9._:-]+$")
 # served by StaticHandler, which never asks for a key).
 PUBLIC_PATHS = frozenset({"/docs", "/openapi.json", "/openapi.yaml", "/health"})
 CORS_ALLOW_HEADERS = "Authorization, Content-Type"
-CORS_EXPOSE_HEADERS = "Retry-After, X-Detail, X-Job-Ids"
+CORS_EXPOSE_HEADERS = ("Retry-After, X-Detail, X-Job-Ids, ETag, Last-Modified, Accept-Ranges, Content-Range,"
+                       " Content-Length, Content-Disposition, X-Output-Type")
 STORE_RETRY_AFTER = "5"  # seconds a caller should wait when the job store's database is unreachable
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
