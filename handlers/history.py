@@ -6,7 +6,7 @@ import os
 import time
 import uuid
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote
 
 from tornado.iostream import StreamClosedError
@@ -61,21 +61,25 @@ class HistoryHandler(BaseHandler):
         if jobs is None:
             raise api_error(409, "another request is receiving this clientId's results right now; if it does "
                                  "not receive them whole they can be taken again", {"Retry-After": "1"})
+        if not jobs:
+            return self._no_content(f"No contents with that client id / {client_id}", scoped)
+        taken = False
+
+        async def take() -> None:
+            # every byte but the closing boundary is with the connection: the results are taken now, before the
+            # caller can see a whole answer (so its next call already finds them gone and its quota freed); their
+            # files stay for refetch_grace in case its side lost them after all (?redeliver=1)
+            nonlocal taken
+            await service.taken(jobs)
+            taken = True
         delivered = False
         try:
-            if jobs:
-                delivered = await self._send(jobs)
-            else:
-                return self._no_content(f"No contents with that client id / {client_id}", scoped)
+            delivered = await self._send(jobs, take)
         finally:
-            if not delivered and jobs:
+            if not taken:
                 await service.release_results(jobs)
-        if not delivered:
-            return
-        # only now, with every byte handed to the connection, are the results taken; their files stay for
-        # refetch_grace in case the caller's side lost them after all (?redeliver=1)
-        await service.taken(jobs)
-        self.finish()
+        if delivered:
+            self.finish()
 
     async def _again(self, client_id: str, scoped: str) -> None:
         """?redeliver=1: the results this client took within refetch_grace, sent again (nothing is taken)."""
@@ -85,8 +89,9 @@ class HistoryHandler(BaseHandler):
         if await self._send(jobs):
             self.finish()
 
-    async def _send(self, jobs: list[Job]) -> bool:
-        """Write the jobs' outputs as one multipart answer; False if the caller left before all of it was sent."""
+    async def _send(self, jobs: list[Job], before_end: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Write the jobs' outputs as one multipart answer; False if the caller left before all of it was sent.
+        `before_end` runs once everything but the closing boundary has been handed to the connection."""
         folder = self.services.config.results_dir
         with ExitStack() as files:
             # every file is opened before the headers go out: one that a sweep deletes meanwhile stays readable,
@@ -116,6 +121,9 @@ class HistoryHandler(BaseHandler):
                             await self.paced_flush()
                             buffered = 0
                     self.write(b"\r\n")
+                if before_end is not None:
+                    await self.paced_flush()
+                    await before_end()
                 self.write(tail)
                 await self.paced_flush()  # small results leave in this one write
             except StreamClosedError:

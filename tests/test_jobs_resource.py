@@ -2,6 +2,7 @@
 DELETE /jobs/{id} in each state, typed outputs of video, audio, 3D and text workflows, and nobody but the owner."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import random
@@ -313,3 +314,28 @@ def test_what_comfyui_says_of_an_output_is_kept_only_when_it_makes_sense() -> No
     odd = {"format": "video/h264\r\nX-Evil: 1", "frame_rate": True,
            "metadata": {"width": "640", "height": -1, "duration": float("nan"), "frame_count": 2.5, "fps": 1e12}}
     assert reported_meta(odd) == {}
+
+
+def take_then_read(port: int, cid: str, job_id: str) -> tuple[int, str]:
+    """From another thread, as a separate program would: read the whole multipart answer, then at once ask for
+    the job on a new connection. Returns (the answer's byte count, the document's `results`)."""
+    import http.client
+    first = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    first.request("GET", f"/history?clientId={cid}")
+    body = first.getresponse().read()
+    second = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    second.request("GET", f"/jobs/{job_id}?clientId={cid}")
+    results = json.loads(second.getresponse().read())["results"]
+    first.close()
+    second.close()
+    return len(body), str(results)
+
+
+async def test_a_whole_history_answer_means_the_results_are_already_taken(bridge: Bridge) -> None:
+    """A caller that has read the multipart answer to its end finds the job taken at once: its very next
+    request (another submit against its quota, or the document) never sees the results as still stored."""
+    for _ in range(10):
+        cid = new_client_id()
+        job_id = await finished(bridge, cid, "blank-canvas")
+        size, results = await asyncio.to_thread(take_then_read, bridge.port, cid, job_id)
+        assert size > 0 and results == "taken"
