@@ -107,18 +107,17 @@ class GenerateHandler(BaseHandler):
             place = await self.services.jobs.position(job.id) if job.state is State.QUEUED else None
             self.set_header("Location", location)
             return self.write_json(job_document(job, place, query), 202)
-        doc = job_document(job, None, query)
         accept = Accept(self.request.headers.get("Accept"))
         if not accept.bytes_first():
-            return self.write_json(doc)
+            return self.write_json(job_document(job, None, query))
         headers = {"Preference-Applied": applied, "X-Job-Id": job.id, "Location": location}
         if job.state is not State.COMPLETED:
             raise api_error(422, f"job {job.id} {job.state.value}: {job.error or job.state.value}; it has no "
-                                 "output to answer with", headers, job=doc)
+                                 "output to answer with", headers, job=job_document(job, None, query))
         index = accept.output([o.content_type for o in job.outputs])
         if index is None:
             if accept.json_ok:
-                return self.write_json(doc)
+                return self.write_json(job_document(job, None, query))
             kinds = ", ".join(sorted({o.content_type for o in job.outputs})) or "none"
             raise api_error(406, f"job {job.id} has no output of a type the Accept header names (its outputs: "
                                  f"{kinds}); the job document is at the Location", headers)
@@ -136,8 +135,9 @@ class GenerateHandler(BaseHandler):
             ctype += "; charset=utf-8"  # the bridge writes text outputs as UTF-8
         name = out.filename.replace('"', "_")
         with fh:
+            size = os.fstat(fh.fileno()).st_size
             self.set_header("Content-Type", ctype)
-            self.set_header("Content-Length", str(os.fstat(fh.fileno()).st_size))
+            self.set_header("Content-Length", str(size))
             self.set_header("Content-Disposition", f"inline; filename=\"{name}\"; filename*=UTF-8''{quote(out.filename)}")
             self.set_header("Content-Location", f"/jobs/{job.id}/outputs/{index}{query}")
             self.set_header("Content-Security-Policy", "sandbox")  # ComfyUI's bytes, never the bridge's page
@@ -146,7 +146,9 @@ class GenerateHandler(BaseHandler):
             try:
                 while chunk := fh.read(CHUNK):
                     self.write(chunk)
-                    await self.paced_flush()
+                    self.flush()
+                    if stream.writing():  # the kernel did not take it all at once: wait for the reader
+                        await self.paced_flush()
             except StreamClosedError:
                 return
         if stream.closed():

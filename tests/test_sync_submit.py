@@ -203,3 +203,13 @@ async def test_bytes_asked_of_a_failed_job_is_422_with_the_document(bridge: Brid
     # asked for the document, a failed job is a 200 that says so
     resp = await one_call(bridge, new_client_id(), {"workflow": "blank-canvas"}, {"Prefer": "wait=20"})
     assert resp.code == 200 and json.loads(resp.body)["state"] == "failed"
+
+
+async def test_a_large_output_comes_whole(bridge: Bridge) -> None:
+    bridge.fakes[0].padding = 3 * 1024 * 1024  # incompressible bytes: several writes, paced by the reader
+    cid = new_client_id()
+    resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, {"Prefer": "wait=20", "Accept": "image/*"})
+    assert resp.code == 200 and len(resp.body) > 3 * 1024 * 1024
+    stored = await bridge.fetch("GET", f"{resp.headers['Content-Location']}")
+    assert stored.body == resp.body
+    assert (await job_doc(bridge, resp.headers["X-Job-Id"], cid))["results"] == "taken"
