@@ -34,7 +34,8 @@ class EventStreamHandler(JobResource):
 
     def check_auth(self) -> None:
         """As every route, but the key may also come as ?token= (a browser's EventSource sends no headers)."""
-        self.identity = check_request(self, self.services, token=self.get_query_argument("token", None))
+        self.identity = check_request(self, self.services, public=self.request.method == "OPTIONS",
+                                      token=self.get_query_argument("token", None))
 
     def last_event_id(self) -> str | None:
         """Where the caller's previous stream stopped: the Last-Event-ID header, else ?lastEventId=."""

@@ -210,6 +210,7 @@ async def test_another_key_gets_404_and_admin_may_watch(bridge_factory, fake) ->
     assert denied.status == 404 and job_id in json.loads(await denied.body())["detail"]
     keyless = await SSE.open(bridge, f"/jobs/{job_id}/events")
     assert keyless.status == 401
+    assert (await bridge.fetch("OPTIONS", "/events")).code == 204  # a CORS preflight carries no key
     for s in (denied, keyless):
         await s.close()
     for key in (ALICE, OPS):  # the owner, and an admin; an EventSource passes the key as ?token=
