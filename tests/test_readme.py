@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -87,3 +88,73 @@ def test_the_gpu_box_unit_is_a_valid_systemd_unit(tmp_path: Path) -> None:
     out = subprocess.run([verify, "verify", str(tmp_path / "comfy-bridge.service")], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "comfy-bridge.service" not in out.stderr, out.stderr
+
+
+def api_commands() -> list[str]:
+    """The curl commands of the README's API section, continued lines joined, trailing comments dropped."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme[readme.index("\n## The API\n"):], re.S)
+    assert block, "the API section has no bash block"
+    lines = block.group(1).replace("\\\n", " ").splitlines()
+    return [line.split("  #")[0].strip() for line in lines if line.startswith("curl ")]
+
+
+def test_the_api_sections_curl_commands_work_against_the_demo(tmp_path: Path) -> None:
+    """Every curl command of the API section, pasted as written (only the port and the ids the bridge made up
+    replaced), against `bridge.py --demo`: each answers 2xx, and the one-call form gives a PNG."""
+    shutil.copytree(ROOT / "workflows", tmp_path / "workflows")  # the upload names workflows/example.png
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(f"workflows_dir: {ROOT / 'workflows'}\ndata_dir: {tmp_path / 'data'}\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bridge.py"), "--demo", "--config", str(settings),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")})
+    base = f"http://127.0.0.1:{port}"
+    names = {"gen_…": "", "3f2a…c1.png": ""}
+
+    def curl(command: str) -> tuple[int, str]:
+        for placeholder, value in names.items():
+            assert value or placeholder not in command, f"{placeholder} is not known yet for: {command}"
+            command = command.replace(placeholder, value)
+        command = command.replace("localhost:8000", f"127.0.0.1:{port}")
+        # a stream (-N) runs until stopped: three seconds of it are enough to see its events
+        limit = " -m 3" if " -N " in command else ""
+        run = subprocess.run(["bash", "-c", f"{command} -sS{limit} -w '\\n%{{http_code}}'"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=90)
+        body, _, status = run.stdout.rpartition("\n")
+        assert run.returncode == 0 or (limit and run.returncode == 28), (command, run.returncode, run.stderr)
+        assert status.startswith("2"), (command, status, body)
+        return int(status), body
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/backends", timeout=2) as resp:
+                    if json.load(resp)["up"] == 2:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "the demo bridge did not come up"
+            time.sleep(0.1)
+        commands = api_commands()
+        assert any("Prefer: wait=60" in c and "Accept: image/png" in c for c in commands)
+        assert any(c.startswith("curl -N ") and "/events" in c for c in commands)
+        for command in commands:
+            if "/history?clientId=" in command:  # the job has to be done before its results are taken
+                for _ in range(300):
+                    if json.loads(curl(f'curl "{base}/execution-info?clientId=my-client-1"')[1])["status"] == "closed":
+                        break
+                    time.sleep(0.1)
+            status, body = curl(command)
+            if "/upload" in command:
+                names["3f2a…c1.png"] = json.loads(body)["photo"]
+            elif "clientId=my-client-1" in command and "/generate-based-workflow" in command:
+                names["gen_…"] = json.loads(body)["job_id"]
+            elif " -N " in command:
+                assert "\ndata: {" in "\n" + body and "id: " in body, body
+            elif "Accept: image/png" in command:
+                assert status == 200 and (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
