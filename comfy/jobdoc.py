@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from .identity import unscoped
 from .jobs import Job, Output, State
-
-TEXT_INLINE = 64 * 1024  # bytes of a text output shown inside the document
-META_KEYS = ("width", "height", "frames", "duration", "frame_rate", "format")
-MODEL_SUFFIXES = frozenset({".glb", ".gltf", ".obj", ".fbx", ".stl", ".ply", ".usdz", ".3mf"})
+from .outputs import META_KEYS, TEXT_INLINE, kind
 
 
 def iso(ts: float | None) -> str | None:
@@ -20,12 +17,7 @@ def iso(ts: float | None) -> str | None:
 
 def output_kind(output: Output) -> str:
     """What an output is for a caller: image, video, audio, 3d, text or file."""
-    major = output.content_type.split("/", 1)[0].lower()
-    if major in ("image", "video", "audio", "text"):
-        return major
-    if major == "model" or Path(output.filename).suffix.lower() in MODEL_SUFFIXES:
-        return "3d"
-    return "file"
+    return kind(output.content_type, output.filename)
 
 
 def output_document(job: Job, index: int, output: Output, url_query: str = "") -> dict[str, Any]:
@@ -50,7 +42,7 @@ def job_document(job: Job, position: int | None = None, url_query: str = "") -> 
     every URL (open mode's ?clientId=)."""
     status, details = job.client_status()
     doc: dict[str, Any] = {
-        "id": job.id, "client_id": job.client_id, "workflow": job.workflow, "state": job.state.value,
+        "id": job.id, "client_id": unscoped(job.client_id), "workflow": job.workflow, "state": job.state.value,
         "status": status, "details": details, "inputs": job.inputs,
     }
     if job.state is State.QUEUED and position is not None:

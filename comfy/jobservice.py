@@ -196,6 +196,18 @@ class JobService:
         ids = [j.id for j in await self.store.client_jobs(client_id) if j.state.active and not j.cancel_reason]
         return len(await self.store.request_cancel(ids, reason)) if ids else 0
 
+    async def drop(self, job: Job, reason: str) -> Job:
+        """DELETE /jobs/{id}: cancel a waiting or running job wherever it runs (as /interrupt does for a
+        client), or discard the untaken results of a completed one at once (files deleted, no longer counted
+        against the quota, gone from /history; the store forgets them as it does expired ones). Results
+        already taken stay for their refetch grace. Returns the job as it stands afterwards."""
+        if job.state.active and not job.cancel_reason:
+            await self.store.request_cancel([job.id], reason)
+        elif job.state is State.COMPLETED and not job.fetched:
+            self._delete_results(await self.store.mark_fetched([job.id], expired=True))
+            log.info("job %s: results discarded by a DELETE", job.id)
+        return await self.store.job(job.id) or job
+
     async def attach(self, client_id: str, delta: int) -> None:
         """This bridge opened (+1) or closed (-1) the client's last socket."""
         await self.store.attach(client_id, delta)

@@ -13,6 +13,7 @@ from .comfyclient import BackendRejected, BackendUnavailable, ComfyClient
 from .config import Config
 from .jobs import Job, Output, State
 from .jobstore import JobStore
+from .outputs import describe, node_animated, text_meta
 from .pool import BackendPool, Member
 from .protocol import Message, Progress, output_items
 from .wire import commit_file
@@ -310,7 +311,8 @@ class Runner:
             del self.remote_files[key]
 
     async def collect(self, job: Job, backend: ComfyClient, entry: dict[str, Any]) -> list[Output]:
-        """Download every output of the finished prompt into the result store."""
+        """Download every output of the finished prompt into the result store, each with its type and what is
+        known of it (ComfyUI's numbers, the file's headers, a text inline)."""
         outputs: list[Output] = []
         folder = self.config.results_dir
         folder.mkdir(parents=True, exist_ok=True)
@@ -318,14 +320,17 @@ class Runner:
             if item.file is not None:
                 name = _safe_name(str(item.file["filename"]))
                 dest = folder / f"{job.id}-{len(outputs)}{Path(name).suffix}"
-                size, ctype = await backend.download(item.file, dest)
-                outputs.append(Output(item.node_id, name, ctype, dest.name, size))
+                size, reported = await backend.download(item.file, dest)
+                animated = node_animated(entry.get("outputs"), item.node_id, item.file)
+                # a few small reads of the file's headers, off the event loop
+                ctype, meta = await asyncio.to_thread(describe, dest, name, reported, item.file, animated)
+                outputs.append(Output(item.node_id, name, ctype, dest.name, size, meta))
             elif item.text is not None:
                 dest = folder / f"{job.id}-{len(outputs)}.txt"
                 data = item.text.encode("utf-8")
                 _write_file(dest, data)
                 outputs.append(Output(item.node_id, f"node{item.node_id}_text{item.index}.txt", "text/plain",
-                                      dest.name, len(data)))
+                                      dest.name, len(data), text_meta(item.text)))
         return outputs
 
 

@@ -12,7 +12,9 @@ from urllib.parse import quote
 from tornado.iostream import StreamClosedError
 
 from comfy.identity import client_tag
+from comfy.jobdoc import output_kind
 from comfy.jobs import Job, Output, State
+from comfy.outputs import META_KEYS
 from comfy.facade import Api
 
 from .base import BaseHandler, api_error, refuse_cross_site
@@ -123,12 +125,17 @@ class HistoryHandler(BaseHandler):
 
     @staticmethod
     def _part_head(boundary: str, job: Job, out: Output) -> bytes:
+        """The spec's part headers (disposition, type, length), then what the output is: X-Output-Type and
+        X-Output-<Key> for each thing known of it (width, height, frames, duration ...)."""
         name = out.filename.replace('"', "_")
+        typed = "".join(f"X-Output-{key.title().replace('_', '-')}: {_header_value(value)}\r\n"
+                        for key, value in output_headers(out))
         return (f"--{boundary}\r\n"
                 f"Content-Disposition: form-data; name=\"{job.id}/{out.node_id}\"; filename=\"{name}\"; "
                 f"filename*=UTF-8''{quote(name)}\r\n"
                 f"Content-Type: {out.content_type}\r\n"
-                f"Content-Length: {out.size}\r\n\r\n").encode("utf-8")
+                f"Content-Length: {out.size}\r\n"
+                f"{typed}\r\n").encode("utf-8")
 
     async def _generation_log(self, limit: int, offset: int) -> None:
         """The log: every job in open mode and for admin; with keys a caller's own jobs only. It names no
@@ -178,6 +185,15 @@ class HistoryHandler(BaseHandler):
             bounds = f"{low}..{high}" if high is not None else f">= {low}"
             raise api_error(400, f"{name} must be an integer {bounds}, got {raw!r}", error=f"invalid {name}")
         return value
+
+
+def output_headers(out: Output) -> list[tuple[str, Any]]:
+    """(key, value) pairs a part tells of its output: its type first, then its metadata in a fixed order."""
+    return [("type", output_kind(out))] + [(key, out.meta[key]) for key in META_KEYS if key in out.meta]
+
+
+def _header_value(value: Any) -> str:
+    return "true" if value is True else str(value)
 
 
 def routes(services: Api) -> list[tuple[str, type, dict[str, Any]]]:

@@ -122,3 +122,29 @@ def encode_webp(frames: list[Any], fps: float, lossless: bool, quality: int) -> 
     frames[0].save(out, "WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / max(fps, 0.01)),
                    loop=0, lossless=bool(lossless), quality=int(quality), method=0)
     return out.getvalue()
+
+
+def encode_gif(frames: list[Any], fps: float, loop: int) -> bytes:
+    """VHS_VideoCombine's image/gif: the batch as an animated GIF."""
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=round(1000 / max(fps, 0.01)),
+                   loop=int(loop), disposal=2)
+    return out.getvalue()
+
+
+def vp8_frames(frames: list[Any], quality: int) -> tuple[list[bytes], int, int]:
+    """Each frame as a VP8 key frame (a lossy WebP's bitstream is one), all at the first frame's size."""
+    size = frames[0].size
+    out = []
+    for frame in frames:
+        buf = io.BytesIO()
+        frame.convert("RGB").resize(size).save(buf, "WEBP", lossless=False, quality=int(quality), method=0)
+        data = buf.getvalue()
+        at = 12
+        while at + 8 <= len(data):  # the "VP8 " chunk (Pillow may put others first)
+            length = int.from_bytes(data[at + 4:at + 8], "little")
+            if data[at:at + 4] == b"VP8 ":
+                out.append(data[at + 8:at + 8 + length])
+                break
+            at += 8 + length + (length & 1)
+    return out, size[0], size[1]

@@ -37,6 +37,11 @@ def FLOAT(default: float, lo: float, hi: float, step: float, **extra: Any) -> Sp
     return ["FLOAT", {"default": default, "min": lo, "max": hi, "step": step, **extra}]
 
 
+def STRING(default: str) -> Spec:
+    """Spec of a one-line STRING widget."""
+    return ["STRING", {"default": default}]
+
+
 def COMBO(options: list[str], **extra: Any) -> Spec:
     """Old-style combo spec: the options list first, then an options dict."""
     return [list(options), dict(extra)]
@@ -188,7 +193,50 @@ def default_registry() -> dict[str, NodeDef]:
         NodeDef("VAEEncode", {"pixels": LINK("IMAGE"), "vae": LINK("VAE")}, ("LATENT",), category="latent",
                 display_name="VAE Encode"),
     ]
-    return {d.name: d for d in defs}
+    return {d.name: d for d in defs + media_defs()}
+
+
+def media_defs() -> list[NodeDef]:
+    """The video, audio and 3D nodes (run by media.py), with the real classes' inputs and defaults."""
+    save = dict(SAVE_HIDDEN)
+    vhs = "custom_nodes.ComfyUI-VideoHelperSuite"
+    return [
+        NodeDef("CreateVideo", {"images": LINK("IMAGE"), "fps": FLOAT(30.0, 1.0, 120.0, 1.0)}, ("VIDEO",),
+                optional={"audio": LINK("AUDIO")}, category="image/video", display_name="Create Video",
+                python_module="comfy_extras.nodes_video"),
+        NodeDef("SaveVideo", {"video": LINK("VIDEO"), "filename_prefix": STRING("video/ComfyUI"),
+                              "format": COMBO(["auto", "mp4"]), "codec": COMBO(["auto", "h264"])},
+                hidden=save, output_node=True, category="image/video", display_name="Save Video",
+                python_module="comfy_extras.nodes_video"),
+        NodeDef("SaveWEBM", {"images": LINK("IMAGE"), "filename_prefix": STRING("ComfyUI"),
+                             "codec": COMBO(["vp9", "av1"]), "fps": FLOAT(24.0, 0.01, 1000.0, 0.01),
+                             "crf": FLOAT(32.0, 0.0, 63.0, 1.0)},
+                hidden=save, output_node=True, category="image/video", python_module="comfy_extras.nodes_video"),
+        NodeDef("VHS_VideoCombine", {
+            "images": LINK("IMAGE"), "frame_rate": ["FLOAT", {"default": 8, "min": 1, "step": 1}],
+            "loop_count": INT(0, 0, 100), "filename_prefix": STRING("AnimateDiff"),
+            "format": COMBO(["image/gif", "image/webp", "video/webm", "video/h264-mp4"]),
+            "pingpong": ["BOOLEAN", {"default": False}], "save_output": ["BOOLEAN", {"default": True}],
+        }, ("VHS_FILENAMES",), ("Filenames",), optional={"audio": LINK("AUDIO")},
+            hidden={**save, "unique_id": "UNIQUE_ID"}, output_node=True, category="Video Helper Suite",
+            display_name="Video Combine", python_module=vhs),
+        NodeDef("EmptyAudio", {"duration": FLOAT(60.0, 0.0, 1e9, 0.01), "sample_rate": INT(44100, 1, 192000),
+                               "channels": INT(2, 1, 2)}, ("AUDIO",), category="audio", display_name="Empty Audio",
+                python_module="comfy_extras.nodes_audio"),
+        NodeDef("SaveAudio", {"audio": LINK("AUDIO"), "filename_prefix": STRING("audio/ComfyUI")}, hidden=save,
+                output_node=True, category="audio", display_name="Save Audio (FLAC)",
+                python_module="comfy_extras.nodes_audio"),
+        NodeDef("EmptyLatentHunyuan3Dv2", {"resolution": INT(3072, 1, 8192), "batch_size": INT(1, 1, 4096)},
+                ("LATENT",), category="latent/3d", python_module="comfy_extras.nodes_hunyuan3d"),
+        NodeDef("VAEDecodeHunyuan3D", {"samples": LINK("LATENT"), "vae": LINK("VAE"),
+                                       "num_chunks": INT(8000, 1000, 500000), "octree_resolution": INT(256, 16, 512)},
+                ("VOXEL",), category="latent/3d", python_module="comfy_extras.nodes_hunyuan3d"),
+        NodeDef("VoxelToMeshBasic", {"voxel": LINK("VOXEL"), "threshold": FLOAT(0.6, -1.0, 1.0, 0.01)}, ("MESH",),
+                category="3d", python_module="comfy_extras.nodes_hunyuan3d"),
+        NodeDef("SaveGLB", {"mesh": LINK("MESH"), "filename_prefix": STRING("mesh/ComfyUI")}, hidden=save,
+                output_node=True, category="3d", display_name="Save 3D Model",
+                python_module="comfy_extras.nodes_hunyuan3d"),
+    ]
 
 
 def object_info(registry: dict[str, NodeDef], input_files: list[str], name: str | None = None) -> dict[str, Any]:

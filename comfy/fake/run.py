@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from . import ops
+from . import media, ops
 from .ops import Interrupted, NodeError
 from .profile import RAM_CACHE_ENTRIES, enrich_ui
 
@@ -339,7 +339,8 @@ class PromptRun:
             if fail:
                 await ctx.work(share)
                 raise NodeError("RuntimeError", FAIL_MESSAGE)
-            outputs, ui = await ops.run(ctx, node["class_type"], args)
+            run = media.run if node["class_type"] in media.CLASSES else ops.run
+            outputs, ui = await run(ctx, node["class_type"], args)
         except (Interrupted, NodeError, asyncio.CancelledError):
             raise
         except Exception as ex:  # a node bug becomes an execution_error, as in ComfyUI
