@@ -191,8 +191,10 @@ class Run:
         """Stop the job on the bridge (on Ctrl-C or --timeout); what was done, for the caller to read."""
         try:
             if self.job_id is not None:
-                self.bridge.call("DELETE", self.bridge.mine(f"/jobs/{quote(self.job_id, safe='')}"), timeout=10)
-                return f"cancelled job {self.job_id}"
+                status = self.bridge.call("DELETE", self.bridge.mine(f"/jobs/{quote(self.job_id, safe='')}"),
+                                          timeout=10)[0]
+                # 202: the job was running; its backend is stopping it
+                return f"cancelled job {self.job_id}" + (" (its backend is stopping it)" if status == 202 else "")
             if self.submitting and self.options.own_client_id:
                 # the submit's answer never came: this run's own clientId names only its job
                 self.bridge.call("POST", self.bridge.mine("/interrupt"), timeout=10)
