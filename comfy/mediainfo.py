@@ -166,7 +166,7 @@ def _flac(fh: BinaryIO, head: bytes) -> Info:
 
 
 def _ogg(fh: BinaryIO, head: bytes) -> Info:
-    body = head[28 + head[26]:] if len(head) > 27 else b""  # the first page's first packet
+    body = head[27 + head[26]:] if len(head) > 27 else b""  # the first page's first packet
     if body.startswith(b"OpusHead") and len(body) >= 16:
         channels, preskip, rate = body[9], struct.unpack("<H", body[10:12])[0], 48000  # Opus counts at 48 kHz
         info: Info = {"channels": channels, "sample_rate": struct.unpack("<I", body[12:16])[0] or rate}

@@ -22,7 +22,7 @@ from .base import BaseHandler, api_error, check_client_id
 CHUNK = 256 * 1024
 DIGITS = re.compile(r"[0-9]+")
 INDEX = re.compile(r"[0-9]{1,6}")
-FAR = 10**19  # a byte position written with more digits than this has is past any file
+FAR = 10**19  # what a byte position of 19 digits or more stands for: past the end of any file
 
 
 class Unsatisfiable(Exception):

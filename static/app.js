@@ -622,10 +622,12 @@ async function addCard(run, entries) {
     if (value.type.startsWith("image/")) {
       body = make("img", { src: href, alt: `${run.alias} result ${value.name} (node ${node})` });
     } else if (value.type.startsWith("video/")) {
-      body = make("video", { src: href, controls: "", "aria-label": value.name });
+      body = make("video", { src: href, controls: "", preload: "metadata", "aria-label": value.name });
+    } else if (value.type.startsWith("audio/")) {
+      body = make("audio", { src: href, controls: "", preload: "metadata", "aria-label": value.name });
     } else if (value.type.startsWith("text/") || value.type === "application/json") {
       body = make("pre", { textContent: await value.text() });
-    } else {
+    } else {  // a 3D model or any other file: the caption's link downloads it
       body = make("p", { className: "hint", textContent: `${value.type || "file"}, ${value.size} bytes` });
     }
     list.append(make("figure", { className: body.tagName === "PRE" ? "text" : "" }, body, caption));

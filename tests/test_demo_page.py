@@ -1,4 +1,5 @@
-"""The demo page in real headless Chromium: upload, generate, progress, gallery, cancel, polling, API key.
+"""The demo page in real headless Chromium: upload, generate, progress, gallery (images, video and audio
+players), cancel, polling, API key.
 
 The bridge runs on the test's event loop, so every browser step runs in a worker thread
 (``asyncio.to_thread``) while the loop keeps serving. Set COMFY_BRIDGE_SCREENSHOT=static/screenshot.png
@@ -195,6 +196,22 @@ def check_colour_picker(driver: WebDriver) -> None:
     assert image.size == (64, 48) and image.getpixel((10, 10)) == (0x12, 0xAB, 0x34)
 
 
+def check_players(driver: WebDriver) -> None:
+    """video_and_audio (tests/assets): the gallery plays its WebM in a <video> and its FLAC in an <audio>, both
+    with controls, and the browser reads their size and length from the bridge's answer."""
+    Select(driver.find_element(By.ID, "workflow")).select_by_value("video_and_audio")
+    wait(driver, "the form of video_and_audio", lambda d: d.find_element(By.ID, "inputs")
+         .find_element(By.TAG_NAME, "legend").text.endswith("video_and_audio"))
+    generate_and_finish(driver)
+    players = """const card = document.querySelector('#gallery .card');
+        const video = card.querySelector('video[controls]'), audio = card.querySelector('audio[controls]');
+        return video && audio && video.readyState >= 1 && audio.readyState >= 1
+          ? [video.videoWidth, video.videoHeight, audio.duration, card.querySelectorAll('figure').length] : null"""
+    width, height, seconds, figures = wait(driver, "the players to load their media",
+                                           lambda d: d.execute_script(players))
+    assert (width, height, figures) == (64, 48, 2) and abs(seconds - 1.0) < 0.05, (width, height, seconds)
+
+
 def check_progress_moved(seen: list[str]) -> None:
     values = [float(s.rstrip("%")) for s in seen]
     assert any(0 < v < 100 for v in values), f"the progress bar never moved: {seen}"
@@ -310,6 +327,7 @@ def demo_scenario(driver: WebDriver, base: str, shots: Path) -> None:
     # 4. text-to-image: the seed matters; blank-canvas: the colour picker
     check_text_to_image(driver)
     check_colour_picker(driver)
+    check_players(driver)
     driver.save_screenshot(str(shots / "demo-page-end.png"))
     check_accessible(driver)
 
