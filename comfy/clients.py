@@ -1,4 +1,5 @@
-"""Callers' live status: each clientId's sockets, keep-alives, throttled progress, cancel on disconnect."""
+"""Callers' live status: each clientId's sockets and event streams, keep-alives, throttled progress, event ids,
+waiting submits, and cancel on disconnect."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +14,7 @@ from .config import Config
 from .identity import client_tag
 from .jobs import Job, State, client_status
 from .jobstore import PROGRESS, REQUEUED, JobEvent
+from .waiters import JobWaiters
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,13 @@ class JobQueries(Protocol):
 
 
 class ClientSocket(Protocol):
-    """What the hub needs of a caller's WebSocket (the /ws handler provides it)."""
+    """What the hub needs of a caller's WebSocket (the /ws handler) or event stream (comfy/streams.py)."""
 
     client_id: str
 
-    def send_text(self, text: str, droppable: bool = False) -> None:
-        """Send one encoded message; a droppable one may be skipped for a socket that is not reading."""
+    def send_text(self, text: str, droppable: bool = False, eid: str = "") -> None:
+        """Send one encoded message; a droppable one may be skipped for a listener that is not reading.
+        `eid`: the message's event id (see event_id), "" for one about no job; only event streams send it."""
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
@@ -67,18 +70,34 @@ PLACES_DELAY = 0.2  # seconds: queue places are re-sent at most this often
 KEEPALIVE_SLICES = 10  # each keep-alive interval is cut in this many ticks; a tick greets one slice of sockets
 
 
+def event_id(job_id: str, state: State, attempts: int, progress: float = 0.0) -> str:
+    """The id of the message a job in this stored state makes: "<job>:<run>:<state>:<progress in 1/10000>".
+    Derived from the job's record alone, so every bridge gives the same id before and after a restart, and
+    one job's ids grow with its life (a job put back in the line waits for its next run)."""
+    run = attempts + 1 if state is State.QUEUED else attempts
+    steps = round(progress * 10000) if state in (State.RUNNING, State.COMPLETED) else 0
+    return f"{job_id}:{run}:{state.value}:{steps}"
+
+
+def _event_id(event: JobEvent, state: State | None = None) -> str:
+    return event_id(event.job_id, state or event.state or State.QUEUED, event.attempts, event.progress)
+
+
 class ClientHub:
-    """Fans job events out to every socket of the job's clientId."""
+    """Fans job events out to every socket and event stream of the job's clientId, and wakes waiting submits."""
 
     def __init__(self, config: Config, jobs: JobQueries) -> None:
         self.config = config
         self.jobs = jobs
-        self.sockets: dict[str, set[ClientSocket]] = {}
+        self.waiters = JobWaiters()
+        self.sockets: dict[str, set[ClientSocket]] = {}  # clientId -> its sockets and event streams here
+        self._watchers: set[ClientSocket] = set()   # listeners that do not keep the client's jobs alive
+        self._present: dict[str, int] = {}          # clientId -> its listeners and waiting submits that do
         self._pending: dict[str, JobEvent] = {}     # clientId -> progress not yet sent
         self._due: dict[str, asyncio.TimerHandle] = {}  # clientId -> when its held-back progress goes out
         self._sent_at: dict[str, float] = {}        # clientId -> when progress last went out
         self._last_sent: dict[str, str] = {}        # clientId -> last state, progress or queue place sent
-        self._waiting: dict[str, str] = {}          # clientId -> its job waiting in the line (for places)
+        self._waiting: dict[str, tuple[str, str]] = {}  # clientId -> (its job waiting in the line, event id)
         self._turn: dict[str, int] = {}             # clientId -> events seen: a slow lookup never overtakes
         # clientId -> its waiting and running jobs, when every one of them is known here (it had none when
         # its socket opened and events told the rest): then whether it is busy needs no question
@@ -104,12 +123,14 @@ class ClientHub:
             handle.cancel()
         self._grace.clear()
         self._due.clear()
+        self.waiters.stop()
         text = message("error", reason)
         for socks in list(self.sockets.values()):
             for sock in list(socks):
                 sock.send_text(text)
                 sock.close(1001, reason)
         self.sockets.clear()
+        self._watchers.clear()
         for ring in self._wheel:
             ring.clear()
         self._slot.clear()
@@ -117,25 +138,46 @@ class ClientHub:
 
     @property
     def count(self) -> int:
-        """Open caller sockets."""
+        """Open caller sockets and event streams."""
         return sum(len(s) for s in self.sockets.values())
 
-    def add(self, sock: ClientSocket) -> None:
-        """A socket opened: greet it, then tell it where the client's work stands."""
+    def add(self, sock: ClientSocket, holds: bool = True) -> None:
+        """A socket or stream opened: greet it, then tell it where the client's work stands. `holds`: it keeps
+        the client's jobs alive as a socket does (False for a stream that only watches one job)."""
         cid = sock.client_id
-        first = cid not in self.sockets
         self.sockets.setdefault(cid, set()).add(sock)
         slot = (self._tick - 1) % KEEPALIVE_SLICES  # the slice whose turn is furthest away
         self._wheel[slot].add(sock)
         self._slot[sock] = slot
+        if holds:
+            self.hold(cid)
+        else:
+            self._watchers.add(sock)
+        sock.send_text(CONNECTED)
+        self._spawn(self._greet(sock))
+
+    def hold(self, cid: str) -> None:
+        """A socket, event stream or waiting submit of the client is here: no cancel for having left."""
+        count = self._present.get(cid, 0)
+        self._present[cid] = count + 1
+        if count:
+            return
         handle = self._grace.pop(cid, None)
         if handle is not None:
             handle.cancel()
             log.info("client %s reconnected within the grace period; its jobs continue", client_tag(cid))
-        sock.send_text(CONNECTED)
-        if first:
-            self._spawn(self.jobs.attach(cid, 1))
-        self._spawn(self._greet(sock))
+        self._spawn(self.jobs.attach(cid, 1))
+
+    def release(self, cid: str, leaving: bool = True) -> None:
+        """One of the client's holds ended. `leaving`: the caller went away (a socket closed, a waiting submit
+        hung up), so its pending work is cancelled after the grace unless it comes back; False when the
+        caller was answered and leaves its jobs on purpose (a submit that waited and answered 202)."""
+        count = self._present.get(cid, 0) - 1
+        if count > 0:
+            self._present[cid] = count
+            return
+        self._present.pop(cid, None)
+        self._spawn(self._left(cid, self._known_active.get(cid) if leaving else None, leaving))
 
     async def _greet(self, sock: ClientSocket) -> None:
         cid = sock.client_id
@@ -147,12 +189,13 @@ class ClientHub:
             self._known_active[cid] = set()
         if job is None or not (job.state.active or not job.fetched):
             return  # nothing to tell
+        eid = event_id(job.id, job.state, job.attempts, job.progress)
         if job.state is State.QUEUED:
-            self._waiting[cid] = job.id
+            self._waiting[cid] = (job.id, eid)
         text = await self._state_text(job)
         if self._turn.get(cid, 0) != turn or sock not in self.sockets.get(cid, ()):
             return
-        sock.send_text(text)
+        sock.send_text(text, eid=eid)
         if not job.state.active and not await self._busy(cid):
             sock.close(1000, "work finished")
 
@@ -162,50 +205,55 @@ class ClientHub:
         return bool(known) if known is not None else await self.jobs.client_active(cid)
 
     def remove(self, sock: ClientSocket) -> None:
-        """A socket closed: if it was the client's last one while work is pending, cancel after a grace period."""
+        """A socket or stream closed: if it was the client's last hold while work is pending, cancel after a
+        grace period."""
         cid = sock.client_id
         slot = self._slot.pop(sock, None)
         if slot is not None:
             self._wheel[slot].discard(sock)
         socks = self.sockets.get(cid)
-        if socks is None:
+        if socks is None or sock not in socks:
             return
         socks.discard(sock)
-        if socks:
-            return
-        del self.sockets[cid]
-        # nothing of a client without sockets stays here
-        for per_client in (self._sent_at, self._last_sent, self._waiting, self._turn, self._pending):
-            per_client.pop(cid, None)
-        due = self._due.pop(cid, None)
-        if due is not None:
-            due.cancel()
-        self._spawn(self._left(cid, self._known_active.pop(cid, None)))
+        holds = sock not in self._watchers
+        self._watchers.discard(sock)
+        if not socks:
+            del self.sockets[cid]
+            # nothing of a client without listeners stays here (the hold below reads what is known first)
+            for per_client in (self._sent_at, self._last_sent, self._waiting, self._turn, self._pending):
+                per_client.pop(cid, None)
+            due = self._due.pop(cid, None)
+            if due is not None:
+                due.cancel()
+        if holds:
+            self.release(cid)
+        if cid not in self.sockets:
+            self._known_active.pop(cid, None)
 
-    async def _left(self, cid: str, known: set[str] | None) -> None:
-        """The client's last socket here closed: if work is pending, cancel it after a grace period."""
+    async def _left(self, cid: str, known: set[str] | None, leaving: bool) -> None:
+        """The client's last hold here ended: if it left with work pending, cancel that after a grace period."""
         await self.jobs.attach(cid, -1)
-        if cid in self._grace or not await self._busy(cid, known) or cid in self.sockets:
+        if not leaving or cid in self._grace or not await self._busy(cid, known) or cid in self._present:
             return
         loop = asyncio.get_running_loop()
         self._grace[cid] = loop.call_later(self.config.disconnect_grace, self._disconnected, cid)
 
     def _disconnected(self, cid: str) -> None:
         self._grace.pop(cid, None)
-        if cid not in self.sockets:
+        if cid not in self._present:
             self._spawn(self._cancel_if_gone(cid))
 
     async def _cancel_if_gone(self, cid: str) -> None:
-        if cid in self.sockets or await self.jobs.attached(cid):
-            return  # back here meanwhile, or a socket on another bridge follows the work
+        if cid in self._present or await self.jobs.attached(cid):
+            return  # back here meanwhile, or a socket or stream on another bridge follows the work
         n = await self.jobs.cancel_client(cid, "cancelled: the client disconnected")
         if n:
             log.info("client %s gone for %.1fs: cancelled %d job(s)", client_tag(cid), self.config.disconnect_grace, n)
 
-    def _send(self, cid: str, text: str, droppable: bool = False) -> None:
-        """One message to every socket of a client, encoded once."""
+    def _send(self, cid: str, text: str, eid: str, droppable: bool = False) -> None:
+        """One message to every socket and stream of a client, encoded once."""
         for sock in list(self.sockets.get(cid, ())):
-            sock.send_text(text, droppable)
+            sock.send_text(text, droppable, eid)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -219,7 +267,9 @@ class ClientHub:
 
     # job events ---------------------------------------------------------------------------------
     def on_event(self, event: JobEvent) -> None:
-        """Every committed job event, from every bridge: tell the job's client, if it listens here."""
+        """Every committed job event, from every bridge: wake a submit waiting for it, tell the job's client if
+        it listens here."""
+        self.waiters.on_event(event)
         kind = event.kind
         if kind in (State.DISPATCHING.value, State.CANCELLED.value, REQUEUED) and self._waiting \
                 and self._places is None:
@@ -247,22 +297,24 @@ class ClientHub:
             if self._last_sent.get(cid) == f"{event.job_id}:{state.value}":
                 return  # queued -> dispatching reads the same to a caller
             self._last_sent[cid] = f"{event.job_id}:{state.value}"
+            eid = _event_id(event, state)
             if state is State.QUEUED:
-                self._waiting[cid] = event.job_id
-                self._spawn(self._send_queued(cid, event.job_id, self._turn[cid]))
+                self._waiting[cid] = (event.job_id, eid)
+                self._spawn(self._send_queued(cid, event.job_id, eid, self._turn[cid]))
             else:
                 self._waiting.pop(cid, None)
-                self._send(cid, message("connected", "server connected", job_id=event.job_id))
+                self._send(cid, message("connected", "server connected", job_id=event.job_id), eid)
             return
         self._waiting.pop(cid, None)
         self._last_sent.pop(cid, None)
         status, details = client_status(State(kind), event.percent, event.detail)
-        if kind == State.COMPLETED.value:
-            self._send(cid, message("progress", "100.00%", job_id=event.job_id))  # the bar ends at 100.00%
-        self._send(cid, message(status, details, job_id=event.job_id))
+        if kind == State.COMPLETED.value:  # the bar ends at 100.00%
+            self._send(cid, message("progress", "100.00%", job_id=event.job_id),
+                       event_id(event.job_id, State.RUNNING, event.attempts, 1.0))
+        self._send(cid, message(status, details, job_id=event.job_id), _event_id(event, State(kind)))
         self._spawn(self._close_if_done(cid))
 
-    async def _send_queued(self, cid: str, job_id: str, turn: int) -> None:
+    async def _send_queued(self, cid: str, job_id: str, eid: str, turn: int) -> None:
         """A job of the client entered the line: tell it with its place (unless a later event came first)."""
         pos = await self.jobs.position(job_id)
         if self._turn.get(cid) != turn:
@@ -270,7 +322,7 @@ class ClientHub:
         extra: dict[str, Any] = {"job_id": job_id}
         if pos is not None:
             extra["queue_position"] = pos
-        self._send(cid, message("connected", "server connected", **extra))
+        self._send(cid, message("connected", "server connected", **extra), eid)
 
     async def _close_if_done(self, cid: str) -> None:
         if cid in self.sockets and not await self._busy(cid):
@@ -306,7 +358,8 @@ class ClientHub:
             return
         self._last_sent[cid] = text
         self._sent_at[cid] = time.monotonic()
-        self._send(cid, message("progress", text, job_id=event.job_id), droppable=True)
+        self._send(cid, message("progress", text, job_id=event.job_id), _event_id(event, State.RUNNING),
+                   droppable=True)
 
     def _send_places(self) -> None:
         self._places = None
@@ -315,14 +368,14 @@ class ClientHub:
 
     async def _places_now(self) -> None:
         places = await self.jobs.positions()
-        for cid, job_id in list(self._waiting.items()):
+        for cid, (job_id, eid) in list(self._waiting.items()):
             place = places.get(job_id)
             if place is None:
                 continue
             key = f"{job_id}:queued:{place}"
             if self._last_sent.get(cid) != key:
                 self._last_sent[cid] = key
-                self._send(cid, message("connected", "server connected", job_id=job_id, queue_position=place))
+                self._send(cid, message("connected", "server connected", job_id=job_id, queue_position=place), eid)
 
     def _send_keepalive(self) -> None:
         slot, self._tick = self._tick, (self._tick + 1) % KEEPALIVE_SLICES

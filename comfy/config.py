@@ -42,6 +42,7 @@ class Config:
     interrupt_wait: float = 10.0
     max_attempts: int = 3
     results_ttl: float = 86400.0  # seconds an unfetched result is kept
+    max_wait: float = 300.0  # seconds a submit may wait for its result (Prefer: wait=N); a longer N is capped
     # backend health
     probe_interval: float = 2.0
     down_after: int = 3
@@ -125,7 +126,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
                "max_connections": "max_connections", "max_connections_per_address": "max_connections_per_address", "max_header_bytes": "max_header_bytes"},
     "jobs": {"timeout": "job_timeout", "max_queue": "max_queue", "max_queue_per_identity": "max_queue_per_identity",
              "history_poll_interval": "history_poll_interval", "interrupt_wait": "interrupt_wait",
-             "max_attempts": "max_attempts", "results_ttl": "results_ttl", "refetch_grace": "refetch_grace"},
+             "max_attempts": "max_attempts", "results_ttl": "results_ttl", "refetch_grace": "refetch_grace",
+             "max_wait": "max_wait"},
     "health": {"probe_interval": "probe_interval", "down_after": "down_after", "up_after": "up_after",
                "failover_grace": "failover_grace"},
     "clients": {"keepalive_interval": "keepalive_interval", "progress_interval": "progress_interval",
@@ -153,7 +155,7 @@ _POSITIVE = {"port", "max_queue", "max_queue_per_identity", "max_upload_bytes", 
              "max_client_id_length", "submit_rate", "submit_burst", "drain_timeout", "down_after", "up_after",
              "upload_ttl", "quota_bytes", "refetch_grace", "header_timeout", "body_timeout", "body_min_rate",
              "idle_timeout", "send_timeout", "max_connections", "max_connections_per_address", "max_header_bytes", "ws_ping_interval", "ws_ping_timeout",
-             "lease_ttl"}
+             "lease_ttl", "max_wait"}
 
 
 def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,

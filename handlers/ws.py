@@ -141,9 +141,10 @@ class StatusSocket(websocket.WebSocketHandler):
         """Unregister; the hub may cancel the client's work after the grace period."""
         self.services.hub.remove(self)
 
-    def send_text(self, text: str, droppable: bool = False) -> None:
-        """Send one message. A socket whose reader has fallen BACKLOG messages behind gets no more
-        progress or keep-alives, and is closed (1013) if it has not caught up STALL_SECONDS later."""
+    def send_text(self, text: str, droppable: bool = False, eid: str = "") -> None:
+        """Send one message (a socket sends no event id). A socket whose reader has fallen BACKLOG messages
+        behind gets no more progress or keep-alives, and is closed (1013) if it has not caught up STALL_SECONDS
+        later."""
         if self._backlog >= BACKLOG:
             now = time.monotonic()
             if self._stalled_since is None:

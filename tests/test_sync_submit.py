@@ -1,0 +1,215 @@
+"""The one-call submit: Prefer: wait=N (or ?wait=N) answers with the job document or an output's bytes once the
+job ends, 202 + Location when it does not end in time, and a caller that hangs up while waiting cancels it."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from tornado.httputil import HTTPHeaders
+
+from conftest import Bridge, new_client_id, wait_until
+
+PNG = b"\x89PNG\r\n\x1a\n"
+PATH = "/generate-based-workflow?clientId={}"
+
+
+async def one_call(bridge: Bridge, cid: str, body: dict[str, Any], headers: dict[str, str] | HTTPHeaders,
+                   query: str = "") -> Any:
+    """POST a submit with these headers (a JSON body)."""
+    all_headers = HTTPHeaders({"Content-Type": "application/json"})
+    for name, value in headers.items() if isinstance(headers, dict) else headers.get_all():
+        all_headers.add(name, value)
+    return await bridge.fetch("POST", PATH.format(cid) + query, raw=json.dumps(body).encode(), headers=all_headers)
+
+
+async def job_doc(bridge: Bridge, job_id: str, cid: str) -> dict[str, Any]:
+    """GET /jobs/{id} (open mode: the clientId proves ownership)."""
+    return dict(await bridge.get_json(f"/jobs/{job_id}?clientId={cid}"))
+
+
+async def test_curl_like_request_gets_the_image_bytes_and_takes_the_result(bridge: Bridge) -> None:
+    cid = new_client_id()
+    resp = await one_call(bridge, cid, {"workflow": "blank-canvas", "1/width": 32, "1/height": 24},
+                          {"Prefer": "wait=20", "Accept": "image/png", "User-Agent": "curl/8.5.0"})
+    assert resp.code == 200, resp.body
+    assert resp.body.startswith(PNG)
+    assert resp.headers["Content-Type"] == "image/png"
+    assert int(resp.headers["Content-Length"]) == len(resp.body)
+    assert resp.headers["Preference-Applied"] == "wait=20"
+    job_id = resp.headers["X-Job-Id"]
+    assert resp.headers["Content-Location"] == f"/jobs/{job_id}/outputs/0?clientId={cid}"
+    assert resp.headers["Content-Disposition"].startswith("inline; filename=")
+    doc = await job_doc(bridge, job_id, cid)
+    assert doc["state"] == "completed" and doc["results"] == "taken"
+    assert (await bridge.fetch("GET", f"/history?clientId={cid}")).code == 204  # taken once, here
+    # the bytes are the output the job document describes
+    again = await bridge.fetch("GET", f"/jobs/{job_id}/outputs/0?clientId={cid}")
+    assert again.body == resp.body and doc["outputs"][0]["size"] == len(resp.body)
+
+
+async def test_without_a_non_json_accept_the_answer_is_the_job_document_and_takes_nothing(bridge: Bridge) -> None:
+    for accept in (None, "application/json", "*/*", "application/json, text/plain, */*"):
+        cid = new_client_id()
+        headers = {"Prefer": "wait=20", **({"Accept": accept} if accept else {})}
+        resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, headers)
+        assert resp.code == 200, (accept, resp.code, resp.body)
+        assert resp.headers["Content-Type"].startswith("application/json")
+        doc = json.loads(resp.body)
+        assert doc["state"] == "completed" and doc["status"] == "closed" and doc["results"] == "stored"
+        assert doc["outputs"][0]["url"] == f"/jobs/{doc['id']}/outputs/0?clientId={cid}"
+        assert resp.headers["X-Job-Id"] == doc["id"]
+        history = await bridge.fetch("GET", f"/history?clientId={cid}")
+        assert history.code == 200 and PNG in history.body  # still there to take
+
+
+async def test_past_the_wait_202_with_location_and_the_job_runs_on(bridge: Bridge) -> None:
+    cid = new_client_id()
+    resp = await one_call(bridge, cid, {"workflow": "sleep-progress", "2/seconds": 1.0},
+                          {"Accept": "image/png"}, query="&wait=0.3")
+    assert resp.code == 202, resp.body
+    doc = json.loads(resp.body)
+    assert doc["state"] in ("queued", "dispatching", "running")
+    assert resp.headers["Location"] == f"/jobs/{doc['id']}?clientId={cid}" == doc["links"]["self"]
+    assert resp.headers["Preference-Applied"] == "wait=0.3"
+
+    async def done() -> bool:
+        return (await job_doc(bridge, doc["id"], cid))["state"] == "completed"
+    await wait_until(done)  # answered 202 on purpose: no disconnect cancel
+
+
+async def test_a_caller_that_hangs_up_while_waiting_cancels_its_job(bridge: Bridge) -> None:
+    cid = new_client_id()
+    body = json.dumps({"workflow": "sleep-progress", "2/seconds": 5.0}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    writer.write((f"POST {PATH.format(cid)} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n"
+                  f"Content-Type: application/json\r\nPrefer: wait=60\r\nAccept: image/png\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    await writer.drain()
+    await wait_until(lambda: bridge.services.jobs.known_client(cid))
+    await bridge.wait_state(cid, {"progress"})
+    writer.close()  # Ctrl-C on curl
+    await writer.wait_closed()
+    info = await bridge.wait_state(cid, {"error"}, timeout=5)
+    assert "disconnected" in info["details"]
+    assert (await job_doc(bridge, info["job_id"], cid))["state"] == "cancelled"
+
+
+async def test_hanging_up_does_not_cancel_while_a_socket_of_the_client_is_open(bridge: Bridge) -> None:
+    cid = new_client_id()
+    conn = await bridge.ws(cid)
+    body = json.dumps({"workflow": "sleep-progress", "2/seconds": 0.8}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    writer.write((f"POST {PATH.format(cid)} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n"
+                  f"Content-Type: application/json\r\nPrefer: wait=60\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    await writer.drain()
+    await wait_until(lambda: bridge.services.jobs.known_client(cid))
+    await bridge.wait_state(cid, {"progress"})
+    writer.close()
+    await writer.wait_closed()
+    info = await bridge.wait_state(cid, {"closed", "error"})
+    assert info["status"] == "closed", info
+    assert conn.protocol is not None  # the socket stays open (closed at teardown)
+
+
+PREFERENCES = [
+    ({"Prefer": "respond-async, wait=10"}, "wait=10"),
+    ({"Prefer": "RESPOND-ASYNC ,  Wait = \"7\" ; foo=bar"}, "wait=7"),
+    ({"Prefer": "handling=lenient, wait=100000"}, "wait=300"),  # capped at jobs.max_wait
+    ({"Prefer": "wait=5, wait=1"}, "wait=5"),  # the first of a preference counts (RFC 7240)
+    ({"Prefer": "wait=2.5"}, "wait=2.5"),
+]
+
+
+async def test_prefer_is_parsed_as_rfc_7240_says(bridge: Bridge) -> None:
+    for headers, applied in PREFERENCES:
+        resp = await one_call(bridge, new_client_id(), {"workflow": "blank-canvas"}, headers)
+        assert resp.code == 200 and json.loads(resp.body)["state"] == "completed", headers
+        assert resp.headers["Preference-Applied"] == applied
+
+
+async def test_several_prefer_headers_and_the_query_wins(bridge: Bridge) -> None:
+    headers = HTTPHeaders()
+    headers.add("Prefer", "respond-async")
+    headers.add("Prefer", "wait=9")
+    resp = await one_call(bridge, new_client_id(), {"workflow": "blank-canvas"}, headers)
+    assert resp.code == 200 and resp.headers["Preference-Applied"] == "wait=9"
+    resp = await one_call(bridge, new_client_id(), {"workflow": "blank-canvas"}, {"Prefer": "wait=9"}, "&wait=4")
+    assert resp.code == 200 and resp.headers["Preference-Applied"] == "wait=4"
+
+
+BAD_WAITS = [({"Prefer": "wait=abc"}, ""), ({"Prefer": "wait=0"}, ""), ({"Prefer": "wait"}, ""),
+             ({"Prefer": "wait=-3"}, ""), ({}, "&wait="), ({}, "&wait=0"), ({}, "&wait=1e3"),
+             ({"Prefer": "wait=5"}, "&wait=x")]
+
+
+async def test_a_bad_wait_is_a_400_and_queues_nothing(bridge: Bridge) -> None:
+    for headers, query in BAD_WAITS:
+        cid = new_client_id()
+        resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, headers, query)
+        assert resp.code == 400 and "wait" in json.loads(resp.body)["detail"], (headers, query)
+        assert not await bridge.services.jobs.known_client(cid)
+
+
+async def test_without_wait_the_spec_answer_is_unchanged(bridge: Bridge) -> None:
+    for headers in ({}, {"Prefer": "respond-async"}, {"Prefer": "return=minimal"}, {"Accept": "image/png"}):
+        cid = new_client_id()
+        resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, headers)
+        assert resp.code == 200 and "Preference-Applied" not in resp.headers
+        answer = json.loads(resp.body)
+        assert set(answer) == {"detail", "job_id", "queue_position"} and answer["detail"].startswith("queued / ")
+
+
+async def test_text_outputs_come_back_as_text(bridge: Bridge) -> None:
+    cid = new_client_id()
+    resp = await one_call(bridge, cid, {"workflow": "image-size-and-animation", "1/width": 40, "1/height": 30},
+                          {"Prefer": "wait=20", "Accept": "text/plain"})
+    assert resp.code == 200, resp.body
+    assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+    doc = await job_doc(bridge, resp.headers["X-Job-Id"], cid)
+    index = int(resp.headers["Content-Location"].split("/outputs/")[1].split("?")[0])
+    assert doc["outputs"][index]["type"] == "text" and "40" in resp.body.decode()
+    stored = await bridge.fetch("GET", f"/jobs/{doc['id']}/outputs/{index}?clientId={cid}")
+    assert stored.body == resp.body
+    # q-values: the animation is preferred to the text when weighed higher, whatever the order of outputs
+    resp = await one_call(bridge, new_client_id(), {"workflow": "image-size-and-animation"},
+                          {"Prefer": "wait=20", "Accept": "text/plain;q=0.4, image/*;q=0.9"})
+    assert resp.code == 200 and resp.headers["Content-Type"] == "image/webp"
+
+
+async def test_no_output_of_the_accepted_type_is_406_and_takes_nothing(bridge: Bridge) -> None:
+    cid = new_client_id()
+    resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, {"Prefer": "wait=20", "Accept": "video/*"})
+    assert resp.code == 406, resp.body
+    job_id = resp.headers["X-Job-Id"]
+    assert resp.headers["Location"] == f"/jobs/{job_id}?clientId={cid}"
+    assert "image/png" in json.loads(resp.body)["detail"]
+    assert (await job_doc(bridge, job_id, cid))["results"] == "stored"
+    # the document as a fallback the caller accepts is not a 406
+    resp = await one_call(bridge, new_client_id(), {"workflow": "blank-canvas"},
+                          {"Prefer": "wait=20", "Accept": "video/*, application/json;q=0.1"})
+    assert resp.code == 200 and json.loads(resp.body)["state"] == "completed"
+
+
+async def test_bytes_asked_of_a_failed_job_is_422_with_the_document(bridge: Bridge) -> None:
+    bridge.fakes[0].fail = True
+    cid = new_client_id()
+    resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, {"Prefer": "wait=20", "Accept": "image/png"})
+    assert resp.code == 422, resp.body
+    body = json.loads(resp.body)
+    assert body["job"]["state"] == "failed" and body["job"]["error"] in body["detail"]
+    assert resp.headers["Preference-Applied"] == "wait=20"
+    # asked for the document, a failed job is a 200 that says so
+    resp = await one_call(bridge, new_client_id(), {"workflow": "blank-canvas"}, {"Prefer": "wait=20"})
+    assert resp.code == 200 and json.loads(resp.body)["state"] == "failed"
+
+
+async def test_a_large_output_comes_whole(bridge: Bridge) -> None:
+    bridge.fakes[0].padding = 3 * 1024 * 1024  # incompressible bytes: several writes, paced by the reader
+    cid = new_client_id()
+    resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, {"Prefer": "wait=20", "Accept": "image/*"})
+    assert resp.code == 200 and len(resp.body) > 3 * 1024 * 1024
+    stored = await bridge.fetch("GET", f"{resp.headers['Content-Location']}")
+    assert stored.body == resp.body
+    assert (await job_doc(bridge, resp.headers["X-Job-Id"], cid))["results"] == "taken"
