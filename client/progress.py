@@ -33,7 +33,8 @@ class Progress:
         status = msg.get("status")
         if status == "connected" and "job_id" in msg:  # not the greeting: the job's own state, waiting
             place = msg.get("queue_position")
-            self.show(f"queued, position {place}" if place is not None else "queued")
+            if place is not None or not self.shown.startswith("queued"):  # dispatching: still "queued" to a caller
+                self.show(f"queued, position {place}" if place is not None else "queued")
         elif status == "progress":
             self.bar(percent_of(msg.get("details")) or 0.0)
 

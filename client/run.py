@@ -201,6 +201,9 @@ class Run:
                 return "cancelled the job being submitted"
         except (BridgeError, Unreachable) as err:
             return f"could not cancel job {self.job_id or '(being submitted)'}: {err}"
+        if self.submitting:  # a clientId the caller chose may have other work: the bridge's hang-up rule decides
+            return "the bridge cancels the job being submitted once it notices the hang-up, unless a socket of " \
+                   "that clientId is open"
         return "nothing was submitted"
 
     def print_document(self, document: dict[str, Any]) -> None:

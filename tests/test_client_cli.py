@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -16,6 +17,7 @@ from client.inputs import Assignment, UsageError, parse_assignment, value_of
 from client.sse import Event, events
 from comfy.jobs import State
 from conftest import ROOT, Bridge, wait_until
+from bench.procs import stop_process
 from test_cli import free_port
 
 pytestmark = pytest.mark.sqlite_only("the client talks HTTP; the store engine is not what it tests")
@@ -169,6 +171,66 @@ async def test_ctrl_c_cancels_the_job_on_the_bridge(slow_bridge: Bridge, tmp_pat
         return job is not None and job.state is State.CANCELLED
     await wait_until(cancelled, 5)  # the client asked before it exited; the backend may take a moment
     assert not (tmp_path / "out").exists()
+
+
+async def test_timeout_gives_up_and_cancels_the_job(slow_bridge: Bridge, tmp_path: Path) -> None:
+    code, stdout, stderr = await cli("--url", slow_bridge.url, "run", "sleep-progress", "2/seconds=30",
+                                     "--timeout", "1", "--json", "-o", str(tmp_path / "out"))
+    assert code == 1 and stdout == ""
+    assert "did not finish within 1s; cancelled job gen_" in stderr
+    job_id = stderr.split("cancelled job ")[1].split()[0]
+
+    async def cancelled() -> bool:
+        job = await slow_bridge.services.jobs.find_job(job_id)
+        return job is not None and job.state is State.CANCELLED
+    await wait_until(cancelled, 5)
+
+
+@asynccontextmanager
+async def bridge_on(port: int, tmp_path: Path, backend_url: str) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """`python bridge.py` on a given port over one backend (data in tmp_path/data); SIGTERMed on exit."""
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(f"backends: [{{url: '{backend_url}'}}]\nworkflows_dir: {ROOT / 'workflows'}\n"
+                        f"data_dir: {tmp_path / 'data'}\nserver: {{drain_timeout: 1}}\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bridge.py"), "--config", str(settings), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")})
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, "the bridge stopped"
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+                writer.close()
+                await writer.wait_closed()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        yield proc
+    finally:
+        await stop_process(proc, 15)
+
+
+async def test_the_job_is_followed_across_a_bridge_restart(fakes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fake = await fakes()  # the backend outlives the bridge: the restarted bridge re-attaches to the prompt
+    port = free_port()
+    async with bridge_on(port, tmp_path, fake.url) as first:
+        proc = await start("--url", f"http://127.0.0.1:{port}", "run", "sleep-progress", "2/seconds=3",
+                           "-o", str(tmp_path / "out"))
+        assert proc.stderr is not None
+        seen: list[str] = []
+        while not any(": running " in line for line in seen):
+            line = (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()
+            assert line, seen
+            seen.append(line)
+        first.kill()
+        first.wait()
+    async with bridge_on(port, tmp_path, fake.url):
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    rest = err.decode()
+    assert proc.returncode == 0, rest
+    assert "lost the event stream" in rest and rest.rstrip().endswith("completed, 1 output(s) saved")
+    (saved,) = out.decode().splitlines()
+    assert Path(saved).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 async def test_key_from_the_environment_and_a_missing_key(bridge_factory, fake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
