@@ -50,7 +50,8 @@ def common_options(suppress: bool) -> argparse.ArgumentParser:
     # SUPPRESS: --help must never print a key taken from the environment
     p.add_argument("--key", default=argparse.SUPPRESS,
                    help="API key, sent as Authorization: Bearer (default: $COMFY_BRIDGE_KEY, else $BRIDGE_API_KEY)")
-    p.add_argument("--client-id", default=default(None), help="the clientId to submit under (default: a new random one)")
+    p.add_argument("--client-id", default=default(None),
+                   help="the clientId to submit under (default: a new random one)")
     p.add_argument("--json", action="store_true", default=default(False),
                    help="print JSON on stdout: the final job document (run), the bridge's answer (list, show)")
     return p
@@ -71,8 +72,10 @@ def parser() -> argparse.ArgumentParser:
                          help="run a workflow and save its outputs", description="Upload the files, submit the "
                          "job, show its progress on stderr, save every output into --out and print the paths.")
     run.add_argument("workflow")
-    run.add_argument("inputs", nargs="*", metavar="key=value", help="inputs: key=value, key:=JSON, key=@FILE")
-    run.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the outputs (default: .)")
+    run.add_argument("inputs", nargs="*", default=[], metavar="key=value",
+                     help="inputs: key=value, key:=JSON, key=@FILE")
+    run.add_argument("-o", "--out", type=Path, default=Path("."), metavar="DIR",
+                     help="folder for the outputs (default: .)")
     run.add_argument("--wait", type=int, metavar="N", help="one-call submit (Prefer: wait=N): the bridge answers "
                      "when the job is done, if within N seconds; else the job is followed as usual")
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="give up (and cancel the job) after this long")
@@ -118,8 +121,9 @@ def show_workflow(bridge: Bridge, workflow: str, as_json: bool, out: TextIO) -> 
         bits = [f"  {key:<16} {spec.get('type', '?'):<5}", f"default {json.dumps(spec.get('default'))}"]
         if "min" in spec or "max" in spec:
             bits.append(f"{spec.get('min', '')}..{spec.get('max', '')}")
-        if spec.get("choices"):
-            bits.append("one of " + ", ".join(map(str, spec["choices"][:8])) + (" …" if len(spec["choices"]) > 8 else ""))
+        choices = spec.get("choices") or []
+        if choices:
+            bits.append("one of " + ", ".join(map(str, choices[:8])) + (" …" if len(choices) > 8 else ""))
         if spec.get("upload"):
             bits.append(f"a file: {key}=@PATH")
         bits.append(str(spec.get("title", "")))

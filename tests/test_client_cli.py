@@ -9,12 +9,13 @@ import subprocess
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from client.inputs import Assignment, UsageError, parse_assignment, value_of
 from client.sse import Event, events
+from comfy.fake import FakeComfy
 from comfy.jobs import State
 from conftest import ROOT, Bridge, wait_until
 from bench.procs import stop_process
@@ -49,7 +50,8 @@ def stored(bridge: Bridge, job: Any) -> list[bytes]:
 
 
 @pytest.fixture
-async def slow_bridge(bridge_factory, fakes) -> Bridge:  # type: ignore[no-untyped-def]
+async def slow_bridge(bridge_factory: Callable[..., Awaitable[Bridge]],
+                      fakes: Callable[..., Awaitable[FakeComfy]]) -> Bridge:
     """A bridge whose jobs take long enough for live progress to show."""
     return await bridge_factory([await fakes(duration=0.5)])
 
@@ -210,7 +212,8 @@ async def bridge_on(port: int, tmp_path: Path, backend_url: str) -> AsyncIterato
         await stop_process(proc, 15)
 
 
-async def test_the_job_is_followed_across_a_bridge_restart(fakes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_the_job_is_followed_across_a_bridge_restart(fakes: Callable[..., Awaitable[FakeComfy]],
+                                                           tmp_path: Path) -> None:
     fake = await fakes()  # the backend outlives the bridge: the restarted bridge re-attaches to the prompt
     port = free_port()
     async with bridge_on(port, tmp_path, fake.url) as first:
@@ -233,7 +236,8 @@ async def test_the_job_is_followed_across_a_bridge_restart(fakes, tmp_path: Path
     assert Path(saved).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-async def test_key_from_the_environment_and_a_missing_key(bridge_factory, fake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_key_from_the_environment_and_a_missing_key(bridge_factory: Callable[..., Awaitable[Bridge]],
+                                                         fake: FakeComfy, tmp_path: Path) -> None:
     keyed = await bridge_factory([fake], api_key=KEY)
     code, stdout, _ = await cli("--url", keyed.url, "run", "blank-canvas", "-o", str(tmp_path),
                                 env={"COMFY_BRIDGE_KEY": KEY})

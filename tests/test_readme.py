@@ -99,10 +99,20 @@ def api_commands() -> list[str]:
     return [line.split("  #")[0].strip() for line in lines if line.startswith("curl ")]
 
 
-def test_the_api_sections_curl_commands_work_against_the_demo(tmp_path: Path) -> None:
+def client_commands() -> list[str]:
+    """The commands of the README's "Command-line client" block, without their trailing comments."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme[readme.index("\n## Command-line client\n"):], re.S)
+    assert block, "the command-line client's section has no bash block"
+    return [line.split("  #")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_the_api_curl_commands_and_the_client_examples_work_against_the_demo(tmp_path: Path) -> None:
     """Every curl command of the API section, pasted as written (only the port and the ids the bridge made up
-    replaced), against `bridge.py --demo`: each answers 2xx, and the one-call form gives a PNG."""
+    replaced), against `bridge.py --demo`: each answers 2xx, and the one-call form gives a PNG. Then the
+    command-line client's examples, as written, with COMFY_BRIDGE_URL naming that bridge."""
     shutil.copytree(ROOT / "workflows", tmp_path / "workflows")  # the upload names workflows/example.png
+    shutil.copytree(ROOT / "client", tmp_path / "client", ignore=shutil.ignore_patterns("__pycache__"))
     settings = tmp_path / "settings.yaml"
     settings.write_text(f"workflows_dir: {ROOT / 'workflows'}\ndata_dir: {tmp_path / 'data'}\n")
     port = free_port()
@@ -155,6 +165,19 @@ def test_the_api_sections_curl_commands_work_against_the_demo(tmp_path: Path) ->
                 assert "\ndata: {" in "\n" + body and "id: " in body, body
             elif "Accept: image/png" in command:
                 assert status == 200 and (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        commands = client_commands()
+        assert all(c.startswith("python3 -m client ") for c in commands), commands
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "COMFY_BRIDGE_"))},
+               "COMFY_BRIDGE_URL": base}
+        for command in commands:  # with this Python (3.11+, as the README asks), standard library only
+            run = subprocess.run(["bash", "-c", command.replace("python3 ", f"{sys.executable} -S ", 1)],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+            assert run.returncode == 0 and "Traceback" not in run.stderr, (command, run.stdout, run.stderr)
+            if " run " in command and "--json" not in command:
+                (saved,) = run.stdout.splitlines()
+                assert saved.startswith("out/") and (tmp_path / saved).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            elif "--json" in command:
+                assert json.loads(run.stdout)["state"] == "completed"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
