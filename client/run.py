@@ -20,6 +20,7 @@ FINISHED = frozenset({"completed", "failed", "cancelled"})
 STREAM_SILENCE = 60.0  # seconds without a byte on the event stream (keep-alives come every few) before re-opening
 LOST_AFTER = 60.0      # seconds of failed re-connects after which the bridge counts as gone (exit 3)
 RETRY_DELAY = (0.2, 0.5, 1.0, 2.0, 4.0)
+PASSING = frozenset({502, 503, 504})  # a bridge restarting or draining, or the proxy in front saying so: retried
 
 
 class GaveUp(Exception):
@@ -51,6 +52,7 @@ class Run:
         self.stdout = stdout
         self.job_id: str | None = None
         self.submitting = False
+        self.ended = False  # the job has finished: nothing is left to cancel
 
     def execute(self) -> int:
         """Check the workflow and inputs, upload, submit, follow, save; the exit status (0 or 1)."""
@@ -125,7 +127,9 @@ class Run:
                             break
                         self.left()
                 document = self.document()
-            except (Unreachable, ConnectionError, socket.timeout, http.client.HTTPException) as err:
+            except (Unreachable, BridgeError, ConnectionError, socket.timeout, http.client.HTTPException) as err:
+                if isinstance(err, BridgeError) and err.status not in PASSING:
+                    raise
                 self.left()
                 now = time.monotonic()
                 if lost_since is None:
@@ -153,6 +157,7 @@ class Run:
 
     def finish(self, document: dict[str, Any]) -> int:
         """Save a completed job's outputs and print their paths (or the document); 0, else 1."""
+        self.ended = True
         state = document.get("state")
         if state != "completed":
             self.progress.end(state or "ended")
@@ -188,7 +193,11 @@ class Run:
             self.progress.note(f"the outputs are saved, but the bridge did not discard its copy: {err}")
 
     def cancel(self) -> str:
-        """Stop the job on the bridge (on Ctrl-C or --timeout); what was done, for the caller to read."""
+        """Stop the job on the bridge (on Ctrl-C or --timeout); what was done, for the caller to read. A job that
+        has ended is left alone: its outputs stay on the bridge to be fetched again."""
+        if self.ended:
+            return f"job {self.job_id} has ended; what it made stays on the bridge: " \
+                   f"{self.bridge.url}{self.bridge.mine(f'/jobs/{quote(str(self.job_id), safe=str())}')}"
         try:
             if self.job_id is not None:
                 status = self.bridge.call("DELETE", self.bridge.mine(f"/jobs/{quote(self.job_id, safe='')}"),
