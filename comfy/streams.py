@@ -15,6 +15,7 @@ from .jobs import Job, State
 KEEPALIVE = b": keep-alive\n\n"
 NO_ID = "0"  # the id of an event about no job (the greeting) before any job's event was told
 FINAL_RUN = 1 << 62  # a final state comes after every run of its job
+ENDED_KEPT = 256  # ended jobs a long-lived stream remembers (nothing is told of a job after its end anyway)
 RANKS = {State.QUEUED.value: 0, State.DISPATCHING.value: 1, State.RUNNING.value: 2,
          State.COMPLETED.value: 3, State.FAILED.value: 3, State.CANCELLED.value: 3}
 Key = tuple[int, int, int]
@@ -76,6 +77,10 @@ class Cursor:
             return False
         self._told[job_id] = (key, text)
         self.last_id = eid
+        if key[1] == 3 and len(self._told) > ENDED_KEPT:
+            ended = [j for j, (k, _) in self._told.items() if k[1] == 3 and j != job_id]
+            for old in ended[:len(self._told) - ENDED_KEPT]:
+                del self._told[old]
         return True
 
     def ended(self, job_id: str) -> bool:

@@ -138,13 +138,14 @@ class GenerateHandler(BaseHandler):
             size = os.fstat(fh.fileno()).st_size
             self.set_header("Content-Type", ctype)
             self.set_header("Content-Length", str(size))
-            self.set_header("Content-Disposition", f"inline; filename=\"{name}\"; filename*=UTF-8''{quote(out.filename)}")
+            self.set_header("Content-Disposition",
+                            f"inline; filename=\"{name}\"; filename*=UTF-8''{quote(out.filename)}")
             self.set_header("Content-Location", f"/jobs/{job.id}/outputs/{index}{query}")
             self.set_header("Content-Security-Policy", "sandbox")  # ComfyUI's bytes, never the bridge's page
             stream = cast(HTTP1Connection, self.request.connection).stream
             stream.set_nodelay(True)
             try:
-                while chunk := fh.read(CHUNK):
+                while (chunk := fh.read(CHUNK)) and not stream.closed():
                     self.write(chunk)
                     self.flush()
                     if stream.writing():  # the kernel did not take it all at once: wait for the reader
@@ -152,7 +153,7 @@ class GenerateHandler(BaseHandler):
             except StreamClosedError:
                 return
         if stream.closed():
-            return  # it may not all have gone out: the results stay untaken
+            return  # the caller left: it may not all have gone out, so the results stay untaken
         self.finish()
         await self.services.jobs.taken([job])
 

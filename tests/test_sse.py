@@ -244,3 +244,31 @@ async def test_events_are_not_held_back_by_nagle(bridge: Bridge) -> None:
         delays.append(time.perf_counter() - started)
         await sse.close()
     assert max(delays) < 0.030, f"median {statistics.median(delays) * 1000:.1f} ms, max {max(delays) * 1000:.1f} ms"
+
+
+async def test_a_stream_that_stops_reading_skips_progress_and_is_cut_off(bridge: Bridge, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import handlers.events
+    monkeypatch.setattr(handlers.events, "STALL_SECONDS", 0.3)
+    cid = new_client_id()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, ("127.0.0.1", bridge.port))
+    request = f"GET /events?clientId={cid} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n\r\n"
+    await loop.sock_sendall(client, request.encode())
+    hub = bridge.services.hub
+    await wait_for(lambda: cid in hub.sockets)
+    listener = next(iter(hub.sockets[cid]))
+    handler = listener.sink  # type: ignore[attr-defined]
+    text = '{"status": "progress", "details": "' + "x" * 4000 + '"}'
+    most, step, started = 0, 0, loop.time()
+    while cid in hub.sockets and loop.time() - started < 5:  # a backend reporting fast, a caller not reading
+        step += 1
+        listener.send_text(text, True, f"gen_x:1:running:{step}")
+        buffered = handler.connection_stream()._write_buffer
+        most = max(most, len(buffered) if buffered is not None else 0)
+        await asyncio.sleep(0.001)
+    assert cid not in hub.sockets  # cut off, and its place given back
+    assert most <= 2 * len(text)  # what the bridge held for it stayed small: the rest was skipped
+    client.close()

@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from tornado.httputil import HTTPHeaders
 
 from conftest import Bridge, new_client_id, wait_until
@@ -213,3 +214,39 @@ async def test_a_large_output_comes_whole(bridge: Bridge) -> None:
     stored = await bridge.fetch("GET", f"{resp.headers['Content-Location']}")
     assert stored.body == resp.body
     assert (await job_doc(bridge, resp.headers["X-Job-Id"], cid))["results"] == "taken"
+
+
+async def test_across_bridges_a_wait_is_woken_and_a_socket_elsewhere_keeps_the_job(
+        bridge_factory, fake, store_engine: str, tmp_path, request) -> None:  # type: ignore[no-untyped-def]
+    if store_engine != "postgresql":
+        pytest.skip("bridges share a queue through PostgreSQL")
+    pg_url = request.getfixturevalue("pg_url")
+    shared = tmp_path / "shared"
+    one = await bridge_factory([fake], data_dir=shared, store_url=pg_url, cluster_name="one")
+    two = await bridge_factory([fake], data_dir=shared, store_url=pg_url, cluster_name="two")
+    await wait_until(lambda: _one_drives(one, two))
+    idle, driver = (two, one) if one.services.pool.members[0].leased else (one, two)
+    # the job runs on the other bridge: its final event reaches this one through the database
+    cid = new_client_id()
+    resp = await one_call(idle, cid, {"workflow": "blank-canvas"}, {"Prefer": "wait=20", "Accept": "image/png"})
+    assert resp.code == 200 and resp.body.startswith(PNG)
+    # a caller waiting here hangs up while its socket is open on the other bridge: the job runs on
+    cid = new_client_id()
+    await driver.ws(cid)
+    await asyncio.sleep(0.2)  # the socket's presence is recorded in the store
+    body = json.dumps({"workflow": "sleep-progress", "2/seconds": 1.0}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", idle.port)
+    writer.write((f"POST {PATH.format(cid)} HTTP/1.1\r\nHost: 127.0.0.1:{idle.port}\r\n"
+                  f"Content-Type: application/json\r\nPrefer: wait=60\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    await writer.drain()
+    await wait_until(lambda: idle.services.jobs.known_client(cid))
+    await idle.wait_state(cid, {"progress"})
+    writer.close()
+    await writer.wait_closed()
+    assert (await idle.wait_state(cid, {"closed", "error"}))["status"] == "closed"
+
+
+async def _one_drives(one: Bridge, two: Bridge) -> bool:
+    """True once exactly one of the two bridges drives the backend."""
+    return one.services.pool.members[0].leased != two.services.pool.members[0].leased
