@@ -91,11 +91,14 @@ def test_the_gpu_box_unit_is_a_valid_systemd_unit(tmp_path: Path) -> None:
 
 
 def api_commands() -> list[str]:
-    """The curl commands of the README's API section, continued lines joined, trailing comments dropped."""
+    """The curl commands of the README's API section (all its bash blocks, in order), continued lines joined,
+    trailing comments dropped."""
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", readme[readme.index("\n## The API\n"):], re.S)
-    assert block, "the API section has no bash block"
-    lines = block.group(1).replace("\\\n", " ").splitlines()
+    start = readme.index("\n## The API\n")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert blocks, "the API section has no bash block"
+    lines = "".join(blocks).replace("\\\n", " ").splitlines()
     return [line.split("  #")[0].strip() for line in lines if line.startswith("curl ")]
 
 
@@ -159,8 +162,8 @@ def test_the_api_curl_commands_and_the_client_examples_work_against_the_demo(tmp
             status, body = curl(command)
             if "/upload" in command:
                 names["3f2a…c1.png"] = json.loads(body)["photo"]
-            elif "clientId=my-client-1" in command and "/generate-based-workflow" in command:
-                names["gen_…"] = json.loads(body)["job_id"]
+            elif "clientId=my-client-1" in command and "/generate-based-workflow" in command and not names["gen_…"]:
+                names["gen_…"] = json.loads(body)["job_id"]  # the tutorial's job: the later gen_… name it
             elif " -N " in command:
                 assert "\ndata: {" in "\n" + body and "id: " in body, body
             elif "Accept: image/png" in command:
