@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -56,10 +57,10 @@ async def slow_bridge(bridge_factory: Callable[..., Awaitable[Bridge]],
     return await bridge_factory([await fakes(duration=0.5)])
 
 
-async def test_run_uploads_the_file_and_saves_every_output_with_its_bytes(bridge: Bridge, tmp_path: Path,
-                                                                          png: bytes) -> None:
-    photo = tmp_path / "photo.png"
-    photo.write_bytes(png)
+async def test_run_uploads_the_file_and_saves_every_output_with_its_bytes(bridge: Bridge, tmp_path: Path) -> None:
+    picture = (ROOT / "tests" / "assets" / "sample.jpg").read_bytes()  # not the workflow's default one
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(picture)
     out = tmp_path / "out"
     code, stdout, stderr = await cli("--url", bridge.url, "run", "invert-image", f"1/image=@{photo}",
                                      "3/blur_radius=2", "-o", str(out), "--keep")
@@ -69,9 +70,10 @@ async def test_run_uploads_the_file_and_saves_every_output_with_its_bytes(bridge
     job = await bridge.services.jobs.find_job(stderr.split()[1].rstrip(":"))
     assert job is not None and job.state is State.COMPLETED
     assert job.inputs["3/blur_radius"] == 2  # sent as a number: the input is an int
+    assert job.inputs["1/image"] not in ("example.png", "photo.jpg")  # the name the bridge saved it under
     assert [p.read_bytes() for p in saved] == stored(bridge, job)
     upload = bridge.fakes[0].uploads[-1]  # the bridge sent the uploaded photo on to ComfyUI, byte for byte
-    assert upload["bytes"] == len(png)
+    assert upload["sha256"] == hashlib.sha256(picture).hexdigest()
     assert "completed, 1 output(s) saved" in stderr
 
 
