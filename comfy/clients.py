@@ -40,6 +40,9 @@ class JobQueries(Protocol):
     async def cancel_client(self, client_id: str, reason: str) -> int:
         """Cancel the client's waiting and running jobs; how many."""
 
+    async def cancel_jobs(self, job_ids: list[str], reason: str) -> int:
+        """Cancel these jobs if they still wait or run; how many."""
+
     async def attach(self, client_id: str, delta: int) -> None:
         """This bridge opened (+1) or closed (-1) the client's sockets."""
 
@@ -103,6 +106,9 @@ class ClientHub:
         # its socket opened and events told the rest): then whether it is busy needs no question
         self._known_active: dict[str, set[str]] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}
+        # clientId -> what its callers who went away left behind: None = all its work (a socket or stream
+        # closed), else the jobs of waiting submits that hung up; cancelled after the grace unless it is back
+        self._abandoned: dict[str, set[str] | None] = {}
         self._places: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # a timing wheel: a socket hears `listening` one interval after it opened and every interval after
@@ -162,21 +168,31 @@ class ClientHub:
         self._present[cid] = count + 1
         if count:
             return
+        self._abandoned.pop(cid, None)
         handle = self._grace.pop(cid, None)
         if handle is not None:
             handle.cancel()
             log.info("client %s reconnected within the grace period; its jobs continue", client_tag(cid))
         self._spawn(self.jobs.attach(cid, 1))
 
-    def release(self, cid: str, leaving: bool = True) -> None:
-        """One of the client's holds ended. `leaving`: the caller went away (a socket closed, a waiting submit
-        hung up), so its pending work is cancelled after the grace unless it comes back; False when the
-        caller was answered and leaves its jobs on purpose (a submit that waited and answered 202)."""
+    def release(self, cid: str, leaving: bool = True, job_id: str | None = None) -> None:
+        """One of the client's holds ended. `leaving`: the caller went away, so pending work is cancelled after
+        the grace unless the client comes back: all of it when a socket or stream closed, only `job_id` when a
+        waiting submit hung up. False when the caller was answered and leaves its jobs on purpose (a submit
+        that waited and answered 202)."""
+        if leaving:
+            left = self._abandoned.get(cid, set())
+            if job_id is None or left is None:
+                self._abandoned[cid] = None
+            else:
+                left.add(job_id)
+                self._abandoned[cid] = left
         count = self._present.get(cid, 0) - 1
         if count > 0:
             self._present[cid] = count
             return
         self._present.pop(cid, None)
+        leaving = cid in self._abandoned
         self._spawn(self._left(cid, self._known_active.get(cid) if leaving else None, leaving))
 
     async def _greet(self, sock: ClientSocket) -> None:
@@ -234,6 +250,8 @@ class ClientHub:
         """The client's last hold here ended: if it left with work pending, cancel that after a grace period."""
         await self.jobs.attach(cid, -1)
         if not leaving or cid in self._grace or not await self._busy(cid, known) or cid in self._present:
+            if cid not in self._grace:
+                self._abandoned.pop(cid, None)
             return
         loop = asyncio.get_running_loop()
         self._grace[cid] = loop.call_later(self.config.disconnect_grace, self._disconnected, cid)
@@ -244,9 +262,11 @@ class ClientHub:
             self._spawn(self._cancel_if_gone(cid))
 
     async def _cancel_if_gone(self, cid: str) -> None:
+        left = self._abandoned.pop(cid, None)
         if cid in self._present or await self.jobs.attached(cid):
             return  # back here meanwhile, or a socket or stream on another bridge follows the work
-        n = await self.jobs.cancel_client(cid, "cancelled: the client disconnected")
+        reason = "cancelled: the client disconnected"
+        n = await (self.jobs.cancel_client(cid, reason) if left is None else self.jobs.cancel_jobs(sorted(left), reason))
         if n:
             log.info("client %s gone for %.1fs: cancelled %d job(s)", client_tag(cid), self.config.disconnect_grace, n)
 

@@ -196,6 +196,10 @@ class JobService:
         ids = [j.id for j in await self.store.client_jobs(client_id) if j.state.active and not j.cancel_reason]
         return len(await self.store.request_cancel(ids, reason)) if ids else 0
 
+    async def cancel_jobs(self, job_ids: list[str], reason: str) -> int:
+        """Cancel these jobs if they still wait or run, wherever they run; returns how many."""
+        return len(await self.store.request_cancel(job_ids, reason)) if job_ids else 0
+
     async def drop(self, job: Job, reason: str) -> Job:
         """DELETE /jobs/{id}: cancel a waiting or running job wherever it runs (as /interrupt does for a
         client), or discard the untaken results of a completed one at once (files deleted, no longer counted

@@ -21,9 +21,10 @@ CLIENT_ID_CHARS = re.compile(r"^[A-Za-z0-9._:-]+$")
 # Reachable without the API key: the reference documents and the liveness probe (the static page is
 # served by StaticHandler, which never asks for a key).
 PUBLIC_PATHS = frozenset({"/docs", "/openapi.json", "/openapi.yaml", "/health"})
-CORS_ALLOW_HEADERS = "Authorization, Content-Type"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Prefer, Last-Event-ID"
 CORS_EXPOSE_HEADERS = ("Retry-After, X-Detail, X-Job-Ids, ETag, Last-Modified, Accept-Ranges, Content-Range,"
-                       " Content-Length, Content-Disposition, X-Output-Type")
+                       " Content-Length, Content-Disposition, X-Output-Type, Location, Content-Location,"
+                       " Preference-Applied, X-Job-Id")
 STORE_RETRY_AFTER = "5"  # seconds a caller should wait when the job store's database is unreachable
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

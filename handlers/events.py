@@ -19,6 +19,7 @@ from .results import JobResource
 
 log = logging.getLogger(__name__)
 
+MAX_EVENT_ID = 200  # characters of a Last-Event-ID (the bridge's ids are a job id and three short fields)
 STALL_SECONDS = 10.0  # how long a stream's reader may leave the kernel's send buffer full before it is cut off
 
 
@@ -38,8 +39,14 @@ class EventStreamHandler(JobResource):
                                       token=self.get_query_argument("token", None))
 
     def last_event_id(self) -> str | None:
-        """Where the caller's previous stream stopped: the Last-Event-ID header, else ?lastEventId=."""
-        return self.request.headers.get("Last-Event-ID") or self.get_query_argument("lastEventId", None)
+        """Where the caller's previous stream stopped: the Last-Event-ID header, else ?lastEventId=. An id this
+        bridge never sends (longer than MAX_EVENT_ID) is refused with 400; one it cannot read starts afresh."""
+        header, query = self.request.headers.get("Last-Event-ID"), self.get_query_argument("lastEventId", None)
+        for name, given in (("Last-Event-ID", header), ("lastEventId", query)):
+            if given is not None and len(given) > MAX_EVENT_ID:
+                raise api_error(400, f"{name} is at most {MAX_EVENT_ID} characters (send back an id the stream "
+                                     "gave)")
+        return header or query
 
     def check_room(self, client_id: str) -> None:
         """The bounds of caller sockets hold for streams too: per clientId and in all (sockets and streams)."""

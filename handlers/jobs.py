@@ -70,7 +70,7 @@ class GenerateHandler(BaseHandler):
 
     async def wait_and_answer(self, job: Job, client_id: str, waiting: tuple[float, str], query: str) -> None:
         """Wait for the job's final event (or the time, or the caller hanging up), then answer. While it waits the
-        submit holds the client as an open socket does: a caller that hangs up leaves its work to be cancelled
+        submit holds the client as an open socket does: a caller that hangs up leaves this job to be cancelled
         after clients.disconnect_grace, unless another socket, stream or waiting submit of it is open."""
         hub, seconds = self.services.hub, waiting[0]
         future = hub.waiters.expect(job.id)
@@ -86,7 +86,7 @@ class GenerateHandler(BaseHandler):
             timer.cancel()
             hub.waiters.forget(job.id, future)
             self._hung_up = None
-            hub.release(client_id, leaving=outcome is Outcome.GONE)
+            hub.release(client_id, leaving=outcome is Outcome.GONE, job_id=job.id)
         if outcome is not Outcome.GONE:
             await self.answer_job(await self.services.jobs.find_job(job.id) or job, waiting[1], query)
 

@@ -203,7 +203,7 @@ async def test_cors_for_configured_origins(bridge_factory, fake) -> None:  # typ
     assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert "POST" in resp.headers["Access-Control-Allow-Methods"]
     allowed = {h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")}
-    assert {"authorization", "content-type"} <= allowed
+    assert {"authorization", "content-type", "prefer", "last-event-id"} <= allowed  # one-call submit, streams
     assert resp.headers["Vary"] == "Origin"
     resp = await bridge.fetch("OPTIONS", "/history", headers={**preflight, "Access-Control-Request-Method": "GET"})
     assert resp.headers["Access-Control-Allow-Methods"] == "GET, OPTIONS"
@@ -213,7 +213,9 @@ async def test_cors_for_configured_origins(bridge_factory, fake) -> None:  # typ
     assert ok.code == 200 and denied.code == 401
     for resp in (ok, denied):  # errors are readable by the page too
         assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
-        assert "Retry-After" in resp.headers["Access-Control-Expose-Headers"]
+        exposed = {h.strip() for h in resp.headers["Access-Control-Expose-Headers"].split(",")}
+        # a page may read what the one-call submit and ranged output downloads answer with
+        assert {"Retry-After", "Location", "Preference-Applied", "X-Job-Id", "ETag", "Content-Range"} <= exposed
     for origin in ("https://evil.example", "https://app.example.evil.example", "null"):
         resp = await bridge.fetch("OPTIONS", "/generate-based-workflow", headers={**preflight, "Origin": origin})
         assert "Access-Control-Allow-Origin" not in resp.headers, origin

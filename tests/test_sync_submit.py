@@ -96,6 +96,35 @@ async def test_a_caller_that_hangs_up_while_waiting_cancels_its_job(bridge: Brid
     assert (await job_doc(bridge, info["job_id"], cid))["state"] == "cancelled"
 
 
+async def test_hanging_up_cancels_only_the_job_it_waited_for(bridge: Bridge) -> None:
+    """A client that polls (no socket) has one job running; a waiting submit of a second job hangs up: only
+    the second is cancelled."""
+    cid = new_client_id()
+    first = await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 1.5})
+    body = json.dumps({"workflow": "sleep-progress", "2/seconds": 5.0}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    writer.write((f"POST {PATH.format(cid)} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n"
+                  f"Content-Type: application/json\r\nPrefer: wait=60\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    await writer.drain()
+
+    async def second_queued() -> bool:
+        return len([j for j in await bridge.services.jobs.store.client_jobs(cid)]) == 2
+    await wait_until(second_queued)
+    second = [j.id for j in await bridge.services.jobs.store.client_jobs(cid) if j.id != first["job_id"]][0]
+    writer.close()
+    await writer.wait_closed()
+
+    async def cancelled() -> bool:
+        return (await job_doc(bridge, second, cid))["state"] == "cancelled"
+    await wait_until(cancelled)
+
+    async def first_done() -> bool:
+        return (await job_doc(bridge, first["job_id"], cid))["state"] in ("completed", "failed", "cancelled")
+    await wait_until(first_done)
+    assert (await job_doc(bridge, first["job_id"], cid))["state"] == "completed"
+
+
 async def test_hanging_up_does_not_cancel_while_a_socket_of_the_client_is_open(bridge: Bridge) -> None:
     cid = new_client_id()
     conn = await bridge.ws(cid)
