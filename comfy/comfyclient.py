@@ -15,11 +15,12 @@ from tornado import httpclient, websocket
 
 from .config import BackendConfig, Config
 from .httppool import KeepAliveClient, Response
+from .localfiles import copy_output, finish, local_output
 from .protocol import (Capabilities, JobStatus, Message, history_status, job_status, parse_message,
                        partly_refused, queued_prompt_ids, system_info)
 from .sharedcall import SharedCall
 from .wire import (BackendError, BackendRejected, BackendUnavailable, close_if_connected,
-                   commit_file, read_json, short_body, describe_prompt_error, new_client_id)
+                   read_json, short_body, describe_prompt_error, new_client_id)
 
 __all__ = ["ComfyClient", "PromptWatcher", "BackendError", "BackendRejected", "BackendUnavailable",
            "describe_prompt_error", "new_client_id"]
@@ -338,8 +339,16 @@ class ComfyClient:
                 out[cls] = body[cls]
         return out
 
-    async def download(self, item: dict[str, Any], dest: Path) -> tuple[int, str]:
-        """Stream one output file through /view to dest (temp name, fsync, rename); returns size and type."""
+    async def download(self, item: dict[str, Any], dest: Path, durable: bool = True) -> tuple[int, str]:
+        """One output file to dest (temp name, then rename; synced first when `durable`); returns its size and
+        type. Read from the backend's output folder when the bridge sees it (output_dir), else through /view."""
+        local = local_output(self.cfg.output_dir, item)
+        if local is not None:
+            try:
+                return await asyncio.to_thread(copy_output, local, dest, durable)
+            except OSError as exc:
+                log.warning("backend %s: output %s not read from its folder (%s); fetching it", self.label,
+                            local.name, exc)
         query = urlencode({"filename": item.get("filename", ""), "subfolder": item.get("subfolder", ""),
                            "type": item.get("type", "output")})
         tmp = dest.with_name(dest.name + ".part")
@@ -352,8 +361,10 @@ class ComfyClient:
                 fh.write(chunk)
             resp = await self._call("GET", f"/view?{query}", streaming_callback=on_chunk)
             self._check(resp, "GET /view")
-            # fsync and rename off the event loop: they wait on the disk
-            await asyncio.to_thread(commit_file, fh, tmp, dest)
+            if durable:  # fsync and rename off the event loop: they wait on the disk
+                await asyncio.to_thread(finish, fh, tmp, dest, durable)
+            else:
+                finish(fh, tmp, dest, durable)
         except BaseException:
             fh.close()
             tmp.unlink(missing_ok=True)

@@ -212,7 +212,7 @@ def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
     for fld, (key, val) in values.items():
         default = getattr(defaults, fld)
         if fld == "backends":
-            kwargs[fld] = _backends(key, val)
+            kwargs[fld] = _backends(key, val, base)
         elif fld in ("workflows_dir", "data_dir"):
             if not isinstance(val, str) or not val:
                 raise ConfigError(f"{key}: must be a path")
@@ -314,7 +314,20 @@ def _number(key: str, val: Any, kind: type, positive: bool) -> int | float:
     return num
 
 
-def _backends(key: str, val: Any) -> tuple[BackendConfig, ...]:
+def _output_dir(key: str, val: Any, base: Path) -> Path | None:
+    """A backend's output folder as the bridge sees it (relative to the settings file); it must exist."""
+    if val is None or val == "":
+        return None
+    if not isinstance(val, str):
+        raise ConfigError(f"{key}: must be a path")
+    path = Path(val).expanduser()
+    path = (path if path.is_absolute() else base / path).resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} is not a folder (ComfyUI's output folder, as this machine sees it)")
+    return path
+
+
+def _backends(key: str, val: Any, base: Path) -> tuple[BackendConfig, ...]:
     if isinstance(val, str):
         val = [{"url": u.strip()} for u in val.split(",") if u.strip()]
     if not isinstance(val, list) or not val:
@@ -326,7 +339,7 @@ def _backends(key: str, val: Any) -> tuple[BackendConfig, ...]:
             item = {"url": item}
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: must be a URL or a mapping with url")
-        unknown = set(item) - {"url", "slots", "name", "weight", "workflows"}
+        unknown = set(item) - {"url", "slots", "name", "weight", "workflows", "output_dir"}
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
         url = item.get("url")
@@ -350,7 +363,8 @@ def _backends(key: str, val: Any) -> tuple[BackendConfig, ...]:
                                     or not all(isinstance(a, str) for a in allowed)):
             raise ConfigError(f"{where}.workflows: must be a non-empty list of workflow aliases")
         out.append(BackendConfig(url=url.rstrip("/"), slots=int(slots), name=name, weight=float(weight),
-                                 workflows=tuple(allowed) if allowed is not None else None))
+                                 workflows=tuple(allowed) if allowed is not None else None,
+                                 output_dir=_output_dir(f"{where}.output_dir", item.get("output_dir"), base)))
     urls = [b.url for b in out]
     if len(set(urls)) != len(urls):
         raise ConfigError(f"{key}: the same URL is listed twice")

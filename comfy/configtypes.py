@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 
@@ -38,6 +39,7 @@ class BackendConfig:
     name: str = ""
     weight: float = 1.0
     workflows: tuple[str, ...] | None = None  # None: every workflow
+    output_dir: Path | None = None  # the server's output folder, when the bridge sees it: outputs are read there
 
     def accepts(self, alias: str) -> bool:
         """True if this server may run the workflow (its allow-list, when it has one, names it)."""

@@ -299,6 +299,7 @@ class Dispatcher:
         finally:
             self.pool.release_slot(member, job.id)
             self.runner.cancels.pop(job.id, None)
+            self.runner.end(job.id)
             self.live.pop(job.id, None)
             self._attempts.pop(job.id, None)
             if job.prompt_id and not job.state.active:

@@ -153,6 +153,12 @@ class JobStore(abc.ABC):
     def shared(self) -> bool:
         """True when other bridges may share this store (leases and cross-bridge events matter)."""
 
+    @property
+    def durable(self) -> bool:
+        """True when a commit outlives an OS crash (PostgreSQL): result files a commit names are synced to disk
+        before it. The embedded engine's commits, like its result files, outlive a killed process."""
+        return False
+
     def subscribe(self, fn: Subscriber) -> None:
         """Receive every committed JobEvent of every bridge sharing this store."""
         self.fanout.subscribe(fn)

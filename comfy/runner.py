@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from pathlib import Path
@@ -13,10 +12,9 @@ from .comfyclient import BackendRejected, BackendUnavailable, ComfyClient
 from .config import Config
 from .jobs import Job, Output, State
 from .jobstore import JobStore
-from .outputs import describe, node_animated, text_meta
+from .fetches import OutputFetches
 from .pool import BackendPool, Member
-from .protocol import Message, Progress, output_items
-from .wire import commit_file
+from .protocol import Message, Progress
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +34,10 @@ class Gone(Exception):
 class _Watch:
     """What the backend's WebSocket tells about one prompt: progress, the end signal, reconnects."""
 
-    def __init__(self, job: Job, graph: dict[str, Any], store: JobStore) -> None:
+    def __init__(self, job: Job, graph: dict[str, Any], store: JobStore, fetches: OutputFetches) -> None:
         self.job = job
         self.store = store
+        self.fetches = fetches
         self.progress = Progress(graph)
         self.done = asyncio.Event()
         self.poke = asyncio.Event()
@@ -51,7 +50,10 @@ class _Watch:
         self.heard = time.monotonic()
         if msg.ends_prompt:
             self.done.set()
-        elif self.progress.feed(msg.kind, msg.data):
+            return
+        if msg.kind == "executed":  # its files exist now: fetch them while ComfyUI finishes the prompt
+            self.fetches.executed(str(msg.data.get("node")), msg.data.get("output"))
+        if self.progress.feed(msg.kind, msg.data):
             self.job.progress = self.progress.value
             if self._reporting is None or self._reporting.done():
                 self._reporting = asyncio.ensure_future(self._report())
@@ -84,6 +86,7 @@ class Runner:
         self.cancels: dict[str, asyncio.Event] = {}
         # (backend url, sha256) -> the name that file has in that backend's input folder
         self.remote_files: dict[tuple[str, str], str] = {}
+        self.fetches: dict[str, OutputFetches] = {}  # job id -> its outputs being fetched in this attempt
 
     def cancel(self, job: Job, reason: str) -> None:
         """Stop this running job (a cancel request reached the bridge that runs it)."""
@@ -103,7 +106,7 @@ class Runner:
         if stored.cancel_reason:  # cancelled while its files went out: it never starts
             job.cancel_reason = job.cancel_reason or stored.cancel_reason
             return {}
-        watch = _Watch(job, graph, self.store)
+        watch = _Watch(job, graph, self.store, self._fetches(job, backend))
         backend.watch(prompt_id, watch)
         try:
             try:
@@ -133,7 +136,7 @@ class Runner:
         prompt_id = job.prompt_id
         assert prompt_id is not None
         backend = m.client
-        watch = _Watch(job, job.prompt, self.store)
+        watch = _Watch(job, job.prompt, self.store, self._fetches(job, backend))
         backend.watch(prompt_id, watch)
         try:
             waited = 0.0
@@ -310,38 +313,22 @@ class Runner:
         for key in [k for k in self.remote_files if k[0] == backend.url]:
             del self.remote_files[key]
 
+    def _fetches(self, job: Job, backend: ComfyClient) -> OutputFetches:
+        self.end(job.id)
+        fetches = self.fetches[job.id] = OutputFetches(job.id, backend, self.config.results_dir, self.store.durable)
+        return fetches
+
     async def collect(self, job: Job, backend: ComfyClient, entry: dict[str, Any]) -> list[Output]:
-        """Download every output of the finished prompt into the result store, each with its type and what is
-        known of it (ComfyUI's numbers, the file's headers, a text inline)."""
-        outputs: list[Output] = []
-        folder = self.config.results_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        for item in output_items(entry):
-            if item.file is not None:
-                name = _safe_name(str(item.file["filename"]))
-                dest = folder / f"{job.id}-{len(outputs)}{Path(name).suffix}"
-                size, reported = await backend.download(item.file, dest)
-                animated = node_animated(entry.get("outputs"), item.node_id, item.file)
-                # a few small reads of the file's headers, off the event loop
-                ctype, meta = await asyncio.to_thread(describe, dest, name, reported, item.file, animated)
-                outputs.append(Output(item.node_id, name, ctype, dest.name, size, meta))
-            elif item.text is not None:
-                dest = folder / f"{job.id}-{len(outputs)}.txt"
-                data = item.text.encode("utf-8")
-                _write_file(dest, data)
-                outputs.append(Output(item.node_id, f"node{item.node_id}_text{item.index}.txt", "text/plain",
-                                      dest.name, len(data), text_meta(item.text)))
-        return outputs
+        """Every output of the finished prompt in the result store, each with its type and what is known of it
+        (ComfyUI's numbers, the file's headers, a text inline): those fetched since ComfyUI named them, the
+        rest now."""
+        fetches = self.fetches.pop(job.id, None)
+        if fetches is None or fetches.backend is not backend:
+            fetches = OutputFetches(job.id, backend, self.config.results_dir, self.store.durable)
+        return await fetches.collect(entry)
 
-
-def _safe_name(name: str) -> str:
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = re.sub(r"[^A-Za-z0-9._ ()-]", "_", name).strip(" .")
-    return name[:120] or "output"
-
-
-def _write_file(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(dest.name + ".part")
-    fh = open(tmp, "wb")
-    fh.write(data)
-    commit_file(fh, tmp, dest)
+    def end(self, job_id: str) -> None:
+        """The attempt is over: files fetched for it that no outcome took are deleted."""
+        fetches = self.fetches.pop(job_id, None)
+        if fetches is not None:
+            fetches.discard()

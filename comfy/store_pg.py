@@ -80,6 +80,11 @@ class PostgresStore(PgRecords):
         """Always True: other bridges may share this database."""
         return True
 
+    @property
+    def durable(self) -> bool:
+        """True: a PostgreSQL commit outlives an OS crash of the bridge's machine."""
+        return True
+
     async def pending_migrations(self) -> list[int]:
         """Migrations open() would run on this database (for --check; reads only, no open() needed)."""
         try:

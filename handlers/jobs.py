@@ -124,7 +124,8 @@ class GenerateHandler(BaseHandler):
         await self.send_output(job, index, query, headers)
 
     async def send_output(self, job: Job, index: int, query: str, headers: dict[str, str]) -> None:
-        """One output's bytes as the answer; the job's results count as taken once all of it went out."""
+        """One output's bytes as the answer; the job's results are taken once all of it but its last byte went
+        out, before that byte."""
         out = job.outputs[index]
         try:
             fh = open(self.services.config.results_dir / out.path, "rb")
@@ -144,8 +145,13 @@ class GenerateHandler(BaseHandler):
             self.set_header("Content-Security-Policy", "sandbox")  # ComfyUI's bytes, never the bridge's page
             stream = cast(HTTP1Connection, self.request.connection).stream
             stream.set_nodelay(True)
+            # the last byte waits until the results are taken: a caller that has the whole answer finds them
+            # gone from /history at once; one that leaves before it keeps them untaken
+            last = b""
             try:
                 while (chunk := fh.read(CHUNK)) and not stream.closed():
+                    if len(chunk) < CHUNK or fh.tell() == size:
+                        chunk, last = chunk[:-1], chunk[-1:]
                     self.write(chunk)
                     self.flush()
                     if stream.writing():  # the kernel did not take it all at once: wait for the reader
@@ -154,8 +160,8 @@ class GenerateHandler(BaseHandler):
                 return
         if stream.closed():
             return  # the caller left: it may not all have gone out, so the results stay untaken
-        self.finish()
         await self.services.jobs.taken([job])
+        self.finish(last)
 
 
 class ExecutionInfoHandler(BaseHandler):

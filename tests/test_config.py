@@ -274,3 +274,12 @@ def test_security_settings_are_checked(base: Path) -> None:
     config = load_config(settings(base, "server: {trusted_proxies: [127.0.0.1, 10.0.0.0/8],"
                                         " allowed_hosts: gpu.example.com}\n"), environ={})
     assert config.trusted_proxies == ("127.0.0.1", "10.0.0.0/8") and config.allowed_hosts == ("gpu.example.com",)
+
+
+def test_a_backends_output_folder_is_relative_to_the_settings_and_must_exist(base: Path) -> None:
+    (base / "comfy-out").mkdir()
+    config = load_config(settings(base, "backends:\n  - {url: http://gpu:8188, output_dir: comfy-out}\n"), environ={})
+    assert config.backends[0].output_dir == base / "comfy-out"
+    message = bad(settings(base, "backends:\n  - {url: http://gpu:8188, output_dir: nowhere}\n"))
+    assert message.startswith("backends[0].output_dir:") and "not a folder" in message
+    assert "must be a path" in bad(settings(base, "backends:\n  - {url: http://gpu:8188, output_dir: [1]}\n"))

@@ -279,3 +279,25 @@ async def test_across_bridges_a_wait_is_woken_and_a_socket_elsewhere_keeps_the_j
 async def _one_drives(one: Bridge, two: Bridge) -> bool:
     """True once exactly one of the two bridges drives the backend."""
     return one.services.pool.members[0].leased != two.services.pool.members[0].leased
+
+
+def one_call_then_history(port: int, cid: str) -> tuple[bytes, int]:
+    """From another thread, as a separate program would: a one-call submit for the image, then at once, on a
+    new connection, /history. Returns (the image, /history's status)."""
+    import http.client
+    first = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    first.request("POST", PATH.format(cid), body=json.dumps({"workflow": "blank-canvas"}),
+                  headers={"Content-Type": "application/json", "Prefer": "wait=20", "Accept": "image/png"})
+    image = first.getresponse().read()
+    second = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    second.request("GET", f"/history?clientId={cid}")
+    status = second.getresponse().status
+    first.close()
+    second.close()
+    return image, status
+
+
+async def test_once_the_bytes_arrived_the_results_are_already_taken(bridge: Bridge) -> None:
+    for _ in range(10):
+        image, status = await asyncio.to_thread(one_call_then_history, bridge.port, new_client_id())
+        assert image.startswith(PNG) and status == 204
