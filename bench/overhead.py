@@ -240,7 +240,10 @@ async def measure(args: argparse.Namespace) -> int:
         client_id = f"bench-direct-{uuid.uuid4().hex[:8]}"
         ws = await websocket.websocket_connect(backend.replace("http", "ws", 1) + f"/ws?clientId={client_id}")
         peer_http = pool(args.peer) if args.peer else None
-        async with bridge_process([backend], {"clients": {"keepalive_interval": 60}}) as bridge:
+        settings: dict[str, Any] = {"clients": {"keepalive_interval": 60}}
+        if args.output_dir:  # the bridge on the GPU box: outputs copied from ComfyUI's folder
+            settings["backends"] = [{"url": backend, "name": "sim-0", "output_dir": args.output_dir}]
+        async with bridge_process([backend], settings) as bridge:
             base = f"http://127.0.0.1:{bridge.port}"
             bridge_http = pool(base)
             samples: dict[str, list[float]] = {"direct": [], "socket": [], "socket+open": [], "open": []}
@@ -374,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "(its sync POST /prompt)")
     p.add_argument("--peer-pid", type=int, help="the peer's process id, for its CPU per job and RSS")
     p.add_argument("--wait", type=int, default=30, help="N of the one-call mode's Prefer: wait=N")
+    p.add_argument("--output-dir", help="--backend's output folder: the bridge reads outputs there (its output_dir "
+                                        "setting), as a gateway on the same box would")
     args = p.parse_args(argv)
     if args.peer and not args.backend:
         p.error("--peer needs --backend: the ComfyUI the peer sits in front of")
