@@ -154,15 +154,21 @@ async def test_unreachable_bridge_exits_3(tmp_path: Path) -> None:
     assert code == 3 and "cannot reach the bridge" in stderr
 
 
-async def test_ctrl_c_cancels_the_job_on_the_bridge(slow_bridge: Bridge, tmp_path: Path) -> None:
-    proc = await start("--url", slow_bridge.url, "--client-id", "cli-ctrl-c", "run", "sleep-progress",
-                       "2/seconds=30", "-o", str(tmp_path / "out"))
+async def until_running(proc: asyncio.subprocess.Process) -> list[str]:
+    """The client's stderr lines up to the one saying its job runs."""
     assert proc.stderr is not None
     seen: list[str] = []
     while not any(": running " in line for line in seen):
         line = (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()
         assert line, seen
         seen.append(line)
+    return seen
+
+
+async def test_ctrl_c_cancels_the_job_on_the_bridge(slow_bridge: Bridge, tmp_path: Path) -> None:
+    proc = await start("--url", slow_bridge.url, "--client-id", "cli-ctrl-c", "run", "sleep-progress",
+                       "2/seconds=30", "-o", str(tmp_path / "out"))
+    seen = await until_running(proc)
     job_id = seen[-1].split()[1].rstrip(":")
     proc.send_signal(signal.SIGINT)
     _, rest = await asyncio.wait_for(proc.communicate(), 15)
@@ -221,12 +227,7 @@ async def test_the_job_is_followed_across_a_bridge_restart(fakes: Callable[..., 
     async with bridge_on(port, tmp_path, fake.url) as first:
         proc = await start("--url", f"http://127.0.0.1:{port}", "run", "sleep-progress", "2/seconds=3",
                            "-o", str(tmp_path / "out"))
-        assert proc.stderr is not None
-        seen: list[str] = []
-        while not any(": running " in line for line in seen):
-            line = (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()
-            assert line, seen
-            seen.append(line)
+        await until_running(proc)
         first.kill()
         first.wait()
     async with bridge_on(port, tmp_path, fake.url):

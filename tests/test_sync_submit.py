@@ -29,6 +29,24 @@ async def job_doc(bridge: Bridge, job_id: str, cid: str) -> dict[str, Any]:
     return dict(await bridge.get_json(f"/jobs/{job_id}?clientId={cid}"))
 
 
+async def waiting_submit(bridge: Bridge, cid: str, body: dict[str, Any], accept: str = "") -> asyncio.StreamWriter:
+    """A raw `Prefer: wait=60` submit, left waiting; closing the returned writer is the caller hanging up."""
+    data = json.dumps(body).encode()
+    headers = ["Content-Type: application/json", "Prefer: wait=60", *([f"Accept: {accept}"] if accept else []),
+               f"Content-Length: {len(data)}"]
+    _, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    writer.write(f"POST {PATH.format(cid)} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n".encode()
+                 + "".join(f"{h}\r\n" for h in headers).encode() + b"\r\n" + data)
+    await writer.drain()
+    return writer
+
+
+async def hang_up(writer: asyncio.StreamWriter) -> None:
+    """Ctrl-C on curl."""
+    writer.close()
+    await writer.wait_closed()
+
+
 async def test_curl_like_request_gets_the_image_bytes_and_takes_the_result(bridge: Bridge) -> None:
     cid = new_client_id()
     resp = await one_call(bridge, cid, {"workflow": "blank-canvas", "1/width": 32, "1/height": 24},
@@ -81,16 +99,10 @@ async def test_past_the_wait_202_with_location_and_the_job_runs_on(bridge: Bridg
 
 async def test_a_caller_that_hangs_up_while_waiting_cancels_its_job(bridge: Bridge) -> None:
     cid = new_client_id()
-    body = json.dumps({"workflow": "sleep-progress", "2/seconds": 5.0}).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-    writer.write((f"POST {PATH.format(cid)} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n"
-                  f"Content-Type: application/json\r\nPrefer: wait=60\r\nAccept: image/png\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-    await writer.drain()
+    writer = await waiting_submit(bridge, cid, {"workflow": "sleep-progress", "2/seconds": 5.0}, accept="image/png")
     await wait_until(lambda: bridge.services.jobs.known_client(cid))
     await bridge.wait_state(cid, {"progress"})
-    writer.close()  # Ctrl-C on curl
-    await writer.wait_closed()
+    await hang_up(writer)
     info = await bridge.wait_state(cid, {"error"}, timeout=5)
     assert "disconnected" in info["details"]
     assert (await job_doc(bridge, info["job_id"], cid))["state"] == "cancelled"
@@ -101,19 +113,13 @@ async def test_hanging_up_cancels_only_the_job_it_waited_for(bridge: Bridge) -> 
     the second is cancelled."""
     cid = new_client_id()
     first = await bridge.submit(cid, {"workflow": "sleep-progress", "2/seconds": 1.5})
-    body = json.dumps({"workflow": "sleep-progress", "2/seconds": 5.0}).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-    writer.write((f"POST {PATH.format(cid)} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n"
-                  f"Content-Type: application/json\r\nPrefer: wait=60\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-    await writer.drain()
+    writer = await waiting_submit(bridge, cid, {"workflow": "sleep-progress", "2/seconds": 5.0})
 
     async def second_queued() -> bool:
         return len([j for j in await bridge.services.jobs.store.client_jobs(cid)]) == 2
     await wait_until(second_queued)
     second = [j.id for j in await bridge.services.jobs.store.client_jobs(cid) if j.id != first["job_id"]][0]
-    writer.close()
-    await writer.wait_closed()
+    await hang_up(writer)
 
     async def cancelled() -> bool:
         return (await job_doc(bridge, second, cid))["state"] == "cancelled"
@@ -128,16 +134,10 @@ async def test_hanging_up_cancels_only_the_job_it_waited_for(bridge: Bridge) -> 
 async def test_hanging_up_does_not_cancel_while_a_socket_of_the_client_is_open(bridge: Bridge) -> None:
     cid = new_client_id()
     conn = await bridge.ws(cid)
-    body = json.dumps({"workflow": "sleep-progress", "2/seconds": 0.8}).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-    writer.write((f"POST {PATH.format(cid)} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n"
-                  f"Content-Type: application/json\r\nPrefer: wait=60\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-    await writer.drain()
+    writer = await waiting_submit(bridge, cid, {"workflow": "sleep-progress", "2/seconds": 0.8})
     await wait_until(lambda: bridge.services.jobs.known_client(cid))
     await bridge.wait_state(cid, {"progress"})
-    writer.close()
-    await writer.wait_closed()
+    await hang_up(writer)
     info = await bridge.wait_state(cid, {"closed", "error"})
     assert info["status"] == "closed", info
     assert conn.protocol is not None  # the socket stays open (closed at teardown)
@@ -263,16 +263,10 @@ async def test_across_bridges_a_wait_is_woken_and_a_socket_elsewhere_keeps_the_j
     cid = new_client_id()
     await driver.ws(cid)
     await asyncio.sleep(0.2)  # the socket's presence is recorded in the store
-    body = json.dumps({"workflow": "sleep-progress", "2/seconds": 1.0}).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", idle.port)
-    writer.write((f"POST {PATH.format(cid)} HTTP/1.1\r\nHost: 127.0.0.1:{idle.port}\r\n"
-                  f"Content-Type: application/json\r\nPrefer: wait=60\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-    await writer.drain()
+    writer = await waiting_submit(idle, cid, {"workflow": "sleep-progress", "2/seconds": 1.0})
     await wait_until(lambda: idle.services.jobs.known_client(cid))
     await idle.wait_state(cid, {"progress"})
-    writer.close()
-    await writer.wait_closed()
+    await hang_up(writer)
     assert (await idle.wait_state(cid, {"closed", "error"}))["status"] == "closed"
 
 
