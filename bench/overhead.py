@@ -135,7 +135,8 @@ async def socket_job(http: KeepAliveClient, base: str, color: int) -> tuple[floa
 
 
 # ---- the one-call mode: POST /generate-based-workflow with Prefer: wait=N, answered with the image itself.
-# Until the bridge implements it, probe_one_call() finds it missing and the run measures the other paths.
+# probe_one_call() checks the bridge answers so (a bridge of an earlier release does not: the run then
+# measures the other paths and says why).
 
 def one_call_headers(wait: int) -> dict[str, str]:
     """Ask the bridge to wait up to `wait` seconds and answer with the image itself."""
