@@ -347,9 +347,9 @@ class JobStore(abc.ABC):
         (a retry's time or the end of another bridge's hold), None when nothing waits for a time."""
 
     @abc.abstractmethod
-    async def delivered(self, delivery_id: str, status: int) -> float | None:
-        """The endpoint answered 2xx: the delivery is done. Returns the seconds from its event to now (None when
-        it was no longer pending)."""
+    async def delivered(self, done: dict[str, int]) -> list[float]:
+        """These deliveries got a 2xx (id -> status): they are done, all in one transaction. Returns the seconds
+        from each one's event to now (of those still pending)."""
 
     @abc.abstractmethod
     async def undelivered(self, delivery_id: str, status: int | None, error: str, delay: float,

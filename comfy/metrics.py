@@ -77,11 +77,10 @@ class Metrics:
         assert self._live is not None, "attach() first"
         self._live.webhooks_pending = pending
 
-    def webhook_delivered(self, lag: float | None) -> None:
+    def webhook_delivered(self, lag: float) -> None:
         """A webhook delivery got its 2xx, `lag` seconds after its event."""
         self.webhook_deliveries.labels("delivered").inc()
-        if lag is not None:
-            self.webhook_lag.observe(max(0.0, lag))
+        self.webhook_lag.observe(max(0.0, lag))
 
     def webhook_attempt_failed(self, reason: str) -> None:
         """An attempt failed: "status" (a non-2xx answer) or "error" (no answer)."""

@@ -21,14 +21,15 @@ SQL_ADD = ("INSERT INTO deliveries (id, job_id, endpoint, event, body, created_a
            " WHERE job_id = ?2 AND endpoint = ?3), 0) + 0.000001) AS t)")
 # due rows not held by this process, none with an earlier pending row of its job to its endpoint
 SQL_CLAIM = ("UPDATE deliveries SET holder = :me, held_until = :now + :hold, attempts = attempts + 1"
-             " WHERE id IN (SELECT c.id FROM deliveries AS c WHERE c.state = 'pending' AND c.next_at <= :now"
+             " WHERE id IN (SELECT c.id FROM deliveries AS c INDEXED BY deliveries_due WHERE c.state = 'pending'"
+             " AND c.next_at <= :now"
              " AND (c.holder IS NOT :me OR c.held_until <= :now)"
              " AND c.endpoint NOT IN (SELECT value FROM json_each(:skip))"
              " AND NOT EXISTS (SELECT 1 FROM deliveries AS e WHERE e.job_id = c.job_id AND e.endpoint = c.endpoint"
              " AND e.state = 'pending' AND (e.created_at < c.created_at OR (e.created_at = c.created_at AND e.id < c.id)))"
              " ORDER BY c.next_at LIMIT :limit)"
              " RETURNING id, job_id, endpoint, event, body, created_at, attempts")
-SQL_NEXT = "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending' AND next_at > ?"
+SQL_NEXT = "SELECT MIN(next_at) FROM deliveries INDEXED BY deliveries_due WHERE state = 'pending' AND next_at > ?"
 SQL_DELIVERED = ("UPDATE deliveries SET state = 'delivered', delivered_at = :now, last_status = :status,"
                  " last_error = NULL, holder = NULL, held_until = NULL WHERE id = :id AND state = 'pending'"
                  " RETURNING :now - created_at")
@@ -86,10 +87,13 @@ class SqliteOutbox(SqliteRecords):
         return claimed, upcoming
 
     @guarded
-    async def delivered(self, delivery_id: str, status: int) -> float | None:
-        """Done: 2xx. The seconds from the event to now, None if it was no longer pending."""
-        row = self.db.execute(SQL_DELIVERED, {"now": time.time(), "status": status, "id": delivery_id}).fetchone()
-        return float(row[0]) if row is not None else None
+    async def delivered(self, done: dict[str, int]) -> list[float]:
+        """Done (2xx), in one transaction; the seconds from each one's event to now."""
+        now = time.time()
+        with self._atomic(len(done) > 1):
+            rows = [self.db.execute(SQL_DELIVERED, {"now": now, "status": status, "id": delivery_id}).fetchone()
+                    for delivery_id, status in done.items()]
+        return [float(row[0]) for row in rows if row is not None]
 
     @guarded
     async def undelivered(self, delivery_id: str, status: int | None, error: str, delay: float,

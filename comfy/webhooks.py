@@ -105,6 +105,7 @@ class WebhookService:
         self._sending: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
         self._busy: Counter[str] = Counter()  # endpoint -> attempts in flight
         self._clients: OrderedDict[str, KeepAliveClient] = OrderedDict()  # origin -> its connection pool
+        self._done: dict[str, int] = {}  # deliveries answered 2xx, recorded as delivered by the next round
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
         self._pruned = 0.0
@@ -128,6 +129,8 @@ class WebhookService:
         for _, task in cut:
             task.cancel()
         await asyncio.gather(*(task for _, task in cut), return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._record_delivered()
         for delivery, _ in cut:  # free again at once, for this bridge's next start or another bridge
             with contextlib.suppress(Exception):
                 await self.store.undelivered(delivery.id, None, "the bridge stopped during the attempt", 0.0,
@@ -164,6 +167,7 @@ class WebhookService:
             self._wake.clear()
             upcoming: float | None = None
             try:
+                await self._record_delivered()
                 upcoming = await self._claim()
                 if time.time() - self._pruned >= PRUNE_EVERY:
                     self._pruned = time.time()
@@ -180,6 +184,19 @@ class WebhookService:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):  # unlike 3.11's wait_for, never swallows a cancel
                     await self._wake.wait()
+
+    async def _record_delivered(self) -> None:
+        """Record the 2xx answers since the last round, in one transaction (a failure keeps them for the next)."""
+        if not self._done:
+            return
+        done, self._done = self._done, {}
+        try:
+            lags = await self.store.delivered(done)
+        except BaseException:
+            self._done.update(done)
+            raise
+        for lag in lags:
+            self.metrics.webhook_delivered(lag)
 
     async def _claim(self) -> float | None:
         """Claim what may go out now and start it; returns when the next retry falls due."""
@@ -209,8 +226,7 @@ class WebhookService:
                 delay = random.uniform(0, min(MAX_DELAY, self.config.webhook_retry_delay * 2 ** (delivery.attempts - 1)))
                 retry_for = self.config.webhook_retry_for
             if status is not None and 200 <= status < 300:
-                lag = await self.store.delivered(delivery.id, status)
-                self.metrics.webhook_delivered(lag)
+                self._done[delivery.id] = status  # held by this bridge until the runner records it
                 return
             self.metrics.webhook_attempt_failed("status" if status is not None else "error")
             state = await self.store.undelivered(delivery.id, status, error, delay, retry_for)

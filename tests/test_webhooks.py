@@ -86,6 +86,9 @@ class Receiver:
                 receiver.got.append(Received(path, {k.lower(): v for k, v in self.request.headers.items()},
                                              self.request.body, time.monotonic()))
                 await receiver.gate.wait()
+                if path == "moved":  # a receiver that moved: the bridge must not follow
+                    self.redirect(receiver.url("target"))
+                    return
                 self.set_status(receiver.statuses.pop(0) if receiver.statuses else receiver.always or 200)
                 self.finish(b"not now" if self.get_status() >= 300 else b"ok")
 
@@ -289,7 +292,7 @@ async def test_a_delivery_never_answered_with_2xx_fails_after_retry_for_and_only
     keys = (ApiKey("ops", "admin", ApiKey.hash(ADMIN)), ApiKey("alice", "caller", ApiKey.hash(CALLER)))
     closed = f"http://127.0.0.1:{free_port()}/gone"  # nothing listens there
     bridge = await bridge_factory([fake], keys=keys, **hooks(endpoint(receiver.url()), endpoint(closed),
-                                                             retry_for=0.6))
+                                                             endpoint(receiver.url("moved")), retry_for=0.6))
     as_admin, as_caller = {"Authorization": f"Bearer {ADMIN}"}, {"Authorization": f"Bearer {CALLER}"}
     cid = new_client_id()
     resp = await bridge.fetch("POST", f"/generate-based-workflow?clientId={cid}", {"workflow": "blank-canvas"},
@@ -298,16 +301,18 @@ async def test_a_delivery_never_answered_with_2xx_fails_after_retry_for_and_only
 
     async def failed() -> bool:
         resp = await bridge.fetch("GET", "/webhooks/deliveries?state=failed", headers=as_admin)
-        return len(json.loads(resp.body)["deliveries"]) == 2
+        return len(json.loads(resp.body)["deliveries"]) == 3
     await wait_until(failed)
     rows = json.loads((await bridge.fetch("GET", "/webhooks/deliveries?state=failed", headers=as_admin)).body)
     by_url = {row["endpoint"]: row for row in rows["deliveries"]}
-    refused, unreachable = by_url[receiver.url()], by_url[closed]
+    refused, unreachable, moved = by_url[receiver.url()], by_url[closed], by_url[receiver.url("moved")]
     assert refused["state"] == "failed" and refused["last_status"] == 503 and "503" in refused["last_error"]
-    assert refused["attempts"] >= 2 and refused["attempts"] == len(receiver.got)
+    assert refused["attempts"] >= 2 and refused["attempts"] == len(receiver.on("hook"))
+    assert moved["last_status"] == 302 and "redirects are not followed" in moved["last_error"]
+    assert receiver.on("target") == []
     assert unreachable["last_status"] is None and unreachable["last_error"]
     assert refused["next_at"] is None and refused["delivered_at"] is None
-    assert len({item.id for item in receiver.got}) == 1
+    assert len({item.id for item in receiver.on("hook")}) == 1
     count = len(receiver.got)
     await asyncio.sleep(0.5)
     assert len(receiver.got) == count  # given up: no more attempts
@@ -318,7 +323,7 @@ async def test_a_delivery_never_answered_with_2xx_fails_after_retry_for_and_only
         resp = await bridge.fetch("GET", f"/webhooks/deliveries?{query}", headers=as_admin)
         assert resp.code == 400, (query, resp.body)
     metrics = (await bridge.fetch("GET", "/metrics", headers=as_admin)).body.decode()
-    assert 'comfy_bridge_webhook_deliveries_total{outcome="failed"} 2.0' in metrics
+    assert 'comfy_bridge_webhook_deliveries_total{outcome="failed"} 3.0' in metrics
     assert 'comfy_bridge_webhook_attempt_failures_total{reason="error"}' in metrics
 
 
