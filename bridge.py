@@ -24,7 +24,7 @@ from comfy.logs import configure_logging, log_request
 from comfy.partfiles import remove_part_files
 from comfy.services import Services
 from comfy.starter import write_starter
-from handlers import backends, docs, events, history, jobs, ops, results, upload, workflows, ws
+from handlers import backends, docs, events, history, jobs, ops, results, upload, webhooks, workflows, ws
 from handlers.base import NotFoundHandler
 
 log = logging.getLogger("bridge")
@@ -46,7 +46,7 @@ def make_app(config: Config, services: Services) -> web.Application:
     """The Tornado application: every module's URL table, static files last."""
     table: list[Any] = []
     api = services.api
-    for module in (workflows, upload, jobs, history, results, events, ws, backends, ops, docs):
+    for module in (workflows, upload, jobs, history, results, events, ws, backends, webhooks, ops, docs):
         table += module.routes(api)
     static = HERE / "static"
     if (static / "index.html").exists():

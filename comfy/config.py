@@ -16,6 +16,8 @@ from dotenv import dotenv_values
 
 from .configtypes import KEY_NAME as KEY_NAME, ROLES as ROLES, ApiKey as ApiKey
 from .configtypes import BackendConfig as BackendConfig, ConfigError as ConfigError
+from .configtypes import WebhookEndpoint as WebhookEndpoint
+from .webhook_config import check_secret, parse_allow_hosts, parse_endpoints
 
 HERE = Path(__file__).resolve().parent.parent
 DEFAULT_SETTINGS = HERE / "settings.yaml"
@@ -89,6 +91,14 @@ class Config:
     # auth
     api_key: str = field(default="", repr=False)  # BRIDGE_API_KEY: one caller key named "default"
     keys: tuple[ApiKey, ...] = ()
+    # webhooks (comfy/webhooks.py)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    webhook_allow_hosts: tuple[str, ...] = ()  # hosts a caller's per-job callback may name; none: no callbacks
+    webhook_callback_secret: str = field(default="", repr=False)  # signs per-job callbacks
+    webhook_retry_for: float = 86400.0   # seconds a delivery is retried before it is marked failed
+    webhook_timeout: float = 10.0        # seconds one delivery attempt may take
+    webhook_max_in_flight: int = 16      # delivery attempts at once
+    webhook_retry_delay: float = 1.0     # the first retry comes within this many seconds, doubling per attempt
 
     @property
     def api_keys(self) -> tuple[ApiKey, ...]:
@@ -142,8 +152,11 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "backend_connection": {"connect_timeout": "connect_timeout", "request_timeout": "request_timeout"},
     "auth": {"api_key": "api_key", "keys": "keys"},
     "cluster": {"name": "cluster_name", "lease_ttl": "lease_ttl"},
+    "webhook_delivery": {"allow_hosts": "webhook_allow_hosts", "callback_secret": "webhook_callback_secret",
+                         "retry_for": "webhook_retry_for", "timeout": "webhook_timeout",
+                         "max_in_flight": "webhook_max_in_flight", "retry_delay": "webhook_retry_delay"},
 }
-_TOP_LEVEL = {"backends", "workflows_dir", "data_dir", "store", *_SECTIONS}
+_TOP_LEVEL = {"backends", "workflows_dir", "data_dir", "store", "webhooks", *_SECTIONS}
 _RENAMED = {"store": "store_url"}  # top-level settings whose Config field has another name
 _ENV = {"BRIDGE_STORE_URL": "store_url", "BRIDGE_HOST": "host", "BRIDGE_PORT": "port",
         "BRIDGE_BACKENDS": "backends",
@@ -155,7 +168,8 @@ _POSITIVE = {"port", "max_queue", "max_queue_per_identity", "max_upload_bytes", 
              "max_client_id_length", "submit_rate", "submit_burst", "drain_timeout", "down_after", "up_after",
              "upload_ttl", "quota_bytes", "refetch_grace", "header_timeout", "body_timeout", "body_min_rate",
              "idle_timeout", "send_timeout", "max_connections", "max_connections_per_address", "max_header_bytes", "ws_ping_interval", "ws_ping_timeout",
-             "lease_ttl", "max_wait"}
+             "lease_ttl", "max_wait", "webhook_retry_for", "webhook_timeout", "webhook_max_in_flight",
+             "webhook_retry_delay"}
 
 
 def load_config(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,
@@ -222,6 +236,10 @@ def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
             kwargs[fld] = _keys(key, val)
         elif fld == "store_url":
             kwargs[fld] = _store_url(key, val)
+        elif fld == "webhooks":
+            kwargs[fld] = parse_endpoints(key, val)
+        elif fld == "webhook_allow_hosts":
+            kwargs[fld] = parse_allow_hosts(key, val)
         elif fld in ("allowed_origins", "cors_origins", "trusted_proxies", "allowed_hosts"):
             if isinstance(val, str):
                 val = [v.strip() for v in val.split(",") if v.strip()]
@@ -246,6 +264,11 @@ def _build(values: dict[str, tuple[str, Any]], base: Path) -> Config:
     names = [k.name for k in config.api_keys]
     if len(set(names)) != len(names):
         raise ConfigError("auth.keys: two keys share a name (\"default\" is BRIDGE_API_KEY's)")
+    if config.webhook_allow_hosts:  # per-job callbacks are always signed
+        if not config.webhook_callback_secret:
+            raise ConfigError("webhook_delivery.callback_secret: required when allow_hosts names hosts "
+                              "(per-job callbacks are signed with it)")
+        check_secret("webhook_delivery.callback_secret", config.webhook_callback_secret)
     return config
 
 

@@ -52,3 +52,21 @@ class BackendConfig:
             return self.name
         parts = urlsplit(self.url)
         return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+
+WEBHOOK_EVENTS = ("queued", "started", "progress", "completed", "failed", "cancelled")
+DEFAULT_WEBHOOK_EVENTS = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    """One operator-configured webhook receiver: where, signed with what, for which events and workflows."""
+
+    url: str
+    secret: str = field(repr=False)
+    events: frozenset[str] = frozenset(DEFAULT_WEBHOOK_EVENTS)
+    workflows: frozenset[str] | None = None  # None: every workflow
+
+    def wants(self, event: str, workflow: str) -> bool:
+        """True if this endpoint is to hear of `event` for a job of `workflow`."""
+        return event in self.events and (self.workflows is None or workflow in self.workflows)

@@ -11,6 +11,7 @@ from .identity import Resolver
 from .jobservice import JobService
 from .metrics import Metrics
 from .pool import BackendPool
+from .webhooks import WebhookService
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Api:
     hub: ClientHub
     metrics: Metrics
     resolver: Resolver
+    webhooks: WebhookService  # GET /webhooks/deliveries reads the outbox through it
     shutting_down: bool = False
     receiving: dict[str, int] = field(default_factory=dict)  # owner -> upload bytes arriving right now (quota)
     demo: dict[str, Any] | None = None  # what /health says about --demo's simulated backends

@@ -18,6 +18,7 @@ from .identity import client_tag
 from .jobs import Job, State
 from .jobstore import FREE, JobStore, QueueFull  # noqa: F401  (QueueFull: raised by enqueue)
 from .pool import BackendPool
+from .webhook_config import callback_of
 
 __all__ = ["JobService", "Submitted", "InputError", "QueueFull", "QuotaExceeded", "NoBackend"]
 
@@ -71,7 +72,15 @@ class JobService:
     # submit -------------------------------------------------------------------------------------
     async def submit(self, client_id: str, body: dict[str, Any], owner: str, own_uploads: bool) -> Submitted:
         """Validate a caller's request and queue it as `owner`'s. Raises InputError, QuotaExceeded, QueueFull.
-        With own_uploads, a file input may only name one of the owner's uploads."""
+        With own_uploads, a file input may only name one of the owner's uploads. The body's `webhook` key (a
+        callback URL, or {"url", "events"}) is no input: it names the job's own webhook receiver."""
+        callback = None
+        if "webhook" in body:
+            try:
+                callback = callback_of(body["webhook"], self.config.webhook_allow_hosts)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+            body = {k: v for k, v in body.items() if k != "webhook"}
         workflow = self.catalog.get(body.get("workflow"))
         if workflow is None:
             name = body.get("workflow")
@@ -88,7 +97,7 @@ class JobService:
         values = workflow.validate(body, self.config.max_string_length)
         files = await self._resolve_files(workflow, values)
         job = Job(client_id=client_id, workflow=workflow.alias, inputs=values, prompt=workflow.build(values),
-                  files=files, timeout=workflow.timeout, owner=owner)
+                  files=files, timeout=workflow.timeout, owner=owner, webhook=callback)
         job = await self.store.enqueue(job, self.config.max_queue, self.config.max_queue_per_identity)
         log.info("job %s: queued (workflow %s, client %s)", job.id, job.workflow, client_tag(client_id))
         waiting = await self.store.queue_length()

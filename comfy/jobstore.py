@@ -16,6 +16,10 @@ Rules every engine keeps:
   A job put back after its backend failed goes to the head of the line (round = lowest waiting - 1).
 - An engine that cannot reach its database raises `StoreUnavailable`; the HTTP edge answers 503 with a
   detail and Retry-After, and the engine's `available` is False until it can again.
+- The webhook outbox: with an `Outbox` installed, every change of a job whose event kind is in its `kinds`
+  also writes the rows its rule makes (one per endpoint) into `deliveries`, in the transaction of the change;
+  a running job's progress gets rows when its stored progress is written (at most once a second per job).
+  Rows are claimed for sending under a hold (holder, held_until), so one bridge at a time sends each.
 """
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ import abc
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from .jobs import Job, Output, State
+from .outbox import Delivery, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +104,6 @@ class JobEvent:
 
 Subscriber = Callable[[JobEvent], None]
 
-
 class EventFanout:
     """Delivers events to this process's subscribers; a failing subscriber never stops the others."""
 
@@ -129,6 +133,13 @@ class JobStore(abc.ABC):
 
     def __init__(self) -> None:
         self.fanout = EventFanout()
+        self.outbox: Outbox | None = None
+        self.outbox_kinds: frozenset[str] = frozenset()  # checked on every change: kept apart, a plain set
+
+    def install_outbox(self, outbox: Outbox | None) -> None:
+        """Write webhook deliveries with the changes of jobs from now on (None: no more)."""
+        self.outbox = outbox
+        self.outbox_kinds = outbox.kinds if outbox is not None else frozenset()
 
     # lifecycle ----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -332,3 +343,36 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def meta(self, key: str, make: Callable[[], str]) -> str:
         """A persistent value shared by every bridge, created by make() the first time."""
+
+    # the webhook outbox ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def claim_deliveries(self, limit: int, hold: float, skip: Collection[str]) -> tuple[list[Delivery], float | None]:
+        """Hold up to `limit` due deliveries for this bridge for `hold` seconds (attempts + 1), oldest due first,
+        none to an endpoint in `skip`, and none while an earlier delivery of the same job to the same endpoint
+        is pending (so each job's events reach an endpoint in order). Also returns when the next one falls due
+        (a retry's time or the end of another bridge's hold), None when nothing waits for a time."""
+
+    @abc.abstractmethod
+    async def delivered(self, done: dict[str, int]) -> list[float]:
+        """These deliveries got a 2xx (id -> status): they are done, all in one transaction. Returns the seconds
+        from each one's event to now (of those still pending)."""
+
+    @abc.abstractmethod
+    async def undelivered(self, delivery_id: str, status: int | None, error: str, delay: float,
+                          retry_for: float) -> str | None:
+        """An attempt failed: try again after `delay` seconds (not later than `retry_for` after the event), or,
+        once `retry_for` has passed, give up (state failed). Only while this bridge holds it; returns the new
+        state, None when it was not ours any more."""
+
+    @abc.abstractmethod
+    async def deliveries(self, state: str | None, job_id: str | None, limit: int,
+                         offset: int) -> tuple[list[dict[str, Any]], int]:
+        """A page of deliveries, newest first, and the total matching (all of them, or one state or job's)."""
+
+    @abc.abstractmethod
+    async def pending_deliveries(self) -> int:
+        """Deliveries not yet delivered or given up."""
+
+    @abc.abstractmethod
+    async def prune_deliveries(self, delivered_before: float, failed_before: float) -> int:
+        """Forget delivered deliveries made before `delivered_before` and failed ones before `failed_before`."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 # seconds; a GPU job takes from under a second to many minutes
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 FINAL = frozenset({State.COMPLETED.value, State.FAILED.value, State.CANCELLED.value})
+# seconds from a job's event to its webhook's 2xx: milliseconds when all is well, hours when a receiver is down
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400)
 
 
 class Counts(Protocol):
@@ -52,12 +54,41 @@ class Metrics:
                                     registry=self.registry)
         self.result_bytes = Counter("comfy_bridge_result_bytes_total", "Bytes of outputs collected from backends",
                                     registry=self.registry)
+        self.webhook_deliveries = Counter("comfy_bridge_webhook_deliveries_total",
+                                          "Webhook deliveries this bridge ended, by outcome (delivered: a 2xx; "
+                                          "failed: retried for webhook_delivery.retry_for in vain)", ["outcome"],
+                                          registry=self.registry)
+        self.webhook_failures = Counter("comfy_bridge_webhook_attempt_failures_total",
+                                        "Webhook delivery attempts of this bridge that failed, by reason (status: a "
+                                        "non-2xx answer; error: no answer, e.g. a timeout or a refused connection)",
+                                        ["reason"], registry=self.registry)
+        self.webhook_lag = Histogram("comfy_bridge_webhook_lag_seconds",
+                                     "Time from a job's event to its webhook's 2xx (deliveries this bridge made)",
+                                     buckets=LAG_BUCKETS, registry=self.registry)
         self._live: _LiveState | None = None
 
     def attach(self, counts: Counts, pool: BackendPool, hub: ClientHub) -> None:
         """Expose live gauges of the queue, the backends and the sockets."""
         self._live = _LiveState(counts, pool, hub)
         self.registry.register(self._live)
+
+    def attach_webhooks(self, pending: Callable[[], Awaitable[int]]) -> None:
+        """Expose the outbox's pending deliveries (every bridge's) as a gauge read at scrape time."""
+        assert self._live is not None, "attach() first"
+        self._live.webhooks_pending = pending
+
+    def webhook_delivered(self, lag: float) -> None:
+        """A webhook delivery got its 2xx, `lag` seconds after its event."""
+        self.webhook_deliveries.labels("delivered").inc()
+        self.webhook_lag.observe(max(0.0, lag))
+
+    def webhook_attempt_failed(self, reason: str) -> None:
+        """An attempt failed: "status" (a non-2xx answer) or "error" (no answer)."""
+        self.webhook_failures.labels(reason).inc()
+
+    def webhook_failed(self) -> None:
+        """A delivery was given up after retry_for."""
+        self.webhook_deliveries.labels("failed").inc()
 
     def on_event(self, event: JobEvent) -> None:
         """Count one committed job event, if this bridge caused it (called for every event; kept cheap)."""
@@ -92,11 +123,15 @@ class _LiveState(Collector):
         self.hub = hub
         self.queue_length = 0
         self.generation_count = 0
+        self.webhooks_pending: Callable[[], Awaitable[int]] | None = None
+        self.pending = 0
 
     async def refresh(self) -> None:
         """Read the numbers the store holds."""
         self.queue_length = await self.counts.queue_length()
         self.generation_count = await self.counts.generation_count()
+        if self.webhooks_pending is not None:
+            self.pending = await self.webhooks_pending()
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("comfy_bridge_queue_depth", "Jobs waiting in the shared queue",
@@ -112,6 +147,9 @@ class _LiveState(Collector):
         yield GaugeMetricFamily("comfy_bridge_websocket_clients", "Open caller WebSockets", value=self.hub.count)
         yield GaugeMetricFamily("comfy_bridge_generation_count", "Jobs run through the API (persistent)",
                                 value=self.generation_count)
+        if self.webhooks_pending is not None:
+            yield GaugeMetricFamily("comfy_bridge_webhook_pending", "Webhook deliveries waiting to be delivered "
+                                    "or retried (every bridge's)", value=self.pending)
         yield from _backend_gauges(self.pool.members)
         yield GaugeMetricFamily("comfy_bridge_scrape_timestamp_seconds", "When this scrape was taken",
                                 value=time.time())

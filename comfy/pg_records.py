@@ -11,7 +11,8 @@ import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .jobs import Job
-from .jobstore import FETCHED, JobEvent, JobStore
+from .jobstore import FETCHED, JobEvent
+from .pg_outbox import PgOutbox
 from .pg_leases import lifetime
 from .pg_link import SENDER, PgLink
 from .pg_rows import ACTIVE, DETAIL, HAS_OUTPUTS, JOB, UNTAKEN, emitting, job_of
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class PgRecords(JobStore):
+class PgRecords(PgOutbox):
     """What every PostgreSQL store method shares, and the methods that read or keep records."""
 
     def __init__(self, url: str, bridge: str, *, timeout: float = 5.0, pool_max: int = 8,
@@ -48,12 +49,13 @@ class PgRecords(JobStore):
         self.fanout.publish(event)
 
     @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[tuple[Conn, list[JobEvent]]]:
-        """One transaction; the events its statements sent (see _changed) go to this bridge's subscribers
-        once it committed."""
+    async def _tx(self, atomic: bool = True) -> AsyncIterator[tuple[Conn, list[JobEvent]]]:
+        """One transaction (or, not `atomic`, statements that commit one by one); the events its statements
+        sent (see _changed) go to this bridge's subscribers once it committed."""
         events: list[JobEvent] = []
-        async with self.link.connection() as conn, conn.transaction():
-            yield conn, events
+        async with self.link.connection() as conn:
+            async with conn.transaction() if atomic else contextlib.nullcontext():
+                yield conn, events
         for event in events:
             self.fanout.publish(event)
 
@@ -66,7 +68,14 @@ class PgRecords(JobStore):
         return [(job_of(r), JobEvent.from_dict(json.loads(r["payload"]))) for r in rows]
 
     async def _change(self, change: str, args: list[Any], kind: str, detail: str | None = None) -> list[Job]:
-        """One change of jobs in one statement (its own transaction), its events published after it."""
+        """One change of jobs in one statement (its own transaction, or one with the deliveries it makes), its
+        events published after it."""
+        if kind in self.outbox_kinds:
+            async with self._tx() as (conn, events):
+                changed = await self._changed(conn, change, args, kind, detail)
+                events += [event for _, event in changed]
+                await self._add_deliveries(conn, kind, [job for job, _ in changed])
+            return [job for job, _ in changed]
         async with self.link.connection() as conn:
             changed = await self._changed(conn, change, args, kind, detail)
         for _, event in changed:

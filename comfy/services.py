@@ -20,6 +20,7 @@ from .jobstore import JobStore
 from .metrics import Metrics
 from .pool import BackendPool
 from .store_sqlite import SqliteStore
+from .webhooks import WebhookService
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,11 @@ class Services:
         self.metrics.attach(self.jobs, self.pool, self.hub)
         store.subscribe(self.hub.on_event)
         store.subscribe(self.metrics.on_event)
-        self.api = Api(config, catalog, self.jobs, self.pool, self.hub, self.metrics, Resolver(config))
+        # before the store opens: every change from then on writes its deliveries
+        self.webhooks = WebhookService(config, store, self.metrics)
+        self.metrics.attach_webhooks(self.webhooks.pending)
+        self.api = Api(config, catalog, self.jobs, self.pool, self.hub, self.metrics, Resolver(config),
+                       webhooks=self.webhooks)
         self._watch: PeriodicCallback | None = None
         self._seen: tuple[tuple[str, int, int], ...] = ()
 
@@ -118,6 +123,7 @@ class Services:
             self._release_lock()
             raise
         await self.jobs.start()
+        await self.webhooks.start()
         await self.pool.start()
         await self.dispatcher.start()
         await self.hub.start()
@@ -169,6 +175,7 @@ class Services:
         await self.enricher.stop()
         await self.pool.stop()
         await self.jobs.stop()
+        await self.webhooks.stop()
         await self.store.close()
         self._release_lock()
 

@@ -109,6 +109,8 @@ class PostgresStore(PgRecords):
                                 "(jobs.max_queue_per_identity); try again when some have started")
             [(stored, event)] = added
             events.append(event)
+            if State.QUEUED.value in self.outbox_kinds:
+                await self._add_deliveries(conn, State.QUEUED.value, [stored])
         job.seq, job.round = stored.seq, stored.round
         return job
 
@@ -190,14 +192,15 @@ class PostgresStore(PgRecords):
         also = OUTPUTS.format(*range(len(args) + 1, len(args) + 7))
         args += [[o.node_id for o in outputs], [o.filename for o in outputs], [o.content_type for o in outputs],
                  [o.path for o in outputs], [o.size for o in outputs], [json.dumps(o.meta) for o in outputs]]
-        async with self.link.connection() as conn:
+        wanted = to.value in self.outbox_kinds
+        async with self._tx(atomic=wanted) as (conn, events):  # one statement, unless deliveries go with it
             changed = await self._changed(conn, change, args, to.value, size=sum(o.size for o in outputs), also=also)
-        if not changed:
-            return None
-        [(job, event)] = changed
-        job.outputs = list(outputs)  # written by the same statement, so not in its own view of the outputs
-        self.fanout.publish(event)
-        return job
+            for job, event in changed:
+                job.outputs = list(outputs)  # written by the same statement, so not in its own view of the outputs
+                events.append(event)
+            if wanted:
+                await self._add_deliveries(conn, to.value, [job for job, _ in changed])
+        return changed[0][0] if changed else None
 
     async def requeue(self, job_id: str, expect: Iterable[State], reason: str) -> Job | None:
         """Put a job back at the head of the line; emits requeued. None if not in `expect`."""
@@ -212,11 +215,21 @@ class PostgresStore(PgRecords):
         """Emit a progress event to every bridge; the stored value is written at most once a second."""
         event = replace(JobEvent.of(PROGRESS, job, origin=self.bridge), progress=value)
         now = time.monotonic()
-        async with self.link.connection() as conn:
-            await self.link.notify(conn, [payload(event, self.instance)], keep=False)
-            if now - self._progress_written.get(job.id, 0.0) >= PROGRESS_WRITE_EVERY:
-                self._progress_written[job.id] = now
-                await conn.execute("UPDATE jobs SET progress = $1 WHERE id = $2 AND state = 'running'", value, job.id)
+        write = now - self._progress_written.get(job.id, 0.0) >= PROGRESS_WRITE_EVERY
+        if write:
+            self._progress_written[job.id] = now
+        if write and PROGRESS in self.outbox_kinds:  # the written progress and its deliveries, in one transaction
+            async with self._tx() as (conn, _):
+                await self.link.notify(conn, [payload(event, self.instance)], keep=False)
+                row = await conn.fetchrow(f"UPDATE jobs SET progress = $1 WHERE id = $2 AND state = 'running'"
+                                          f" RETURNING {JOB}", value, job.id)
+                await self._add_deliveries(conn, PROGRESS, [job_of(row)] if row is not None else [])
+        else:
+            async with self.link.connection() as conn:
+                await self.link.notify(conn, [payload(event, self.instance)], keep=False)
+                if write:
+                    await conn.execute("UPDATE jobs SET progress = $1 WHERE id = $2 AND state = 'running'",
+                                       value, job.id)
         self.fanout.publish(event)
 
     async def request_cancel(self, job_ids: list[str], reason: str) -> list[Job]:
@@ -228,6 +241,9 @@ class PostgresStore(PgRecords):
             changed += await self._changed(
                 conn, f"UPDATE jobs SET cancel_reason = COALESCE(cancel_reason, $2) WHERE id = ANY($1::text[])"
                 f" AND state IN {ACTIVE}", [job_ids, reason], CANCEL, detail_sql="COALESCE({detail}::text, moved.cancel_reason)")
+            if State.CANCELLED.value in self.outbox_kinds:
+                await self._add_deliveries(conn, State.CANCELLED.value, [job for job, ev in changed
+                                                                         if ev.kind == State.CANCELLED.value])
             changed.sort(key=lambda pair: pair[0].seq)
             events += [event for _, event in changed]
         return [job for job, _ in changed]

@@ -20,7 +20,8 @@ from . import sqlite_schema
 from .gencount import GenerationCounter
 from .jobs import Job, Output, State
 from .jobstore import CANCEL, PROGRESS, REQUEUED, JobEvent, QueueFull
-from .sqlite_records import COLS, IDS, SqliteRecords, guarded, states_sql
+from .sqlite_outbox import SqliteOutbox
+from .sqlite_records import COLS, IDS, guarded, states_sql
 from .sqlite_schema import OPEN
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ SQL_ADD_OUTPUT = ("INSERT OR REPLACE INTO outputs (job_id, idx, node_id, filenam
                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-class SqliteStore(SqliteRecords):
+class SqliteStore(SqliteOutbox):
     """The JobStore of a single bridge, in data_dir/bridge.sqlite3."""
 
     def __init__(self, data_dir: Path, bridge: str = "") -> None:
@@ -132,10 +133,15 @@ class SqliteStore(SqliteRecords):
     async def enqueue(self, job: Job, max_queue: int, max_per_owner: int) -> Job:
         """Record a new waiting job at its fair place; QueueFull at max_queue or the owner's cap."""
         job.state = State.QUEUED
-        placed = self.db.execute(SQL_INSERT, (
-            job.id, job.client_id, job.workflow, json.dumps(job.inputs), json.dumps(job.prompt),
-            json.dumps(job.files), job.timeout, job.state.value, job.created_at, job.owner, job.cancel_reason,
-            json.dumps(job.webhook) if job.webhook is not None else None, job.client_id, max_queue, job.owner, job.owner, max_per_owner)).fetchone()
+        wanted = State.QUEUED.value in self.outbox_kinds
+        with self._atomic(wanted):
+            placed = self.db.execute(SQL_INSERT, (
+                job.id, job.client_id, job.workflow, json.dumps(job.inputs), json.dumps(job.prompt),
+                json.dumps(job.files), job.timeout, job.state.value, job.created_at, job.owner, job.cancel_reason,
+                json.dumps(job.webhook) if job.webhook is not None else None, job.client_id, max_queue, job.owner,
+                job.owner, max_per_owner)).fetchone()
+            if placed is not None and wanted:
+                self._add_deliveries(State.QUEUED.value, [job])
         if placed is None:  # a cap stopped it: say which
             if self.db.execute(SQL_WAITING).fetchone()[0] >= max_queue:
                 raise QueueFull(f"the queue is full ({max_queue} jobs waiting); try again later")
@@ -240,30 +246,25 @@ class SqliteStore(SqliteRecords):
             args += [now, math.nextafter(now, 0.0)]
         args.append(job_id)
         db = self.db
-        if to is State.COMPLETED and outputs:
-            db.execute("BEGIN")
-            try:
-                row = db.execute(sql, args).fetchone()
-                if row is not None and outputs:
-                    db.executemany(SQL_ADD_OUTPUT, [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size,
-                                                     json.dumps(o.meta))
-                                                    for i, o in enumerate(outputs)])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        else:
+        stored = bool(to is State.COMPLETED and outputs)
+        wanted = to.value in self.outbox_kinds
+        with self._atomic(stored or wanted):
             row = db.execute(sql, args).fetchone()
-        if row is None:
+            job = self._job(row) if row is not None else None
+            if job is not None and stored and outputs:
+                db.executemany(SQL_ADD_OUTPUT, [(job_id, i, o.node_id, o.filename, o.content_type, o.path, o.size,
+                                                 json.dumps(o.meta)) for i, o in enumerate(outputs)])
+                job.outputs = list(outputs)
+            if job is not None and wanted:
+                self._add_deliveries(to.value, [job])
+        if job is None:
             if pending is not None:
                 self._progress[job_id] = pending
             return None
-        job = self._job(row)
         if to is State.RUNNING and job.started_at == now and self.counter is not None:
             self.counter.increment()
-        if outputs and to is State.COMPLETED:
-            job.outputs = list(outputs)
-            self._count(job.owner, sum(o.size for o in outputs))
+        if stored:
+            self._count(job.owner, sum(o.size for o in job.outputs))
         self._emit(to.value, job)
         return job
 
@@ -274,11 +275,15 @@ class SqliteStore(SqliteRecords):
         sql = self._sql.get(("requeue", expect))
         if sql is None:
             sql = self._sql[("requeue", expect)] = SQL_REQUEUE.format(states_sql(expect))
-        row = self.db.execute(sql, (job_id,)).fetchone()
-        if row is None:
+        wanted = REQUEUED in self.outbox_kinds
+        with self._atomic(wanted):
+            row = self.db.execute(sql, (job_id,)).fetchone()
+            job = self._job(row) if row is not None else None
+            if job is not None and wanted:
+                self._add_deliveries(REQUEUED, [job])
+        if job is None:
             return None
         self._progress.pop(job_id, None)
-        job = self._job(row)
         self._emit(REQUEUED, job, reason)
         return job
 
@@ -298,8 +303,17 @@ class SqliteStore(SqliteRecords):
         if not pending or self._db is None:
             return
         try:
-            self._db.executemany("UPDATE jobs SET progress = ? WHERE id = ? AND state = 'running'",
-                                 [(v, k) for k, v in pending.items()])
+            if PROGRESS in self.outbox_kinds:  # each running job's row, and its deliveries, in one transaction
+                with self._atomic(True):
+                    jobs = [self._job(row) for k, v in pending.items() if (row := self._db.execute(
+                        f"UPDATE jobs SET progress = ? WHERE id = ? AND state = 'running' RETURNING {COLS}",
+                        (v, k)).fetchone()) is not None]
+                    added = self._add_deliveries(PROGRESS, jobs)
+                if added and self.outbox is not None:
+                    self.outbox.wake()
+            else:
+                self._db.executemany("UPDATE jobs SET progress = ? WHERE id = ? AND state = 'running'",
+                                     [(v, k) for k, v in pending.items()])
         except sqlite3.DatabaseError as exc:  # progress is a hint; the next transition writes the state
             log.warning("store: progress not written: %s", exc)
 
@@ -319,13 +333,15 @@ class SqliteStore(SqliteRecords):
                 "UPDATE jobs SET cancel_reason = COALESCE(cancel_reason, ?)"
                 f" WHERE id IN {IDS} AND state IN ('dispatching', 'running') RETURNING {COLS}", (reason, ids)
             ).fetchall()
+            cancelled = [self._job(row) for row in stopped]
+            if State.CANCELLED.value in self.outbox_kinds:
+                self._add_deliveries(State.CANCELLED.value, cancelled)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         out: list[Job] = []
-        for row in stopped:
-            job = self._job(row)
+        for job in cancelled:
             self._emit(State.CANCELLED.value, job)
             out.append(job)
         for row in flagged:
