@@ -170,6 +170,18 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = TIME
     await asyncio.wait_for(loop(), timeout)
 
 
+async def history_after_answer(fetch: Callable[[str, str], Awaitable[httpclient.HTTPResponse]],
+                               client_id: str) -> httpclient.HTTPResponse:
+    """GET /history?clientId right after an answer that took (or was taking) the client's results: the first
+    answer after the 409s (with Retry-After) given while that answer still holds them, which lasts a moment
+    after the caller has its last byte (until it is recorded as taken) or has hung up (until it is noticed)."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while (resp := await fetch("GET", f"/history?clientId={client_id}")).code == 409:
+        assert resp.headers.get("Retry-After") and asyncio.get_running_loop().time() < deadline, resp.headers
+        await asyncio.sleep(0.05)
+    return resp
+
+
 def stopped(fake: FakeComfy) -> list[str]:
     """Prompt ids the bridge asked this backend to stop: with targeted /interrupt on 0.3.64; on current
     through the jobs cancel endpoint, and then never with /interrupt."""
