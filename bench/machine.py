@@ -2,10 +2,14 @@
 ports, the open-file limit, and /proc's RSS, peak RSS, CPU time and disk writes of a process."""
 from __future__ import annotations
 
+import itertools
 import os
+import random
+import re
 import resource
 import socket
 from pathlib import Path
+from typing import Iterator
 
 from bench.harness import MeasureError
 
@@ -16,9 +20,49 @@ def machine_note() -> str:
     return f"{os.cpu_count()} cores, load average {one:.2f} (1 min) / {five:.2f} (5 min) at the start"
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the child binds it a moment later)."""
+# Ports for servers started a moment later (a child process) or again on the same port (a restarted
+# PostgreSQL, bridge or fake ComfyUI). A port the kernel picks for a bind to port 0 lies in its ephemeral
+# range, where the next bind to port 0 anywhere on the machine (the other pytest-xdist worker, another run)
+# may be given it before the server binds it, or while the server is down. So they come from below that
+# range: a block of PORT_BLOCK per pytest-xdist worker (gw0's outside pytest-xdist), taken in turn from a
+# random place (other runs on the machine use the same blocks), each checked free when handed out.
+FIRST_PORT = 20_000
+PORT_BLOCK = 2_000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _port_candidates() -> Iterator[int]:
+    """This process's ports in turn; none when its block would reach the kernel's ephemeral range."""
+    worker = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
+    low = FIRST_PORT + (int(worker.group(1)) if worker else 0) * PORT_BLOCK
+    try:
+        ephemeral = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32_768
+    if low + PORT_BLOCK > ephemeral:
+        return iter(())
+    start = random.randrange(PORT_BLOCK)
+    return itertools.cycle([low + (start + i) % PORT_BLOCK for i in range(PORT_BLOCK)])
+
+
+_PORTS = _port_candidates()
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now (the server binds it a moment later)."""
+    for port in itertools.islice(_PORTS, PORT_BLOCK):
+        if _bindable(port):
+            return port
+    with socket.socket() as sock:  # no block of our own on this machine: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

@@ -15,6 +15,7 @@ from tornado import httpclient, websocket
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
+from bench.machine import free_port
 from bridge import make_app
 from comfy.config import BackendConfig, Config
 from comfy.fake import FakeComfy
@@ -265,6 +266,7 @@ async def fakes(fake_profile: str) -> AsyncIterator[Callable[..., Awaitable[Fake
 
     async def make(**kw: Any) -> FakeComfy:
         kw.setdefault("profile", fake_profile)
+        kw.setdefault("port", free_port())  # not the kernel's pick: safe to bind again after go_down()
         kw.setdefault("duration", 0.05)
         kw.setdefault("history_lag", 0.02)  # ComfyUI writes history after execution_success
         fake = FakeComfy(**kw)
