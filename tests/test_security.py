@@ -456,8 +456,13 @@ async def test_one_identity_cannot_fill_the_queue_with_fresh_client_ids(bridge_f
     fake = await fakes()
     fake.hang = True
     bridge = await bridge_factory([fake], max_queue_per_identity=3, **keyed_config())
-    codes = [(await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", ALICE,
-                         {"workflow": "blank-canvas"})).code for _ in range(6)]
+
+    async def submit() -> int:
+        return (await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", ALICE,
+                           {"workflow": "blank-canvas"})).code
+    codes = [await submit()]
+    await wait_for(lambda: len(fake.prompts) == 1)  # the first left the queue for the backend
+    codes += [await submit() for _ in range(5)]
     assert codes == [200] * 4 + [429] * 2  # one runs, three wait
     resp = await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", ALICE,
                       {"workflow": "blank-canvas"})
