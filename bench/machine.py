@@ -2,9 +2,12 @@
 ports, the open-file limit, and /proc's RSS, peak RSS, CPU time and disk writes of a process."""
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import resource
 import socket
+import tempfile
 from pathlib import Path
 
 from bench.harness import MeasureError
@@ -16,9 +19,74 @@ def machine_note() -> str:
     return f"{os.cpu_count()} cores, load average {one:.2f} (1 min) / {five:.2f} (5 min) at the start"
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the child binds it a moment later)."""
+# Ports for servers started a moment later (a child process) or again on the same port (a restarted
+# PostgreSQL, bridge or fake ComfyUI). A port the kernel picks for a bind to port 0 lies in its ephemeral
+# range, where the next bind to port 0 anywhere on the machine may be given it before the server binds it,
+# or while the server is down. So they are drawn below that range, and each is reserved for the life of the
+# process that drew it by a lock on its byte of one file every run on the machine shares: free_port() in
+# another process (the other pytest-xdist worker, a benchmark's child, another test run) passes it over.
+LOWEST_PORT = 10_000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PORT_LOCKS = Path(tempfile.gettempdir()) / "comfy-bridge-ports.lock"
+
+
+class _Ports:
+    """This process's reserved ports and its handle on the shared lock file (never closed: closing any
+    handle of the file would drop every lock the process holds on it)."""
+
+    def __init__(self) -> None:
+        try:
+            self.end = int(EPHEMERAL_RANGE.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            self.end = 32_768
+        self.reserved: set[int] = set()
+        self.draw = random.Random()  # its own: tests may seed the global one (every worker alike)
+        self.fd: int | None = None
+        try:
+            self.fd = os.open(PORT_LOCKS, os.O_RDWR | os.O_CREAT, 0o666)
+            os.fchmod(self.fd, 0o666)  # other users' runs lock it too
+        except OSError:
+            pass  # another user's file we may not write, or none at all: drawn at random, unreserved
+
+    def reserve(self, port: int) -> bool:
+        """Lock the port's byte; False if another process holds it."""
+        if self.fd is None:
+            return True
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
+        except OSError:
+            return False
+        return True
+
+    def release(self, port: int) -> None:
+        if self.fd is not None:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, port)
+
+
+_PORTS = _Ports()
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now (the server binds it a moment later), and that no
+    other process's free_port() hands out while this process lives."""
+    for _ in range(1_000 if _PORTS.end - LOWEST_PORT >= 1_000 else 0):
+        port = _PORTS.draw.randrange(LOWEST_PORT, _PORTS.end)
+        if port in _PORTS.reserved or not _PORTS.reserve(port):
+            continue
+        if _bindable(port):
+            _PORTS.reserved.add(port)
+            return port
+        _PORTS.release(port)
+    with socket.socket() as sock:  # no room below the ephemeral range on this machine: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

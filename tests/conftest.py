@@ -15,6 +15,7 @@ from tornado import httpclient, websocket
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
+from bench.machine import free_port
 from bridge import make_app
 from comfy.config import BackendConfig, Config
 from comfy.fake import FakeComfy
@@ -170,6 +171,18 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = TIME
     await asyncio.wait_for(loop(), timeout)
 
 
+async def history_after_answer(fetch: Callable[[str, str], Awaitable[httpclient.HTTPResponse]],
+                               client_id: str) -> httpclient.HTTPResponse:
+    """GET /history?clientId right after an answer that took (or was taking) the client's results: the first
+    answer after the 409s (with Retry-After) given while that answer still holds them, which lasts a moment
+    after the caller has its last byte (until it is recorded as taken) or has hung up (until it is noticed)."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while (resp := await fetch("GET", f"/history?clientId={client_id}")).code == 409:
+        assert resp.headers.get("Retry-After") and asyncio.get_running_loop().time() < deadline, resp.headers
+        await asyncio.sleep(0.05)
+    return resp
+
+
 def stopped(fake: FakeComfy) -> list[str]:
     """Prompt ids the bridge asked this backend to stop: with targeted /interrupt on 0.3.64; on current
     through the jobs cancel endpoint, and then never with /interrupt."""
@@ -253,6 +266,7 @@ async def fakes(fake_profile: str) -> AsyncIterator[Callable[..., Awaitable[Fake
 
     async def make(**kw: Any) -> FakeComfy:
         kw.setdefault("profile", fake_profile)
+        kw.setdefault("port", free_port())  # not the kernel's pick: safe to bind again after go_down()
         kw.setdefault("duration", 0.05)
         kw.setdefault("history_lag", 0.02)  # ComfyUI writes history after execution_success
         fake = FakeComfy(**kw)

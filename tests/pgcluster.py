@@ -4,16 +4,20 @@ PostgreSQL refuses to run as root, and CI runs as root: then the cluster runs as
 `comfy-bridge-ci` (made by .ci/run), which owns the temp folder. Settings favour speed over durability
 (fsync off: a machine crash may lose the test cluster, which is thrown away anyway); loopback logins are
 trusted. `PgCluster` works without pytest (the benchmarks use it); the fixtures are `pg_cluster` (one per
-test session, with `stop()`/`start()` for outage tests) and `pg_url` (a fresh empty database per test).
+test session, so one per pytest-xdist worker, with `stop()`/`start()` for outage tests) and `pg_url` (a fresh
+empty database per test). Making a database takes a few tenths of a second, so the fixtures' cluster makes
+them ahead, and drops the used ones, in a thread of its own while the tests run.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -40,10 +44,20 @@ SETTINGS = {
 
 
 class PgCluster:
-    """One PostgreSQL server in a temp folder; `stop()` and `start()` keep its data and its port."""
+    """One PostgreSQL server in a temp folder; `stop()` and `start()` keep its data and its port.
 
-    def __init__(self, root: Path | None = None) -> None:
+    With `spares`, a thread keeps that many fresh databases made ahead for `create_database()` and drops
+    the ones given to `discard_database()` (while the server is stopped, it waits)."""
+
+    def __init__(self, root: Path | None = None, spares: int = 0) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="comfy-pg-")) if root is None else root
+        self.spares = spares
+        self._ready_made: list[str] = []
+        self._doomed: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._helper: threading.Thread | None = None
         self.data = self.root / "data"
         self.logfile = self.root / "postgres.log"
         self.port = free_port()
@@ -87,6 +101,10 @@ class PgCluster:
                 self.stop()
                 raise RuntimeError(f"PostgreSQL did not start on port {self.port}:\n{self.log_tail()}")
             time.sleep(0.02)
+        if self.spares and self._helper is None:
+            self._helper = threading.Thread(target=self._keep_spares, name="pg-spares", daemon=True)
+            self._helper.start()
+        self._wake.set()
 
     def stop(self) -> None:
         """Stop the server now (fast shutdown: open sessions are cut, committed data stays)."""
@@ -102,7 +120,11 @@ class PgCluster:
         self.proc = None
 
     def destroy(self) -> None:
-        """Stop the server and delete its folder."""
+        """Stop the helper thread and the server, and delete its folder."""
+        self._closing = True
+        self._wake.set()
+        if self._helper is not None:
+            self._helper.join(START_TIMEOUT)
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -116,14 +138,66 @@ class PgCluster:
         return out.stdout.strip()
 
     def create_database(self) -> str:
-        """A new empty database; returns its name."""
-        name = "t_" + uuid.uuid4().hex[:16]
-        self.sql(f"CREATE DATABASE {name} TEMPLATE template0 STRATEGY FILE_COPY")
+        """A new empty database (one made ahead, when there is one); returns its name."""
+        with self._lock:
+            name = self._ready_made.pop(0) if self._ready_made else None
+        self._wake.set()
+        if name is None:
+            name = self._new_name()
+            self.sql(f"CREATE DATABASE {name} TEMPLATE template0 STRATEGY FILE_COPY")
         return name
 
     def drop_database(self, name: str) -> None:
         """Drop a database, cutting off whoever is still connected to it."""
         self.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def discard_database(self, name: str) -> None:
+        """Drop a database soon (in the helper thread, with `spares`), cutting off whoever is still connected."""
+        if not self.spares:
+            return self.drop_database(name)
+        with self._lock:
+            self._doomed.append(name)
+        self._wake.set()
+        return None
+
+    @staticmethod
+    def _new_name() -> str:
+        return "t_" + uuid.uuid4().hex[:16]
+
+    def _keep_spares(self) -> None:
+        """The helper thread: drop the discarded databases and keep `spares` fresh ones made, until destroy().
+        It talks to the server over asyncpg, not psql: a child process started from a second thread while the
+        tests start theirs from the main one sometimes failed to start (EFAULT from exec after vfork)."""
+        import asyncpg  # the PostgreSQL engine's driver: the tests that need this cluster need it anyway
+
+        async def execute(statement: str) -> None:
+            conn = await asyncpg.connect(self.url(), timeout=START_TIMEOUT)
+            try:
+                await conn.execute(statement, timeout=START_TIMEOUT)
+            finally:
+                await conn.close()
+
+        while not self._closing:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._closing:
+                with self._lock:
+                    doomed = self._doomed.pop(0) if self._doomed else None
+                    made = self._new_name() if doomed is None and len(self._ready_made) < self.spares else None
+                if doomed is None and made is None:
+                    break
+                statement = (f"DROP DATABASE IF EXISTS {doomed} WITH (FORCE)" if doomed is not None
+                             else f"CREATE DATABASE {made} TEMPLATE template0 STRATEGY FILE_COPY")
+                try:
+                    asyncio.run(execute(statement))
+                except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    if doomed is not None:  # the server is down (an outage test): again after start()
+                        with self._lock:
+                            self._doomed.append(doomed)
+                    break
+                if made is not None:
+                    with self._lock:
+                        self._ready_made.append(made)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server's log."""
@@ -161,7 +235,7 @@ def pg_cluster() -> Iterator[PgCluster]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    cluster = PgCluster()
+    cluster = PgCluster(spares=2)
     try:
         cluster.start()
         yield cluster
@@ -178,4 +252,4 @@ def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
     yield pg_cluster.url(name)
     if not pg_cluster.running:
         pg_cluster.start()
-    pg_cluster.drop_database(name)
+    pg_cluster.discard_database(name)

@@ -14,8 +14,13 @@ pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI r
 
 CLIENTS = 20
 JOBS_PER_CLIENT = 10
+CHAOS_SECONDS = 20  # backends die and come back for this long (unless every job ended sooner)
+# then, every backend up, the jobs left end within this: a bound against a job that never ends, not a speed
+# goal (how many are left, and how fast they go, depends on how busy the machine is)
+SETTLE_SECONDS = 40
 
 
+@pytest.mark.timeout(CHAOS_SECONDS + SETTLE_SECONDS + 40)
 async def test_chaos_every_job_ends_once(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]
     backends = [await fakes(duration=0.05) for _ in range(3)]
     bridge = await bridge_factory(backends, probe_interval=0.05, down_after=2, up_after=2, failover_grace=0.3,
@@ -55,14 +60,13 @@ async def test_chaos_every_job_ends_once(bridge_factory, fakes) -> None:  # type
             entries = {e["id"]: e for e in log["history"]}
             if all(entries.get(j, {}).get("status") in ("completed", "failed") for j in all_ids):
                 return entries
-            if time.monotonic() - started > 20:
+            if time.monotonic() - started > CHAOS_SECONDS:
                 stop.set()  # let the backends settle so stragglers can finish
             await asyncio.sleep(0.1)
 
-    entries = await asyncio.wait_for(settled(), 50)
+    entries = await asyncio.wait_for(settled(), CHAOS_SECONDS + SETTLE_SECONDS)
     stop.set()
     await chaos_task
-    assert time.monotonic() - started < 60
     statuses = Counter(entries[j]["status"] for j in all_ids)
     for j in all_ids:
         if entries[j]["status"] == "failed":

@@ -12,15 +12,10 @@ from typing import Any
 import pytest
 from tornado import httpclient, websocket
 
-from conftest import ROOT, TIMEOUT, check_invariants, close_ws, new_client_id, parse_multipart
+from bench.machine import free_port
+from conftest import ROOT, TIMEOUT, check_invariants, close_ws, history_after_answer, new_client_id, parse_multipart
 
 pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI release the fake imitates
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class BridgeProcess:
@@ -203,7 +198,7 @@ async def test_completed_results_survive_byte_for_byte(launch, fakes) -> None:  
     assert len(parts) == 8  # 2 jobs x (2 saved + 2 previews)
     for headers, data in parts:
         assert data == backend_file(fake, headers["Content-Disposition"].split('filename="')[1].split('"')[0])
-    assert (await bridge.call("GET", f"/history?clientId={cid}")).code == 204
+    assert (await history_after_answer(bridge.call, cid)).code == 204
 
 
 async def test_kill_mid_download_keeps_the_results(launch, fakes) -> None:  # type: ignore[no-untyped-def]

@@ -187,13 +187,26 @@ async def test_last_jobs_wait_for_a_much_faster_box(bridge_factory, fakes) -> No
     for _ in range(4):  # the bridge learns how long a job takes on each box
         await bridge.submit(warm, {"workflow": "blank-canvas"})
     await wait_until(lambda: bridge.settled(warm))
-    before = len(slow.prompts)
-    cid = new_client_id()
-    await bridge.submit(cid, {"workflow": "blank-canvas"})
-    await bridge.submit(cid, {"workflow": "blank-canvas"})
-    await wait_until(lambda: bridge.settled(cid))
-    # both went to the fast box: the second waited ~0.05 s instead of taking 0.8 s on the slow one
+    slow_box, fast_box = bridge.services.pool.members
+    assert slow_box.job_seconds is not None and fast_box.job_seconds is not None
+    assert slow_box.job_seconds > fast_box.job_seconds
+    # A job is held back only while the fast box is within its learned time (an overdue box must never block
+    # the queue); as if learned from longer jobs, at the same 1:12 ratio, so that no pause of a busy machine
+    # outlasts it and the test, not the machine's speed, decides when the fast box is free again.
+    slow_box.job_seconds, fast_box.job_seconds = 120.0, 10.0
+    before, fast_before = len(slow.prompts), len(fast.prompts)
+    fast.hang = True  # the fast box keeps the next job until it is interrupted
+    first, last = new_client_id(), new_client_id()
+    await bridge.submit(first, {"workflow": "blank-canvas"})
+    await wait_for(lambda: len(fast.prompts) == fast_before + 1)
+    fast.hang = False
+    answer = await bridge.submit(last, {"workflow": "blank-canvas"})
+    await asyncio.sleep(0.3)  # the slow box is free all along: the last job waits for the fast one instead
     assert len(slow.prompts) == before
+    await bridge.post_json(f"/interrupt?clientId={first}", {})
+    assert (await bridge.wait_state(last, {"closed", "error"}))["status"] == "closed"
+    assert len(slow.prompts) == before
+    assert (await job_of(bridge, answer["job_id"])).backend == fast_box.label
 
 
 async def test_rejected_prompt_never_marks_the_backend_down(bridge_factory, fakes) -> None:  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the repo is not installed; keep this file runnable on its own
     sys.path.insert(0, str(ROOT))
 
+from bench.machine import free_port  # noqa: E402
 from comfy.fake import FakeComfy  # noqa: E402
 from comfy.fake.png import encode_png, image_size, png_text  # noqa: E402
 
@@ -63,7 +64,7 @@ def sleep_graph(seconds: float, color: int = 255) -> dict:
 @pytest.fixture
 async def fake():
     """A started fake with a short default duration, stopped after the test."""
-    server = FakeComfy(duration=0.02, tick=0.005)
+    server = FakeComfy(duration=0.02, tick=0.005, port=free_port())  # binds it again after go_down()
     await asyncio.wait_for(server.start(), STEP)
     yield server
     await asyncio.wait_for(server.stop(), STEP)

@@ -5,7 +5,8 @@ import asyncio
 
 import pytest
 
-from conftest import Bridge, close_ws, new_client_id, next_message, parse_multipart, read_until_closed, stopped
+from conftest import (Bridge, close_ws, history_after_answer, new_client_id, next_message, parse_multipart,
+                      read_until_closed, stopped)
 
 pytestmark = pytest.mark.both_profiles  # the engine runs against each ComfyUI release the fake imitates
 
@@ -32,7 +33,7 @@ async def test_rest_life_cycle(bridge: Bridge, png: bytes) -> None:
     assert prompt["1"]["inputs"]["image"] in {u["name"] for u in bridge.fakes[0].uploads}
     assert prompt["3"]["inputs"]["blur_radius"] == 5
     # taken once: the second call finds nothing
-    again = await bridge.fetch("GET", f"/history?clientId={cid}")
+    again = await history_after_answer(bridge.fetch, cid)
     assert again.code == 204
     assert again.headers["X-Detail"] == f"No contents with that client id / {cid}"
     assert await bridge.get_json("/generation-count") == 1
@@ -54,7 +55,7 @@ async def test_ws_life_cycle(bridge_factory, fake, png: bytes) -> None:  # type:
                for m in messages if m["status"] == "progress")
     resp = await bridge.fetch("GET", f"/history?clientId={cid}")
     assert resp.code == 200 and parse_multipart(resp)[0][1].startswith(PNG_MAGIC)
-    assert (await bridge.fetch("GET", f"/history?clientId={cid}")).code == 204
+    assert (await history_after_answer(bridge.fetch, cid)).code == 204
 
 
 async def test_late_socket_gets_current_state(bridge: Bridge) -> None:

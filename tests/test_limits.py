@@ -133,8 +133,16 @@ async def _until(predicate) -> None:  # type: ignore[no-untyped-def]
         await asyncio.sleep(0.01)
 
 
+def submit_limiter(bridge: Bridge) -> RateLimiter:
+    """The bridge's per-client limiter of POST /generate-based-workflow."""
+    rules = bridge.server.request_callback.wildcard_router.rules  # type: ignore[attr-defined]
+    return next(rule.target_kwargs["limiter"] for rule in rules if "limiter" in rule.target_kwargs)
+
+
 async def test_submit_rate_per_client(bridge_factory, fake) -> None:  # type: ignore[no-untyped-def]
     bridge = await bridge_factory([fake], submit_burst=3, submit_rate=4)
+    now = [1000.0]
+    submit_limiter(bridge).clock = lambda: now[0]  # its time moves when the test says, however slow the machine
     cid = new_client_id()
     for _ in range(3):
         await bridge.submit(cid, {"workflow": "blank-canvas"})
@@ -143,7 +151,7 @@ async def test_submit_rate_per_client(bridge_factory, fake) -> None:  # type: ig
     detail = json.loads(resp.body)["detail"]
     assert "too many submits" in detail and "3 at once" in detail and "4 per second" in detail
     await bridge.submit(new_client_id(), {"workflow": "blank-canvas"})  # another client is not held back
-    await asyncio.sleep(0.3)  # 4 per second: one token back after 0.25 s
+    now[0] += 0.3  # 4 per second: one token back after 0.25 s
     await bridge.submit(cid, {"workflow": "blank-canvas"})
     assert (await bridge.fetch("POST", f"/generate-based-workflow?clientId={cid}",
                                {"workflow": "blank-canvas"})).code == 429

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from bench.machine import free_port
 from conftest import ROOT
-from test_cli import free_port
 
 
 def get(url: str, data: bytes | None = None) -> tuple[int, dict, bytes]:

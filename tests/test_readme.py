@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.machine import free_port
 from conftest import ROOT
-from test_cli import free_port
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from tornado import httpclient, websocket
 
-from conftest import Bridge, multipart, new_client_id, parse_multipart, read_until_closed, wait_for
+from conftest import (Bridge, history_after_answer, multipart, new_client_id, parse_multipart, read_until_closed,
+                      wait_for)
 
 ALICE, BOB, OPS = "alice-key-0123456789", "bob-key-0123456789ab", "ops-key-0123456789abc"
 KEYS = [{"name": "alice", "role": "caller", "key": ALICE}, {"name": "bob", "role": "caller", "key": BOB},
@@ -275,7 +276,7 @@ async def test_concurrent_fetches_of_a_large_result_deliver_it_exactly_once(brid
     for other in answers:
         if other.code == 409:
             assert other.headers["Retry-After"] and json.loads(other.body)["detail"]
-    assert (await bridge.fetch("GET", f"/history?clientId={cid}")).code == 204  # taken
+    assert (await history_after_answer(bridge.fetch, cid)).code == 204  # taken
 
 
 async def raw_get(port: int, path: str, read: int, rcvbuf: int = 4096) -> bytes:
@@ -301,15 +302,14 @@ async def test_a_download_dropped_at_4kb_can_be_fetched_again(bridge_factory, fa
     job_id = await finished_job(bridge, cid)
     head = await raw_get(bridge.port, f"/history?clientId={cid}", 4096, rcvbuf)
     assert head.startswith(b"HTTP/1.1 200")
-    await asyncio.sleep(0.2)
-    resp = await bridge.fetch("GET", f"/history?clientId={cid}")
+    resp = await history_after_answer(bridge.fetch, cid)
     if resp.code == 204:  # the bridge had written it all: the retry names the re-fetch explicitly
         resp = await bridge.fetch("GET", f"/history?clientId={cid}&redeliver=1")
     assert resp.code == 200, resp.code
     (headers, data), = parse_multipart(resp)
     assert len(data) > 2 * MB and headers["Content-Disposition"].startswith(f'form-data; name="{job_id}/')
     # delivered whole now: a plain fetch answers 204 as the spec says, the re-fetch still works in the grace
-    assert (await bridge.fetch("GET", f"/history?clientId={cid}")).code == 204
+    assert (await history_after_answer(bridge.fetch, cid)).code == 204
     again = await bridge.fetch("GET", f"/history?clientId={cid}&redeliver=1")
     assert again.code == 200 and parse_multipart(again)[0][1] == data
     doc = json.loads((await bridge.fetch("GET", f"/jobs/{job_id}?clientId={cid}")).body)
@@ -456,8 +456,13 @@ async def test_one_identity_cannot_fill_the_queue_with_fresh_client_ids(bridge_f
     fake = await fakes()
     fake.hang = True
     bridge = await bridge_factory([fake], max_queue_per_identity=3, **keyed_config())
-    codes = [(await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", ALICE,
-                         {"workflow": "blank-canvas"})).code for _ in range(6)]
+
+    async def submit() -> int:
+        return (await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", ALICE,
+                           {"workflow": "blank-canvas"})).code
+    codes = [await submit()]
+    await wait_for(lambda: len(fake.prompts) == 1)  # the first left the queue for the backend
+    codes += [await submit() for _ in range(5)]
     assert codes == [200] * 4 + [429] * 2  # one runs, three wait
     resp = await call(bridge, "POST", f"/generate-based-workflow?clientId={new_client_id()}", ALICE,
                       {"workflow": "blank-canvas"})

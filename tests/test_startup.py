@@ -13,9 +13,9 @@ from typing import Any
 
 from tornado import httpclient
 
+from bench.machine import free_port
 from conftest import ROOT
 from comfy.fake.nodes import COMBO
-from test_cli import free_port
 
 BRIDGE = str(ROOT / "bridge.py")
 
