@@ -70,10 +70,13 @@ class JobService:
         await asyncio.gather(*pending, return_exceptions=True)
 
     # submit -------------------------------------------------------------------------------------
-    async def submit(self, client_id: str, body: dict[str, Any], owner: str, own_uploads: bool) -> Submitted:
+    async def submit(self, client_id: str, body: dict[str, Any], owner: str, own_uploads: bool,
+                     placed: bool = True) -> Submitted:
         """Validate a caller's request and queue it as `owner`'s. Raises InputError, QuotaExceeded, QueueFull.
         With own_uploads, a file input may only name one of the owner's uploads. The body's `webhook` key (a
-        callback URL, or {"url", "events"}) is no input: it names the job's own webhook receiver."""
+        callback URL, or {"url", "events"}) is no input: it names the job's own webhook receiver. `placed`:
+        also say how long the line is and where the job stands (the spec's answer; a waiting submit does not
+        ask, sparing two reads of the store)."""
         callback = None
         if "webhook" in body:
             try:
@@ -100,6 +103,8 @@ class JobService:
                   files=files, timeout=workflow.timeout, owner=owner, webhook=callback)
         job = await self.store.enqueue(job, self.config.max_queue, self.config.max_queue_per_identity)
         log.info("job %s: queued (workflow %s, client %s)", job.id, job.workflow, client_tag(client_id))
+        if not placed:
+            return Submitted(job, 0, None)
         waiting = await self.store.queue_length()
         # alone in the line it is first: no second question
         return Submitted(job, waiting, 1 if waiting == 1 else await self.store.position(job.id))

@@ -53,7 +53,7 @@ class GenerateHandler(BaseHandler):
         body = self.json_body()
         try:
             queued = await self.services.jobs.submit(client_id, body, self.identity.owner,
-                                                     own_uploads=self.identity.key_mode)
+                                                     own_uploads=self.identity.key_mode, placed=waiting is None)
         except InputError as exc:
             raise api_error(400, str(exc)) from None
         except QuotaExceeded as exc:
