@@ -1,6 +1,7 @@
 """Malformed everything gets a 4xx JSON answer: bodies, types, numbers, methods; never a traceback."""
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -129,6 +130,22 @@ QUERIES = ["", "?clientId=%00", "?clientId=%FF%FE", "?clientId=" + "a" * 10_000,
            "?clientId=ok&clientId=two", "?name=%2e%2e%2f", "?limit=1e999&offset=NaN", "?token=x&clientId=../../x"]
 
 
+async def stream_head(bridge: Bridge, method: str, target: str, headers: dict[str, str]) -> tuple[int, str]:
+    """The status and Content-Type of an answer, read off a raw connection that is then closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    try:
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n{lines}\r\n".encode("latin-1"))
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)).decode("latin-1")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status = int(head.split(" ", 2)[1])
+    type_ = next((line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                  if line.lower().startswith("content-type:")), "")
+    return status, type_
+
+
 async def test_garbage_to_every_route_never_shows_a_traceback(bridge: Bridge, png: bytes) -> None:
     """Every route, every method, bodies and queries of junk: 4xx (or a documented 503), JSON, no traceback."""
     routes = app_routes(make_app(bridge.config, bridge.services))
@@ -144,7 +161,11 @@ async def test_garbage_to_every_route_never_shows_a_traceback(bridge: Bridge, pn
                 if path == "/ws" and i % 3 == 0:
                     headers.update({"Upgrade": "websocket", "Connection": "Upgrade",
                                     "Sec-WebSocket-Version": "99" if i else "13"})
-                if method == "HEAD":  # no body to check, and the helper expects one on errors
+                if method in ("GET", "HEAD") and path.endswith("/events"):
+                    # a stream never ends when the query is good: its head is what can go wrong
+                    code, type_ = await stream_head(bridge, method, url + query, headers)
+                    assert code < 500 and (code != 200 or type_.startswith("text/event-stream")), (url + query, code)
+                elif method == "HEAD":  # no body to check, and the helper expects one on errors
                     resp = await bridge.http.fetch(bridge.url + url + query, method="HEAD", headers=headers,
                                                    raise_error=False, request_timeout=TIMEOUT)
                     assert resp.code < 500 and resp.body == b"", (method, url + query, resp.code)

@@ -7,12 +7,24 @@ import json
 import socket
 import statistics
 import time
-from typing import Any
+from typing import Any, AsyncIterator
+
+import pytest
 
 from comfy.config import ApiKey
 from conftest import TIMEOUT, Bridge, new_client_id, read_until_closed, stop_bridge, wait_for, wait_until
 
 ALICE, BOB, OPS = "alice-key-0123456789", "bob-key-0123456789ab", "ops-key-0123456789abc"
+
+
+OPENED: list[SSE] = []  # every stream a test opened, closed after it (a failed or ended one too)
+
+
+@pytest.fixture(autouse=True)
+async def _close_streams() -> AsyncIterator[None]:
+    yield
+    while OPENED:
+        await OPENED.pop().close()
 
 
 class SSE:
@@ -36,6 +48,7 @@ class SSE:
                  *(f"{k}: {v}" for k, v in (headers or {}).items())]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         stream = cls(reader, writer)
+        OPENED.append(stream)
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)).decode()
         status_line, *fields = head.strip().split("\r\n")
         stream.status = int(status_line.split()[1])
@@ -78,8 +91,12 @@ class SSE:
         return out
 
     async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
+        if not self.writer.is_closing():
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except ConnectionError:
+                pass
 
 
 async def stream(bridge: Bridge, path: str, **kw: Any) -> SSE:
@@ -106,7 +123,9 @@ async def test_the_client_stream_says_what_the_socket_says_and_the_job_stream_to
     assert all(e["id"] for e in events)
     job_events = await per_job.until_end()  # it ends after the job's final event
     assert [e["data"] for e in job_events][-2:] == socket_said[-2:]
-    assert all(e["data"] in socket_said for e in job_events)
+    # after its catch-up from the stored record (whose progress the socket may have skipped, coalesced), the
+    # job stream's messages are the socket's
+    assert all(e["data"] in socket_said for e in job_events[1:])
     for s in (sse, per_job):
         await s.close()
 
