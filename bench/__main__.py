@@ -5,7 +5,8 @@ import importlib
 import logging
 import sys
 
-NAMES = ("scheduling", "store", "overhead", "control_plane", "websockets", "large_files", "abuse", "cluster")
+NAMES = ("scheduling", "store", "overhead", "control_plane", "websockets", "large_files", "abuse", "cluster",
+         "webhooks")
 
 
 def main() -> int:

@@ -11,6 +11,8 @@ import hmac
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
 from cluster import Cluster
-from conftest import Bridge, check_invariants, new_client_id, wait_until
+from conftest import ROOT, Bridge, check_invariants, new_client_id, wait_until
 from comfy.config import ApiKey, ConfigError, load_config
 from comfy.fake import FakeComfy
 from comfy.webhook_config import parse_allow_hosts, parse_endpoints
@@ -286,6 +288,32 @@ async def test_a_receiver_answering_500_three_times_gets_the_same_webhook_id(bri
     assert 'comfy_bridge_webhook_deliveries_total{outcome="delivered"} 1.0' in metrics
 
 
+async def test_a_jobs_later_events_wait_behind_one_being_retried(bridge_factory: MakeBridge, fake: FakeComfy,
+                                                                  receiver: Receiver) -> None:
+    receiver.statuses = [500, 503]
+    bridge = await bridge_factory([fake], **hooks(endpoint(receiver.url(), events=["queued", "started", "completed"]),
+                                                  retry_delay=0.3))
+    cid = new_client_id()
+    await bridge.submit(cid, {"workflow": "blank-canvas"})
+    got = await receiver.wait(5)
+    assert [item.event for item in got] == ["queued", "queued", "queued", "started", "completed"]
+    assert len({item.id for item in got[:3]}) == 1
+
+
+async def test_old_deliveries_are_pruned(bridge_factory: MakeBridge, fake: FakeComfy, receiver: Receiver) -> None:
+    bridge = await bridge_factory([fake], **hooks(endpoint(receiver.url())))
+    await bridge.submit(new_client_id(), {"workflow": "blank-canvas"})
+    await receiver.wait(1)
+
+    async def recorded() -> bool:
+        return (await bridge.get_json("/webhooks/deliveries?state=delivered"))["total"] == 1
+    await wait_until(recorded)
+    store = bridge.services.store
+    assert await store.prune_deliveries(time.time() - 3600, time.time() - 3600) == 0  # recent ones stay
+    assert await store.prune_deliveries(time.time() + 60, time.time() - 3600) == 1
+    assert (await bridge.get_json("/webhooks/deliveries"))["total"] == 0
+
+
 async def test_a_delivery_never_answered_with_2xx_fails_after_retry_for_and_only_admins_see_it(
         bridge_factory: MakeBridge, fake: FakeComfy, receiver: Receiver) -> None:
     receiver.always = 503
@@ -494,3 +522,12 @@ async def test_with_postgresql_and_two_bridges_each_delivery_arrives_once(tmp_pa
         assert listing["total"] == 60 and all(row["attempts"] == 1 for row in listing["deliveries"])
     finally:
         await cluster.stop()
+
+
+@pytest.mark.timeout(120)
+def test_the_webhooks_benchmark_runs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "webhooks", "--seconds", "1", "--rate", "10",
+                           "--overhead-rate", "5", "--backends", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=110)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "webhook lag" in proc.stdout and "job path p50 ms" in proc.stdout
