@@ -188,7 +188,8 @@ async def test_without_wait_the_spec_answer_is_unchanged(bridge: Bridge) -> None
         resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, headers)
         assert resp.code == 200 and "Preference-Applied" not in resp.headers
         answer = json.loads(resp.body)
-        assert set(answer) == {"detail", "job_id", "queue_position"} and answer["detail"].startswith("queued / ")
+        # queue_position while the job still waits when the answer is made (a free backend may have it already)
+        assert set(answer) - {"queue_position"} == {"detail", "job_id"} and answer["detail"].startswith("queued / ")
 
 
 async def test_text_outputs_come_back_as_text(bridge: Bridge) -> None:
