@@ -31,8 +31,9 @@ def check_url(url: Any) -> SplitResult:
         raise ValueError("must not hold a user name or password (the signature authenticates the bridge)")
     if not parts.hostname:
         raise ValueError("names no host")
-    if any(ch.isspace() or ord(ch) < 32 for ch in url):
-        raise ValueError("must not contain spaces or control characters")
+    if not url.isascii() or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        raise ValueError("must be ASCII without spaces or control characters (percent-encode the rest, "
+                         "write a non-ASCII host name in its xn-- form)")
     return parts
 
 
@@ -118,7 +119,8 @@ def parse_allow_hosts(key: str, val: Any) -> tuple[str, ...]:
             ip = False
         wild = name != host
         if not (ip and not wild) and not (_HOST_NAME.match(name) and (not wild or "." in name)):
-            raise ConfigError(f"{key}: {item!r} is not a host name, *.domain or IP address (no scheme, port or path; a *. entry needs a dot after it)")
+            raise ConfigError(f"{key}: {item!r} is not a host name, *.domain or IP address (no scheme, port or "
+                              "path; a *. entry needs a dot after it)")
         out.append(host.strip("[]"))
     return tuple(out)
 

@@ -24,18 +24,18 @@ import time
 from collections import Counter, OrderedDict
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from . import signing
 from .config import Config
 from .configtypes import WEBHOOK_EVENTS, WebhookEndpoint
-from .httppool import KeepAliveClient
 from .jobdoc import job_document, open_mode_query
 from .jobs import Job, State
 from .jobstore import PROGRESS, REQUEUED, JobEvent, JobStore, StoreUnavailable
 from .metrics import Metrics
 from .outbox import Delivery, Outbox, OutboxRule
 from .webhook_config import host_allowed, shown
+from .webhook_http import WebhookClient
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ KEEP_DELIVERED = 86400.0  # seconds delivered rows stay listed
 KEEP_FAILED = 7 * 86400.0  # seconds failed rows stay listed (an operator may want to look)
 PRUNE_EVERY = 600.0
 STOP_GRACE = 2.0         # seconds attempts in flight may take to finish at shutdown
-ERROR_HEAD = 200         # bytes of a refusing answer kept as the delivery's last_error
 MAX_CLIENTS = 64         # receivers' connection pools kept open (the least recently used idle one goes)
 
 
@@ -104,11 +103,12 @@ class WebhookService:
         self._wake = asyncio.Event()
         self._sending: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
         self._busy: Counter[str] = Counter()  # endpoint -> attempts in flight
-        self._clients: OrderedDict[str, KeepAliveClient] = OrderedDict()  # origin -> its connection pool
+        self._clients: OrderedDict[tuple[str, str], WebhookClient] = OrderedDict()  # (scheme, host:port) -> its pool
         self._done: dict[str, int] = {}  # deliveries answered 2xx, recorded as delivered by the next round
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
         self._pruned = 0.0
+        self._failing = False  # the last round failed (logged once until one succeeds)
 
     # lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -148,7 +148,8 @@ class WebhookService:
             self._wake.set()
 
     # reading ------------------------------------------------------------------------------------
-    async def deliveries(self, state: str | None, job_id: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+    async def deliveries(self, state: str | None, job_id: str | None, limit: int,
+                         offset: int) -> tuple[list[dict[str, Any]], int]:
         """A page of deliveries, newest first, as GET /webhooks/deliveries shows them, and the total."""
         rows, total = await self.store.deliveries(state, job_id, limit, offset)
         return [{"id": r["id"], "job_id": r["job_id"], "endpoint": shown(r["endpoint"]), "event": r["event"],
@@ -169,14 +170,14 @@ class WebhookService:
             try:
                 await self._record_delivered()
                 upcoming = await self._claim()
-                if time.time() - self._pruned >= PRUNE_EVERY:
-                    self._pruned = time.time()
-                    await self.store.prune_deliveries(self._pruned - KEEP_DELIVERED, self._pruned - KEEP_FAILED)
-            except StoreUnavailable as exc:
-                log.warning("webhooks: the job store is unreachable, deliveries wait: %s", exc)
-            except Exception:
-                log.exception("webhooks: the sender failed a round; it tries again")
-            if self._wake.is_set():
+                await self._prune()
+                self._failing = False
+            except Exception as exc:  # the next round tries again, after a pause
+                if not self._failing:
+                    log.log(logging.WARNING if isinstance(exc, StoreUnavailable) else logging.ERROR,
+                            "webhooks: deliveries wait: %s", exc, exc_info=not isinstance(exc, StoreUnavailable))
+                self._failing = True
+            if self._wake.is_set() and not self._failing:
                 continue
             wait = IDLE_POLL if self.enabled else 30 * IDLE_POLL
             if upcoming is not None:
@@ -184,6 +185,15 @@ class WebhookService:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):  # unlike 3.11's wait_for, never swallows a cancel
                     await self._wake.wait()
+
+    async def _prune(self) -> None:
+        """Every PRUNE_EVERY seconds: forget old delivered and failed rows, a batch at a time (the job path runs
+        in between)."""
+        if time.time() - self._pruned < PRUNE_EVERY:
+            return
+        self._pruned = time.time()
+        while await self.store.prune_deliveries(self._pruned - KEEP_DELIVERED, self._pruned - KEEP_FAILED):
+            await asyncio.sleep(0.01)
 
     async def _record_delivered(self) -> None:
         """Record the 2xx answers since the last round, in one transaction (a failure keeps them for the next)."""
@@ -256,35 +266,31 @@ class WebhookService:
         return None
 
     async def _post(self, delivery: Delivery, key: bytes) -> tuple[int | None, str]:
-        """POST the body, signed; (status, why it is not a success). No redirect is followed, at most
-        ERROR_HEAD bytes of the answer are kept, and the whole attempt is bounded by the timeout."""
+        """POST the body, signed; (status, why it is not a success). No redirect is followed, a few bytes of
+        the answer are kept, and the whole attempt is bounded by the timeout."""
         parts = urlsplit(delivery.endpoint)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         body = delivery.body.encode()
-        head = bytearray()
-
-        def keep(chunk: bytes) -> None:
-            if len(head) < ERROR_HEAD:
-                head.extend(chunk[:ERROR_HEAD - len(head)])
-        client = self._client(f"{parts.scheme}://{parts.netloc}")
         try:
-            resp = await client.fetch("POST", path, body, signing.headers(key, delivery.id, int(time.time()), body),
-                                      streaming_callback=keep, request_timeout=self.config.webhook_timeout)
+            status, head = await self._client(parts).post(
+                target, body, signing.headers(key, delivery.id, int(time.time()), body))
         except OSError as exc:  # no answer: refused, reset, a timeout, TLS, DNS
             return None, str(exc) or type(exc).__name__
-        if 200 <= resp.code < 300:
-            return resp.code, ""
-        if 300 <= resp.code < 400:
-            return resp.code, f"HTTP {resp.code}: redirects are not followed ({resp.headers.get('Location', '')[:200]})"
-        return resp.code, f"HTTP {resp.code}: {head.decode('utf-8', 'replace')}"
+        text = head.decode("utf-8", "replace")
+        if 200 <= status < 300:
+            return status, ""
+        if 300 <= status < 400:
+            return status, f"HTTP {status}: redirects are not followed"
+        return status, f"HTTP {status}: {text}"
 
-    def _client(self, origin: str) -> KeepAliveClient:
+    def _client(self, parts: SplitResult) -> WebhookClient:
+        """The connection pool of a receiver; the least recently used idle ones beyond MAX_CLIENTS go."""
+        origin = (parts.scheme, parts.netloc)
         client = self._clients.pop(origin, None)
         if client is None:
-            timeout = self.config.webhook_timeout
-            client = KeepAliveClient(origin, connect_timeout=timeout, request_timeout=timeout)
-            in_use = {urlsplit(d.endpoint)[:2] for d, _ in self._sending.values()}
-            for old in [o for o in self._clients if urlsplit(o)[:2] not in in_use][:max(0, len(self._clients) - MAX_CLIENTS + 1)]:
+            client = WebhookClient(parts, self.config.webhook_timeout)
+            idle = [o for o, c in self._clients.items() if c.busy == 0]
+            for old in idle[:max(0, len(self._clients) - MAX_CLIENTS + 1)]:
                 self._clients.pop(old).close()
         self._clients[origin] = client  # the most recently used last
         return client
