@@ -340,7 +340,8 @@ class JobStore(abc.ABC):
 
     # the webhook outbox ----------------------------------------------------------------------------
     @abc.abstractmethod
-    async def claim_deliveries(self, limit: int, hold: float, skip: Collection[str]) -> tuple[list[Delivery], float | None]:
+    async def claim_deliveries(self, limit: int, hold: float,
+                               skip: Collection[str]) -> tuple[list[Delivery], float | None]:
         """Hold up to `limit` due deliveries for this bridge for `hold` seconds (attempts + 1), oldest due first,
         none to an endpoint in `skip`, and none while an earlier delivery of the same job to the same endpoint
         is pending (so each job's events reach an endpoint in order). Also returns when the next one falls due
@@ -369,4 +370,5 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def prune_deliveries(self, delivered_before: float, failed_before: float) -> int:
-        """Forget delivered deliveries made before `delivered_before` and failed ones before `failed_before`."""
+        """Forget delivered deliveries made before `delivered_before` and failed ones before `failed_before`, up
+        to a batch of each (a short transaction); returns how many. Call it again while that is more than 0."""

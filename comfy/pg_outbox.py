@@ -24,7 +24,8 @@ NOW = "extract(epoch from now())::float8"
 # job's row is locked by the change, so that is exact), which keeps each job's rows to an endpoint in order
 SQL_ADD = ("INSERT INTO deliveries (id, job_id, endpoint, event, body, created_at, next_at)"
            " SELECT r.id, r.job_id, r.endpoint, r.event, r.body, t.at, t.at"
-           " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS r (id, job_id, endpoint, event, body),"
+           " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])"
+           " AS r (id, job_id, endpoint, event, body),"
            " LATERAL (SELECT GREATEST(extract(epoch from clock_timestamp())::float8, COALESCE((SELECT max(d.created_at)"
            " FROM deliveries d WHERE d.job_id = r.job_id AND d.endpoint = r.endpoint), 0) + 0.000001) AS at) AS t")
 SQL_CLAIM = (f"UPDATE deliveries d SET holder = $1, held_until = {NOW} + $2, attempts = d.attempts + 1"
@@ -67,7 +68,8 @@ class PgOutbox(JobStore):
         if rows:
             await conn.execute(SQL_ADD, *(list(column) for column in zip(*rows)))
 
-    async def claim_deliveries(self, limit: int, hold: float, skip: Collection[str]) -> tuple[list[Delivery], float | None]:
+    async def claim_deliveries(self, limit: int, hold: float,
+                               skip: Collection[str]) -> tuple[list[Delivery], float | None]:
         """Hold up to `limit` due deliveries for this bridge (no other bridge gets them), in order per job and
         endpoint; and when the next one falls due."""
         async with self.link.connection() as conn:

@@ -77,7 +77,8 @@ class SqliteOutbox(SqliteRecords):
         return bool(rows)
 
     @guarded
-    async def claim_deliveries(self, limit: int, hold: float, skip: Collection[str]) -> tuple[list[Delivery], float | None]:
+    async def claim_deliveries(self, limit: int, hold: float,
+                               skip: Collection[str]) -> tuple[list[Delivery], float | None]:
         """Hold up to `limit` due deliveries, in order per job and endpoint; and when the next one falls due."""
         now = time.time()
         rows = self.db.execute(SQL_CLAIM, {"me": self._holder, "now": now, "hold": hold, "limit": limit,

@@ -119,7 +119,8 @@ def parse_allow_hosts(key: str, val: Any) -> tuple[str, ...]:
             ip = False
         wild = name != host
         if not (ip and not wild) and not (_HOST_NAME.match(name) and (not wild or "." in name)):
-            raise ConfigError(f"{key}: {item!r} is not a host name, *.domain or IP address (no scheme, port or path; a *. entry needs a dot after it)")
+            raise ConfigError(f"{key}: {item!r} is not a host name, *.domain or IP address (no scheme, port or "
+                              "path; a *. entry needs a dot after it)")
         out.append(host.strip("[]"))
     return tuple(out)
 

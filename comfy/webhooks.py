@@ -108,6 +108,7 @@ class WebhookService:
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
         self._pruned = 0.0
+        self._failing = False  # the last round failed (logged once until one succeeds)
 
     # lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,7 +148,8 @@ class WebhookService:
             self._wake.set()
 
     # reading ------------------------------------------------------------------------------------
-    async def deliveries(self, state: str | None, job_id: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+    async def deliveries(self, state: str | None, job_id: str | None, limit: int,
+                         offset: int) -> tuple[list[dict[str, Any]], int]:
         """A page of deliveries, newest first, as GET /webhooks/deliveries shows them, and the total."""
         rows, total = await self.store.deliveries(state, job_id, limit, offset)
         return [{"id": r["id"], "job_id": r["job_id"], "endpoint": shown(r["endpoint"]), "event": r["event"],
@@ -168,14 +170,14 @@ class WebhookService:
             try:
                 await self._record_delivered()
                 upcoming = await self._claim()
-                if time.time() - self._pruned >= PRUNE_EVERY:
-                    self._pruned = time.time()
-                    await self.store.prune_deliveries(self._pruned - KEEP_DELIVERED, self._pruned - KEEP_FAILED)
-            except StoreUnavailable as exc:
-                log.warning("webhooks: the job store is unreachable, deliveries wait: %s", exc)
-            except Exception:
-                log.exception("webhooks: the sender failed a round; it tries again")
-            if self._wake.is_set():
+                await self._prune()
+                self._failing = False
+            except Exception as exc:  # the next round tries again, after a pause
+                if not self._failing:
+                    log.log(logging.WARNING if isinstance(exc, StoreUnavailable) else logging.ERROR,
+                            "webhooks: deliveries wait: %s", exc, exc_info=not isinstance(exc, StoreUnavailable))
+                self._failing = True
+            if self._wake.is_set() and not self._failing:
                 continue
             wait = IDLE_POLL if self.enabled else 30 * IDLE_POLL
             if upcoming is not None:
@@ -183,6 +185,15 @@ class WebhookService:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):  # unlike 3.11's wait_for, never swallows a cancel
                     await self._wake.wait()
+
+    async def _prune(self) -> None:
+        """Every PRUNE_EVERY seconds: forget old delivered and failed rows, a batch at a time (the job path runs
+        in between)."""
+        if time.time() - self._pruned < PRUNE_EVERY:
+            return
+        self._pruned = time.time()
+        while await self.store.prune_deliveries(self._pruned - KEEP_DELIVERED, self._pruned - KEEP_FAILED):
+            await asyncio.sleep(0.01)
 
     async def _record_delivered(self) -> None:
         """Record the 2xx answers since the last round, in one transaction (a failure keeps them for the next)."""
