@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
+from urllib.parse import urlsplit
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -39,7 +40,15 @@ from bench.harness import ROOT, MeasureError, run_benchmark, scratch_dir
 from bench.machine import free_port, machine_note
 from bench.overhead import CPU, pct
 from bench.procs import Bridge, bridge_process, fake_backends
+from comfy import signing
+from comfy.config import Config
 from comfy.httppool import KeepAliveClient
+from comfy.jobs import Job, Output, State
+from comfy.outbox import Outbox
+from comfy.store_sqlite import SqliteStore
+from comfy.webhook_config import parse_endpoints
+from comfy.webhook_http import WebhookClient
+from comfy.webhooks import make_rule
 from tests.pgcluster import PgCluster
 
 SECRET = "whsec_" + base64.b64encode(b"bench-webhooks-secret-0123456789").decode()
@@ -212,10 +221,55 @@ async def measure(args: argparse.Namespace) -> int:
     print(machine_note())
     events = ALL_EVENTS if args.events == "all" else None
     per_job = 1 if events is None else 3  # completed; or queued, started, completed (and progress)
+    async with receiver_process() as receiver:
+        units = await unit_costs(receiver.port, args.endpoints)
+    print("0. single operations in this process, CPU: "
+          + ", ".join(f"{name} {value * 1000:.3f} ms" for name, value in units.items()))
     with stores(args.store) as where:
         lag, overhead = await both_parts(args, where, events, per_job)
     _report(args, lag, overhead)
     return 0
+
+
+async def unit_costs(port: int, endpoints: int, repeat: int = 400) -> dict[str, float]:
+    """CPU seconds of one job's completion in an SQLite store with its deliveries (a real job document as their
+    body) and without, and of one webhook POST through the sender's client and through Tornado's HTTP/1.1."""
+    hooks = parse_endpoints("webhooks", [{"url": f"http://127.0.0.1:{port}/unit-{i}", "secret": SECRET}
+                                         for i in range(endpoints)])
+    rule, kinds = make_rule(Config(webhooks=hooks))
+    out: dict[str, float] = {}
+    with scratch_dir() as tmp:
+        store = SqliteStore(Path(tmp))
+        await store.open()
+        jobs = [Job(client_id=f"c{i}", workflow="blank-canvas", inputs={"1/color": i}, prompt={}) for i in range(2 * repeat)]
+        for job in jobs:
+            await store.enqueue(job, 10**6, 10**6)
+            await store.claim("sim-0", None)
+            await store.transition(job.id, [State.DISPATCHING], State.RUNNING)
+        outputs = [Output("2", "blank_00001_.png", "image/png", "x/blank_00001_.png", 212, {"width": 64, "height": 64})]
+        for name, outbox in ((f"completion + {endpoints} deliveries", Outbox(rule, kinds, lambda: None)),
+                             ("completion alone", None)):
+            store.install_outbox(outbox)
+            t0 = time.process_time()
+            for job in jobs[:repeat] if outbox else jobs[repeat:]:
+                await store.transition(job.id, [State.RUNNING], State.COMPLETED, outputs=outputs)
+            out[name] = (time.process_time() - t0) / repeat
+        await store.close()
+    body = rule(State.COMPLETED.value, jobs[0])[0][2].encode()
+    headers = signing.headers(b"k" * 32, "msg_" + "0" * 32, int(time.time()), body)
+    lean = WebhookClient(urlsplit(f"http://127.0.0.1:{port}/"), 10)
+    tornado_based = KeepAliveClient(f"http://127.0.0.1:{port}", connect_timeout=10, request_timeout=10)
+    for name, post in (("POST, webhook client", lambda: lean.post("/unit", body, headers)),
+                       ("POST, Tornado's HTTP/1.1", lambda: tornado_based.fetch("POST", "/unit", body, headers))):
+        for _ in range(20):
+            await post()
+        t0 = time.process_time()
+        for _ in range(repeat):
+            await post()
+        out[name] = (time.process_time() - t0) / repeat
+    lean.close()
+    tornado_based.close()
+    return out
 
 
 async def both_parts(args: argparse.Namespace, where: Stores, events: list[str] | None,

@@ -1,8 +1,8 @@
 """The webhook sender's HTTP/1.1 client: one POST, its status, and the first bytes of the answer.
 
 A webhook needs less than a general client gives: it sends one small body and only wants the status.
-Measured here (bench/README.md, "Webhooks"), a POST through this asyncio protocol costs about 0.14 ms of
-CPU against 0.3-0.4 ms through Tornado's HTTP/1.1 code, and a bridge sends several per job. It keeps
+Measured (bench/webhooks.py, part 0), a POST through this asyncio protocol costs about 0.12 ms of CPU
+against 0.33 ms through Tornado's HTTP/1.1 code (comfy/httppool.py), and a bridge sends several per job. It keeps
 connections to each receiver open and reuses them, never follows a redirect, sends no Accept-Encoding
 (so answers come uncompressed), keeps at most KEEP bytes of an answer's body and reads at most DRAIN of
 it (a longer body ends the connection instead), skips 1xx heads, and understands Content-Length,
