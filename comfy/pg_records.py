@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .jobs import Job
 from .jobstore import FETCHED, JobEvent
-from .pg_outbox import PgOutbox
 from .pg_leases import lifetime
 from .pg_link import SENDER, PgLink
+from .pg_outbox import PgOutbox
 from .pg_rows import ACTIVE, DETAIL, HAS_OUTPUTS, JOB, UNTAKEN, emitting, job_of
 
 if TYPE_CHECKING:

@@ -112,16 +112,21 @@ class WebhookService:
 
     # lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start sending (the store is open): whatever the outbox holds goes out, old rows first."""
-        self._runner = asyncio.create_task(self._run(), name="webhook sender")
+        """Start sending (the store is open): whatever the outbox holds goes out, old rows first. Without any
+        webhook settings nothing runs (rows an earlier configuration left wait until there are some)."""
+        if self.enabled:
+            self._runner = asyncio.create_task(self._run(), name="webhook sender")
 
     async def stop(self) -> None:
-        """Stop claiming; give attempts in flight STOP_GRACE seconds, then stop them and hand them back."""
+        """Stop claiming (a round under way ends first: a store call cut off could leave its connection
+        behind); give attempts in flight STOP_GRACE seconds, then stop them and hand them back."""
         self._stopping = True
+        self._wake.set()
         if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            if not (await asyncio.wait([self._runner], timeout=STOP_GRACE))[0]:
+                self._runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._runner
             self._runner = None
         if self._sending:
             await asyncio.wait([task for _, task in self._sending.values()], timeout=STOP_GRACE)
@@ -179,12 +184,16 @@ class WebhookService:
                 self._failing = True
             if self._wake.is_set() and not self._failing:
                 continue
-            wait = IDLE_POLL if self.enabled else 30 * IDLE_POLL
+            wait = IDLE_POLL
             if upcoming is not None:
                 wait = min(wait, max(0.0, upcoming - time.time()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):  # unlike 3.11's wait_for, never swallows a cancel
-                    await self._wake.wait()
+            await self._pause(wait)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait until woken, at most `seconds`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):  # unlike 3.11's wait_for, never swallows a cancel
+                await self._wake.wait()
 
     async def _prune(self) -> None:
         """Every PRUNE_EVERY seconds: forget old delivered and failed rows, a batch at a time (the job path runs
@@ -211,7 +220,7 @@ class WebhookService:
     async def _claim(self) -> float | None:
         """Claim what may go out now and start it; returns when the next retry falls due."""
         free = self.config.webhook_max_in_flight - len(self._sending)
-        if free <= 0:
+        if free <= 0 or self._stopping:
             return None
         full = [url for url, n in self._busy.items() if n >= self.per_endpoint]
         # no claim may carry one endpoint past its share
