@@ -381,11 +381,12 @@ async def test_memory_holds_only_live_jobs_and_restart_loads_no_finished_ones(br
 
 async def test_uploads_expire_unless_a_job_uses_them(bridge_factory, fakes, png: bytes) -> None:  # type: ignore[no-untyped-def]
     slow = await fakes(duration=1.5)
-    bridge = await bridge_factory([slow], upload_ttl=0.3)
+    # `used` is named by a job right after it arrives: within the TTL even on a busy machine
+    bridge = await bridge_factory([slow], upload_ttl=1.0)
     used = (await bridge.upload({"file": ("a.png", png)}))["file"]
-    idle = (await bridge.upload({"file": ("b.png", png)}))["file"]
     cid = new_client_id()
     await bridge.submit(cid, {"workflow": "invert-image", "1/image": used})
+    idle = (await bridge.upload({"file": ("b.png", png)}))["file"]
     uploads = bridge.config.uploads_dir
     await wait_for(lambda: not (uploads / idle).exists(), 5)
     assert (uploads / used).exists()  # its job still needs it
