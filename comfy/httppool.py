@@ -24,7 +24,7 @@ from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 
-from .wire import CachingResolver
+from .wire import CachingResolver, close_if_connected
 
 IDLE_SECONDS = 20.0  # an unused connection is closed after this (ComfyUI's server keeps them 75 s)
 MAX_IDLE = 8  # open connections kept for reuse; more may be open while requests run
@@ -162,9 +162,15 @@ class KeepAliveClient:
     async def _connect(self) -> IOStream:
         if self.closed:
             raise HTTPFailure("client closed")
+        connecting = asyncio.ensure_future(self._tcp.connect(
+            self.host, self.port, timeout=self.connect_timeout,
+            ssl_options=ssl.create_default_context() if self.tls else None))
         try:
-            stream = await self._tcp.connect(self.host, self.port, timeout=self.connect_timeout,
-                                             ssl_options=ssl.create_default_context() if self.tls else None)
+            # shielded: a request cancelled as its connection opens must not leave the new socket behind
+            stream = await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            connecting.add_done_callback(close_if_connected)
+            raise
         except TimeoutError:
             raise HTTPFailure(f"connect to {self.host}:{self.port}: timeout after {self.connect_timeout:g} s") from None
         except StreamClosedError as exc:

@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tornado import websocket
 from tornado.netutil import DefaultLoopResolver, Resolver
 
 from .protocol import describe_prompt_error
@@ -75,8 +74,8 @@ def commit_file(fh: Any, tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def close_if_connected(fut: asyncio.Future[websocket.WebSocketClientConnection]) -> None:
-    """Done-callback for a handshake nobody waits for any more: close the socket it opened."""
+def close_if_connected(fut: asyncio.Future[Any]) -> None:
+    """Done-callback for a connect or handshake nobody waits for any more: close the socket it opened."""
     if not fut.cancelled() and fut.exception() is None:
         fut.result().close()
 

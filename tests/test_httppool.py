@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -221,3 +223,30 @@ async def test_jobs_reuse_the_connection_to_their_backend(bridge: Bridge, fake: 
     backend = bridge.services.pool.members[0].client
     # five jobs (prompt, history, view each) and the health probes over one or two connections
     assert backend.http.connects <= 2
+
+
+async def test_a_request_cancelled_while_its_connection_opens_leaves_no_socket_open(
+        client_for: Callable[..., KeepAliveClient]) -> None:
+    async def answer(head: bytes) -> bytes | None:
+        return ok()
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async with RawServer(answer) as server:
+        client = client_for(f"http://127.0.0.1:{server.port}")
+        await client.fetch("GET", "/warm")  # the resolver and the loop's own descriptors exist now
+        client.close()
+        before = open_fds()
+        # cancelled after 0, 1, 2 … turns of the loop: one of them lands as the connect completes
+        for turns in range(40):
+            client = client_for(f"http://127.0.0.1:{server.port}")
+            task = asyncio.ensure_future(client.fetch("GET", "/"))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, HTTPFailure):
+                await task
+            client.close()
+        await asyncio.sleep(0.3)  # connects still under way finish and are closed
+        assert open_fds() <= before
