@@ -3,14 +3,14 @@ waiting submits, and cancel on disconnect."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
 from .config import Config
+from .hubwire import CONNECTED, LISTENING, ClientSocket, JobQueries, event_id, event_id_of, message
 from .identity import client_tag
 from .jobs import Job, State, client_status
 from .jobstore import PROGRESS, REQUEUED, JobEvent
@@ -20,70 +20,8 @@ log = logging.getLogger(__name__)
 
 ACTIVE_KINDS = frozenset({State.QUEUED.value, REQUEUED, State.DISPATCHING.value})
 FINAL_KINDS = frozenset({State.COMPLETED.value, State.FAILED.value, State.CANCELLED.value})
-
-
-class JobQueries(Protocol):
-    """What the hub asks about jobs (the job service answers; with PostgreSQL, for every bridge)."""
-
-    async def status_job(self, client_id: str) -> Job | None:
-        """The job whose state the client sees."""
-
-    async def client_active(self, client_id: str) -> bool:
-        """True while the client has a job waiting or running."""
-
-    async def position(self, job_id: str) -> int | None:
-        """A waiting job's place in the line; None when it does not wait."""
-
-    async def positions(self) -> dict[str, int]:
-        """Every waiting job's place."""
-
-    async def cancel_client(self, client_id: str, reason: str) -> int:
-        """Cancel the client's waiting and running jobs; how many."""
-
-    async def cancel_jobs(self, job_ids: list[str], reason: str) -> int:
-        """Cancel these jobs if they still wait or run; how many."""
-
-    async def attach(self, client_id: str, delta: int) -> None:
-        """This bridge opened (+1) or closed (-1) the client's sockets."""
-
-    async def attached(self, client_id: str) -> bool:
-        """True if any bridge holds a socket of the client."""
-
-
-class ClientSocket(Protocol):
-    """What the hub needs of a caller's WebSocket (the /ws handler) or event stream (comfy/streams.py)."""
-
-    client_id: str
-
-    def send_text(self, text: str, droppable: bool = False, eid: str = "") -> None:
-        """Send one encoded message; a droppable one may be skipped for a listener that is not reading.
-        `eid`: the message's event id (see event_id), "" for one about no job; only event streams send it."""
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
-
-
-def message(status: str, details: str, **extra: Any) -> str:
-    """One caller-facing status message as JSON text."""
-    return json.dumps({"status": status, "details": details, **extra})
-
-
-CONNECTED = message("connected", "server connected")
-LISTENING = message("listening", "server is listening")
 PLACES_DELAY = 0.2  # seconds: queue places are re-sent at most this often
 KEEPALIVE_SLICES = 10  # each keep-alive interval is cut in this many ticks; a tick greets one slice of sockets
-
-
-def event_id(job_id: str, state: State, attempts: int, progress: float = 0.0) -> str:
-    """The id of the message a job in this stored state makes: "<job>:<run>:<state>:<progress in 1/10000>".
-    Derived from the job's record alone, so every bridge gives the same id before and after a restart, and
-    one job's ids grow with its life (a job put back in the line waits for its next run)."""
-    run = attempts + 1 if state is State.QUEUED else attempts
-    steps = round(progress * 10000) if state in (State.RUNNING, State.COMPLETED) else 0
-    return f"{job_id}:{run}:{state.value}:{steps}"
-
-
-def _event_id(event: JobEvent, state: State | None = None) -> str:
-    return event_id(event.job_id, state or event.state or State.QUEUED, event.attempts, event.progress)
 
 
 class ClientHub:
@@ -317,7 +255,7 @@ class ClientHub:
             if self._last_sent.get(cid) == f"{event.job_id}:{state.value}":
                 return  # queued -> dispatching reads the same to a caller
             self._last_sent[cid] = f"{event.job_id}:{state.value}"
-            eid = _event_id(event, state)
+            eid = event_id_of(event, state)
             if state is State.QUEUED:
                 self._waiting[cid] = (event.job_id, eid)
                 self._spawn(self._send_queued(cid, event.job_id, eid, self._turn[cid]))
@@ -331,7 +269,7 @@ class ClientHub:
         if kind == State.COMPLETED.value:  # the bar ends at 100.00%
             self._send(cid, message("progress", "100.00%", job_id=event.job_id),
                        event_id(event.job_id, State.RUNNING, event.attempts, 1.0))
-        self._send(cid, message(status, details, job_id=event.job_id), _event_id(event, State(kind)))
+        self._send(cid, message(status, details, job_id=event.job_id), event_id_of(event, State(kind)))
         self._spawn(self._close_if_done(cid))
 
     async def _send_queued(self, cid: str, job_id: str, eid: str, turn: int) -> None:
@@ -378,7 +316,7 @@ class ClientHub:
             return
         self._last_sent[cid] = text
         self._sent_at[cid] = time.monotonic()
-        self._send(cid, message("progress", text, job_id=event.job_id), _event_id(event, State.RUNNING),
+        self._send(cid, message("progress", text, job_id=event.job_id), event_id_of(event, State.RUNNING),
                    droppable=True)
 
     def _send_places(self) -> None:

@@ -1,7 +1,7 @@
 """Event streams (text/event-stream): the /ws messages as events with ids, resumed from a Last-Event-ID.
 
 An event's id is the state of its job as stored, "<job id>:<run>:<state>:<progress in 1/10000>" (see
-clients.event_id), so any bridge, before or after a restart, can tell from a job's record what happened after
+hubwire.event_id), so any bridge, before or after a restart, can tell from a job's record what happened after
 a given id. A stream keeps, per job, the last event it told and never tells an older or equal one again: what
 it rebuilds from the store on (re)connecting and what the hub sends live meanwhile interleave in order.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .clients import LISTENING, event_id, message
+from .hubwire import LISTENING, event_id, message
 from .jobs import Job, State
 
 KEEPALIVE = b": keep-alive\n\n"
