@@ -6,10 +6,11 @@ import json
 import logging
 import re
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from tornado import gen, web
-from tornado.iostream import StreamClosedError
+from tornado.http1connection import HTTP1Connection
+from tornado.iostream import IOStream, StreamClosedError
 
 from comfy.identity import Identity, bearer, find_key, host_name, same_origin
 from comfy.jobstore import StoreUnavailable
@@ -208,6 +209,10 @@ class BaseHandler(web.RequestHandler):
 
     def _request_summary(self) -> str:
         return safe_summary(self)  # Tornado's own warning lines must not carry a ?token=
+
+    def connection_stream(self) -> IOStream:
+        """The connection's socket stream."""
+        return cast(HTTP1Connection, self.request.connection).stream
 
     async def paced_flush(self) -> None:
         """Flush, waiting for the caller to read at most server.send_timeout seconds (nginx's send_timeout):

@@ -4,10 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, cast
-
-from tornado.http1connection import HTTP1Connection
-from tornado.iostream import IOStream
+from typing import Any
 
 from comfy.facade import Api
 from comfy.identity import client_tag
@@ -94,10 +91,6 @@ class EventStreamHandler(JobResource):
             return []
         place = await jobs.position(fresh.id) if fresh.state is State.QUEUED else None
         return state_messages(fresh, place)
-
-    def connection_stream(self) -> IOStream:
-        """The connection's socket stream."""
-        return cast(HTTP1Connection, self.request.connection).stream
 
     def write_event(self, data: bytes, droppable: bool) -> None:
         """Send one event or keep-alive. While the kernel's send buffer is full (the reader is behind) droppable

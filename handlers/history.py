@@ -66,9 +66,10 @@ class HistoryHandler(BaseHandler):
         taken = False
 
         async def take() -> None:
-            # every byte but the closing boundary is with the connection: the results are taken now, before the
-            # caller can see a whole answer (so its next call already finds them gone and its quota freed); their
-            # files stay for refetch_grace in case its side lost them after all (?redeliver=1)
+            # every byte but the closing boundary is with the connection (the caller reads them while the take
+            # is recorded): the results are taken now, before the caller can see a whole answer (so its next call
+            # already finds them gone and its quota freed); their files stay for refetch_grace in case its side
+            # lost them after all (?redeliver=1)
             nonlocal taken
             await service.taken(jobs)
             taken = True
@@ -125,7 +126,7 @@ class HistoryHandler(BaseHandler):
                     await self.paced_flush()
                     await before_end()
                 self.write(tail)
-                await self.paced_flush()  # small results leave in this one write
+                await self.paced_flush()
             except StreamClosedError:
                 log.info("history: a caller left mid-download; its results are kept")
                 return False

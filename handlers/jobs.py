@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, Callable, cast
+from typing import Any, Callable
 from urllib.parse import quote
 
-from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from comfy.facade import Api
@@ -143,7 +142,7 @@ class GenerateHandler(BaseHandler):
                             f"inline; filename=\"{name}\"; filename*=UTF-8''{quote(out.filename)}")
             self.set_header("Content-Location", f"/jobs/{job.id}/outputs/{index}{query}")
             self.set_header("Content-Security-Policy", "sandbox")  # ComfyUI's bytes, never the bridge's page
-            stream = cast(HTTP1Connection, self.request.connection).stream
+            stream = self.connection_stream()
             stream.set_nodelay(True)
             # the last byte waits until the results are taken: a caller that has the whole answer finds them
             # gone from /history at once; one that leaves before it keeps them untaken
