@@ -202,6 +202,21 @@ async def caller_only(http: KeepAliveClient, base: str) -> None:
     await ws.read_message()
 
 
+async def request_floor(servers: dict[str, tuple[KeepAliveClient, str]], rounds: int = 200) -> dict[str, float]:
+    """p50 milliseconds of one kept-alive GET that each server answers with no work behind it (name -> (its
+    pool, the path)), interleaved: what any request to it costs on this machine, client included. A server
+    that does not answer 200 is left out."""
+    took: dict[str, list[float]] = {name: [] for name in servers}
+    for _ in range(rounds):
+        for name, (http, path) in list(servers.items()):
+            started = time.perf_counter()
+            resp = await http.fetch("GET", path)
+            took[name].append(time.perf_counter() - started)
+            if resp.code != 200:
+                del servers[name], took[name]
+    return {name: pct(vals, 50) for name, vals in took.items()}
+
+
 class CPU:
     """A process's CPU over the run, less what it uses idle (measured before the run)."""
 
@@ -305,6 +320,9 @@ async def measure(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.5)
             floor = sum(floor_cpu.busy()) / args.jobs
             after_rss = rss_kb(bridge.pid) / 1024
+            round_trip = await request_floor({"bridge GET /health": (bridge_http, "/health"),
+                                              "ComfyUI GET /queue": (direct_http, "/queue"),
+                                              **({"peer GET /health": (peer_http, "/health")} if peer_http else {})})
             conns = {"direct": direct_http.connects, "bridge": bridge_http.connects,
                      **({"peer": peer_http.connects} if peer_http else {})}
             bridge_http.close()
@@ -332,6 +350,8 @@ async def measure(args: argparse.Namespace) -> int:
               f"{ps * 1000 / args.jobs:.2f}), less its idle {sum(peer_cpu.idle) * 1000:.1f} ms/s; "
               f"peer RSS {rss_kb(args.peer_pid) / 1024:.1f} MiB")
     print(f"bridge RSS: {idle_rss:.1f} MiB idle after start, {after_rss:.1f} MiB after the run (goal idle <= 60 MiB)")
+    print("one kept-alive GET with no work behind it, p50 (what any request costs here, client included): "
+          + ", ".join(f"{name} {ms:.2f} ms" for name, ms in round_trip.items()))
     return 0
 
 

@@ -160,11 +160,24 @@ class StatusSocket(websocket.WebSocketHandler):
         conn = self.ws_connection
         if conn is None or conn.is_closing() or conn.stream is None:
             return
+        # the ready-made frame: this is Tornado's write_message without re-framing the same text for every socket
+        # and without the asyncio Task it makes per message (no compression is negotiated on this socket, so the
+        # frame is the same for every reader)
+        frame = _FrameCache.get(text)
+        stream = conn.stream
+        if not stream.writing() and not isinstance(stream, iostream.SSLIOStream) and stream.socket is not None:
+            # nothing waits to go out before it: straight to the kernel, which nearly always takes a small frame
+            # whole (a fan-out to thousands of sockets otherwise spends most of its time in the stream's
+            # bookkeeping); what it does not take, and any error, goes the stream's way below
+            try:
+                sent = stream.socket.send(frame)
+            except OSError:  # no room (BlockingIOError), or a broken connection the stream's write reports
+                sent = 0
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
         try:
-            # the ready-made frame straight to the socket's stream: this is Tornado's write_message without
-            # re-framing the same text for every socket and without the asyncio Task it makes per message
-            # (no compression is negotiated on this socket, so the frame is the same for every reader)
-            pending = conn.stream.write(_FrameCache.get(text))
+            pending = stream.write(frame)
         except iostream.StreamClosedError:
             return
         self._backlog += 1

@@ -59,6 +59,7 @@ def test_overhead_benchmark_runs(profile: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "added" in proc.stdout and "bridge CPU per job" in proc.stdout
     assert f"the simulated ComfyUI {profile}" in proc.stdout
+    assert "bridge GET /health" in proc.stdout and "ComfyUI GET /queue" in proc.stdout
 
 
 def test_abuse_benchmark_runs() -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import os
 import socket
 
@@ -130,3 +132,53 @@ async def test_long_messages_and_a_client_asking_for_compression_read_correctly(
         text = '{"status": "progress", "details": "' + "x" * size + '"}'
         server_side.send_text(text)
         assert await asyncio.wait_for(conn.read_message(), 5) == text
+
+
+def text_frames(data: bytes) -> tuple[list[str], bytes]:
+    """The complete unmasked text frames at the start of `data` (a server's), and what is left over."""
+    texts = []
+    while len(data) >= 2:
+        size, at = data[1] & 0x7F, 2
+        if size == 126:
+            size, at = int.from_bytes(data[2:4], "big"), 4
+        elif size == 127:
+            size, at = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < at + size:
+            break
+        if data[0] & 0x0F == 1:
+            texts.append(data[at:at + size].decode())
+        data = data[at + size:]
+    return texts, data
+
+
+async def test_messages_arrive_in_order_when_some_wait_in_the_bridge_for_a_slow_reader(bridge: Bridge) -> None:
+    # the first messages go straight to the kernel; once it holds no more, the rest wait in the bridge and
+    # nothing may overtake them
+    cid = new_client_id()
+    client = await raw_ws_client(bridge.port, cid)
+    hub = bridge.services.hub
+    await wait_for(lambda: cid in hub.sockets)
+    server_side = next(iter(hub.sockets[cid]))
+    stream = server_side.ws_connection.stream
+    try:
+        queued_in_bridge = False
+        for n in range(60):
+            server_side.send_text(json.dumps({"status": "progress", "details": f"{n}", "pad": "x" * 4000}))
+            queued_in_bridge = queued_in_bridge or stream.writing()
+        assert queued_in_bridge  # the reader's window filled: both ways of writing were used
+        loop = asyncio.get_running_loop()
+        got: list[str] = []
+        rest = b""
+        for n in range(60, 120):  # the reader takes a little, leaving the kernel room while the bridge still holds some
+            with contextlib.suppress(BlockingIOError):
+                texts, rest = text_frames(rest + client.recv(8192))
+                got += [json.loads(t)["details"] for t in texts if '"pad"' in t]
+            server_side.send_text(json.dumps({"status": "progress", "details": f"{n}", "pad": "x" * 4000}))
+        while len(got) < 120:
+            chunk = await asyncio.wait_for(loop.sock_recv(client, 65536), 5)
+            assert chunk, "the bridge closed the socket"
+            texts, rest = text_frames(rest + chunk)
+            got += [json.loads(t)["details"] for t in texts if '"pad"' in t]
+        assert got == [str(n) for n in range(120)]
+    finally:
+        client.close()
