@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from http import HTTPStatus
-from typing import Any, Awaitable
+from typing import Any, Awaitable, cast
 
 from tornado import httputil, iostream
 from tornado.gen import with_timeout
@@ -202,8 +202,10 @@ class _ServerConnection(HTTP1ServerConnection):
     async def _wait(self, regex: bytes, timeout: float, max_bytes: int | None = None) -> bytes | None:
         """The read's result, or None when the client closed or the timeout passed (then the stream is closed)."""
         try:
-            data: bytes = await with_timeout(timedelta(seconds=timeout),
-                                             self.stream.read_until_regex(regex, max_bytes),
+            reading = cast("asyncio.Future[bytes]", self.stream.read_until_regex(regex, max_bytes))  # a Future
+            if reading.done():  # already in the buffer (a request's head that came with its first byte): no timer
+                return reading.result()
+            data: bytes = await with_timeout(timedelta(seconds=timeout), reading,
                                              quiet_exceptions=(iostream.StreamClosedError,))
             return data
         except TimeoutError:

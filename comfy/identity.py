@@ -1,6 +1,7 @@
 """Who is asking: the caller's key (name and role), its address behind trusted proxies, and its scope."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -83,6 +84,7 @@ def _networks(items: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IP
     return [ipaddress.ip_network(item, strict=False) for item in items]
 
 
+@functools.lru_cache(maxsize=4096)  # every request asks of its peer's address, several times
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(text.strip().strip("[]"))
@@ -100,7 +102,7 @@ class Resolver:
 
     def trusted(self, address: str) -> bool:
         """True if this peer is a configured proxy, whose X-Forwarded-For is believed."""
-        return self.within(address, self.proxies)
+        return bool(self.proxies) and self.within(address, self.proxies)
 
     @staticmethod
     def networks(items: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

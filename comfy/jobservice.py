@@ -154,7 +154,8 @@ class JobService:
         return await self.store.known_client(client_id)
 
     async def status_job(self, client_id: str) -> Job | None:
-        """The job whose state the client sees: its latest active job, else its latest job."""
+        """The job whose state the client sees: its latest active job, else its latest job (a record of its state,
+        see JobStore.status_job)."""
         return await self.store.status_job(client_id)
 
     async def client_active(self, client_id: str) -> bool:

@@ -243,7 +243,8 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def status_job(self, client_id: str) -> Job | None:
-        """The job whose state the client sees: its latest active job, else its latest job."""
+        """The job whose state the client sees: its latest active job, else its latest job. A record of its state:
+        its outputs, inputs, prompt and files may be left out."""
 
     @abc.abstractmethod
     async def known_client(self, client_id: str) -> bool:

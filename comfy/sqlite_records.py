@@ -101,22 +101,24 @@ class SqliteRecords(JobStore):
         return self._db
 
     # records -------------------------------------------------------------------------------------
-    def _job(self, row: tuple[Any, ...]) -> Job:
+    def _job(self, row: tuple[Any, ...], body: bool = True) -> Job:
         """A Job from a row of COLUMNS, with the progress published since the last write.
 
         A job's inputs, prompt and files are decoded once while it waits or runs and shared by the records
         made of it until its results are taken (they never change once stored): callers treat them as
-        read-only."""
+        read-only. Without `body` they are left empty unless already decoded (a record of the job's state)."""
         (seq, job_id, client_id, workflow, inputs, prompt, files, timeout, state, backend, prompt_id, attempts,
          error, created_at, started_at, finished_at, counted, fetched, owner, fetched_at, expired, rnd,
          cancel_reason, progress, webhook) = row
-        body = self._bodies.get(job_id)
-        if body is None:
-            body = (json.loads(inputs), json.loads(prompt), json.loads(files))
+        decoded = self._bodies.get(job_id)
+        if decoded is None and not body:
+            decoded = ({}, {}, {})
+        elif decoded is None:
+            decoded = (json.loads(inputs), json.loads(prompt), json.loads(files))
             if state in LIVE_STATES:
-                self._bodies[job_id] = body
-        return Job(id=job_id, client_id=client_id, workflow=workflow, inputs=body[0], prompt=body[1],
-                   files=body[2], timeout=float(timeout), state=State(state),
+                self._bodies[job_id] = decoded
+        return Job(id=job_id, client_id=client_id, workflow=workflow, inputs=decoded[0], prompt=decoded[1],
+                   files=decoded[2], timeout=float(timeout), state=State(state),
                    backend=backend, prompt_id=prompt_id, attempts=attempts, error=error, created_at=created_at,
                    started_at=started_at, finished_at=finished_at, counted=bool(counted), fetched=bool(fetched),
                    owner=owner, fetched_at=fetched_at, expired=bool(expired), seq=seq, round=rnd,
@@ -165,12 +167,13 @@ class SqliteRecords(JobStore):
 
     @guarded
     async def status_job(self, client_id: str) -> Job | None:
-        """The client's latest active job, else its latest job."""
+        """The client's latest active job, else its latest job: a record of its state (no outputs; inputs, prompt
+        and files only if at hand)."""
         row = (self.db.execute(f"SELECT {COLS} FROM jobs INDEXED BY jobs_open WHERE {OPEN} AND client_id = ? AND state IN {LIVE}"
                                " ORDER BY seq DESC LIMIT 1", (client_id,)).fetchone()
                or self.db.execute(f"SELECT {COLS} FROM jobs WHERE client_id = ? ORDER BY seq DESC LIMIT 1",
                                   (client_id,)).fetchone())
-        return self._with_outputs(self._job(row)) if row is not None else None
+        return self._job(row, body=False) if row is not None else None
 
     @guarded
     async def known_client(self, client_id: str) -> bool:

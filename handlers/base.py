@@ -26,6 +26,7 @@ CORS_ALLOW_HEADERS = "Authorization, Content-Type, Prefer, Last-Event-ID"
 CORS_EXPOSE_HEADERS = ("Retry-After, X-Detail, X-Job-Ids, ETag, Last-Modified, Accept-Ranges, Content-Range,"
                        " Content-Length, Content-Disposition, X-Output-Type, Location, Content-Location,"
                        " Preference-Applied, X-Job-Id")
+UNKNOWN_CLIENT = "The client ID has not been submitted to the server before. It is not recognized. / {}"
 STORE_RETRY_AFTER = "5"  # seconds a caller should wait when the job store's database is unreachable
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -271,8 +272,7 @@ class BaseHandler(web.RequestHandler):
         """A clientId this identity has submitted with before (caller's, scoped), or 400."""
         client_id, scoped = self.scoped_client_id()
         if not await self.services.jobs.known_client(scoped):
-            raise api_error(400, f"The client ID has not been submitted to the server before. "
-                                     f"It is not recognized. / {client_id}")
+            raise api_error(400, UNKNOWN_CLIENT.format(client_id))
         return client_id, scoped
 
 

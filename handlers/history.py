@@ -17,7 +17,7 @@ from comfy.jobs import Job, Output, State
 from comfy.outputs import META_KEYS
 from comfy.facade import Api
 
-from .base import BaseHandler, api_error, refuse_cross_site
+from .base import UNKNOWN_CLIENT, BaseHandler, api_error, refuse_cross_site
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ class HistoryHandler(BaseHandler):
         service = self.services.jobs
         jobs = await service.claim_results(scoped)
         if not jobs and not await service.known_client(scoped):  # results name a known client: no question
-            return self._no_content("The client ID has not been submitted to the server before. "
-                                    f"It is not recognized. / {client_id}", scoped)
+            return self._no_content(UNKNOWN_CLIENT.format(client_id), scoped)
         if jobs is None:
             raise api_error(409, "another request is receiving this clientId's results right now; if it does "
                                  "not receive them whole they can be taken again", {"Retry-After": "1"})

@@ -16,7 +16,7 @@ from comfy.jobservice import InputError, NoBackend, QueueFull, QuotaExceeded
 from comfy.limits import RateLimiter
 from comfy.waiters import Outcome
 
-from .base import BaseHandler, api_error
+from .base import UNKNOWN_CLIENT, BaseHandler, api_error
 from .negotiate import Accept, wait_preference
 
 CHUNK = 256 * 1024
@@ -168,11 +168,11 @@ class ExecutionInfoHandler(BaseHandler):
 
     async def get(self) -> None:
         """The latest active job's state, else the latest job's outcome."""
-        client_id, scoped = await self.known_client_id()
+        client_id, scoped = self.scoped_client_id()
         jobs = self.services.jobs
         job = await jobs.status_job(scoped)
-        if job is None:
-            raise api_error(400, f"no job is known for that client ID / {client_id}")
+        if job is None:  # a clientId is known once it has a job
+            raise api_error(400, UNKNOWN_CLIENT.format(client_id))
         status, text = job.client_status()
         answer: dict[str, Any] = {"status": status, "details": text, "detail": text, "job_id": job.id,
                                   "state": job.state.value}
