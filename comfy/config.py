@@ -15,7 +15,7 @@ import yaml
 from dotenv import dotenv_values
 
 from .configtypes import KEY_NAME as KEY_NAME, ROLES as ROLES, ApiKey as ApiKey
-from .configtypes import BackendConfig as BackendConfig, ConfigError as ConfigError
+from .configtypes import BackendConfig as BackendConfig, ConfigError as ConfigError, known_mapping
 from .configtypes import WebhookEndpoint as WebhookEndpoint
 from .webhook_config import check_secret, parse_allow_hosts, parse_endpoints
 
@@ -295,11 +295,8 @@ def _keys(key: str, val: Any) -> tuple[ApiKey, ...]:
     out: list[ApiKey] = []
     for i, item in enumerate(val):
         where = f"{key}[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: must be a mapping with name, role and key (or key_sha256)")
-        unknown = set(item) - {"name", "role", "key", "key_sha256"}
-        if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
+        item = known_mapping(where, item, ("name", "role", "key", "key_sha256"),
+                             "a mapping with name, role and key (or key_sha256)")
         name = item.get("name")
         if not isinstance(name, str) or not KEY_NAME.match(name):
             raise ConfigError(f"{where}.name: must be 1-64 letters, digits and _ . -")
@@ -360,11 +357,8 @@ def _backends(key: str, val: Any, base: Path) -> tuple[BackendConfig, ...]:
         where = f"{key}[{i}]"
         if isinstance(item, str):
             item = {"url": item}
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: must be a URL or a mapping with url")
-        unknown = set(item) - {"url", "slots", "name", "weight", "workflows", "output_dir"}
-        if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
+        item = known_mapping(where, item, ("url", "slots", "name", "weight", "workflows", "output_dir"),
+                             "a URL or a mapping with url")
         url = item.get("url")
         try:
             parts = urlsplit(url if isinstance(url, str) else "")

@@ -3,13 +3,25 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 
 class ConfigError(Exception):
     """A setting is missing or wrong; the message names the key."""
+
+
+def known_mapping(where: str, item: Any, known: Collection[str], shape: str) -> dict[str, Any]:
+    """One entry of a settings list that must be a mapping of `known` keys (`shape` says what it must be)."""
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be {shape}")
+    unknown = set(item) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown, key=str)[0]}: unknown setting")
+    return item
 
 
 ROLES = ("caller", "admin")

@@ -7,7 +7,7 @@ import re
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from .configtypes import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, ConfigError, WebhookEndpoint
+from .configtypes import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, ConfigError, WebhookEndpoint, known_mapping
 from .signing import MIN_KEY_BYTES, secret_key
 
 MAX_URL = 2048
@@ -77,11 +77,7 @@ def parse_endpoints(key: str, val: Any) -> tuple[WebhookEndpoint, ...]:
     out: list[WebhookEndpoint] = []
     for i, item in enumerate(val):
         where = f"{key}[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: must be a mapping with url and secret")
-        unknown = set(item) - {"url", "secret", "events", "workflows"}
-        if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown, key=str)[0]}: unknown setting")
+        item = known_mapping(where, item, ("url", "secret", "events", "workflows"), "a mapping with url and secret")
         try:
             check_url(item.get("url"))
             events = _events(f"{where}.events", item.get("events"))

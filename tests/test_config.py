@@ -188,6 +188,8 @@ def test_the_real_environment_is_used_when_environ_is_not_given(base: Path,
     pytest.param("backends: []\n", {}, "backends", id="no-backends"),
     pytest.param("", {"BRIDGE_BACKENDS": " , "}, "BRIDGE_BACKENDS", id="env-no-backends"),
     pytest.param("backends: [{url: 'http://a:8188', gpus: 2}]\n", {}, "backends[0].gpus", id="backend-unknown-key"),
+    # unknown keys of mixed types (YAML reads 1 as a number) are still named, not a crash comparing them
+    pytest.param("backends: [{url: 'http://a:8188', gpus: 2, 1: x}]\n", {}, "backends[0].1", id="backend-unknown-keys-mixed"),
     pytest.param("jobs: {timeout: soon}\n", {}, "jobs.timeout", id="timeout-not-number"),
     pytest.param("jobs: {timeout: .nan}\n", {}, "jobs.timeout", id="timeout-nan"),
     pytest.param("jobs: {timeout: 0}\n", {}, "jobs.timeout", id="timeout-zero"),
