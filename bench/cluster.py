@@ -37,8 +37,8 @@ from tornado import httpclient, websocket
 
 from bench.harness import ROOT, MeasureError, run_benchmark, scratch_dir
 from bench.load import ws_connect
-from bench.machine import cpu_seconds, machine_note
-from bench.overhead import CPU, direct_job, pct, pool, socket_job
+from bench.machine import CPU, cpu_seconds, machine_note
+from bench.overhead import direct_job, pct, pool, socket_job
 from bench.procs import fake_backends
 from bench.websockets import backend_timelines
 from tests.cluster import Cluster, Node

@@ -1,13 +1,16 @@
 """What the benchmarks read about the machine and the processes they measure: cores and load, free
-ports, the open-file limit, and /proc's RSS, peak RSS, CPU time and disk writes of a process."""
+ports, the open-file limit, and /proc's RSS, peak RSS, CPU time (also less a process's idle rate) and disk
+writes of a process."""
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import random
 import resource
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 from bench.harness import MeasureError
@@ -136,6 +139,32 @@ def cpu_split(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+class CPU:
+    """A process's CPU over the run, less what it uses idle (measured before the run)."""
+
+    def __init__(self, pid: int, idle: tuple[float, float] = (0.0, 0.0)) -> None:
+        self.pid = pid
+        self.idle = idle  # (user, kernel) CPU seconds per second with nothing to do
+        self.start, self.t0 = cpu_split(pid), time.monotonic()
+
+    async def measure_idle(self, seconds: float) -> None:
+        """Learn the idle rate over `seconds` of nothing to do."""
+        (u0, k0), t0 = cpu_split(self.pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        (u1, k1), took = cpu_split(self.pid), time.monotonic() - t0
+        self.idle = ((u1 - u0) / took, (k1 - k0) / took)
+
+    def reset(self) -> None:
+        """Count from now on."""
+        self.start, self.t0 = cpu_split(self.pid), time.monotonic()
+
+    def busy(self) -> tuple[float, float]:
+        """(user, kernel) CPU seconds since reset(), less the idle rate over that time."""
+        took = time.monotonic() - self.t0
+        (u0, k0), (u1, k1) = self.start, cpu_split(self.pid)
+        return u1 - u0 - self.idle[0] * took, k1 - k0 - self.idle[1] * took
 
 
 def disk_write_bytes(pid: int) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 from tornado import websocket
 
 from bench.harness import ROOT, MeasureError, run_benchmark, simulated_backends
-from bench.machine import cpu_split, machine_note, rss_kb
+from bench.machine import CPU, machine_note, rss_kb
 from bench.procs import bridge_process
 from comfy.fake.profile import PROFILES
 from comfy.httppool import KeepAliveClient
@@ -215,32 +215,6 @@ async def request_floor(servers: dict[str, tuple[KeepAliveClient, str]], rounds:
             if resp.code != 200:
                 del servers[name], took[name]
     return {name: pct(vals, 50) for name, vals in took.items()}
-
-
-class CPU:
-    """A process's CPU over the run, less what it uses idle (measured before the run)."""
-
-    def __init__(self, pid: int, idle: tuple[float, float] = (0.0, 0.0)) -> None:
-        self.pid = pid
-        self.idle = idle  # (user, kernel) CPU seconds per second with nothing to do
-        self.start, self.t0 = cpu_split(pid), time.monotonic()
-
-    async def measure_idle(self, seconds: float) -> None:
-        """Learn the idle rate over `seconds` of nothing to do."""
-        (u0, k0), t0 = cpu_split(self.pid), time.monotonic()
-        await asyncio.sleep(seconds)
-        (u1, k1), took = cpu_split(self.pid), time.monotonic() - t0
-        self.idle = ((u1 - u0) / took, (k1 - k0) / took)
-
-    def reset(self) -> None:
-        """Count from now on."""
-        self.start, self.t0 = cpu_split(self.pid), time.monotonic()
-
-    def busy(self) -> tuple[float, float]:
-        """(user, kernel) CPU seconds since reset(), less the idle rate over that time."""
-        took = time.monotonic() - self.t0
-        (u0, k0), (u1, k1) = self.start, cpu_split(self.pid)
-        return u1 - u0 - self.idle[0] * took, k1 - k0 - self.idle[1] * took
 
 
 def pct(values: list[float], p: float) -> float:

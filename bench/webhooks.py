@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import ROOT, MeasureError, run_benchmark, scratch_dir
-from bench.machine import free_port, machine_note
-from bench.overhead import CPU, pct
+from bench.machine import CPU, free_port, machine_note
+from bench.overhead import pct
 from bench.procs import Bridge, bridge_process, fake_backends
 from comfy import signing
 from comfy.config import Config
