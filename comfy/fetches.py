@@ -47,6 +47,7 @@ class OutputFetches:
         self.durable = durable
         self._tasks: dict[tuple[str, str, str], asyncio.Task[Fetched]] = {}
         self._count = 0
+        folder.mkdir(parents=True, exist_ok=True)  # once per attempt (an operator may have wiped data_dir)
 
     def executed(self, node_id: str, node_out: Any) -> None:
         """An `executed` message named a node's output: start fetching its files now."""
@@ -63,7 +64,6 @@ class OutputFetches:
         return asyncio.ensure_future(self._fetch(item, dest, name, animated))
 
     async def _fetch(self, item: dict[str, Any], dest: Path, name: str, animated: bool) -> Fetched:
-        self.folder.mkdir(parents=True, exist_ok=True)
         size, reported = await self.backend.download(item, dest, self.durable)
         try:
             if size <= INLINE_DESCRIBE:
@@ -112,7 +112,6 @@ class OutputFetches:
         return outputs
 
     def _write(self, dest: Path, data: bytes) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
         fh = open(tmp, "wb")
         fh.write(data)
@@ -122,8 +121,7 @@ class OutputFetches:
         """Drop every fetch not taken: stop those under way, delete the files of those done."""
         for task in self._tasks.values():
             if task.done():
-                if not task.cancelled() and task.exception() is None:
-                    task.result()[0].unlink(missing_ok=True)
+                _delete_result(task)
             else:
                 task.cancel()
                 task.add_done_callback(_delete_result)
