@@ -147,6 +147,8 @@ class PgLink:
             async with asyncio.timeout(self.timeout):
                 yield conn
         except unavailable_errors() as exc:
+            if isinstance(exc, broken_connection_error()):
+                conn.terminate()  # never back into the pool in a state no statement can follow
             self.lost(exc)
             raise StoreUnavailable(f"the job store's PostgreSQL is unreachable: {describe(exc)}") from exc
         finally:
@@ -246,7 +248,16 @@ def unavailable_errors() -> tuple[type[BaseException], ...]:
     from asyncpg import exceptions as pg
 
     return (OSError, TimeoutError, pg.PostgresConnectionError, pg.OperatorInterventionError,
-            pg.InsufficientResourcesError, pg.InterfaceError)
+            pg.InsufficientResourcesError, pg.InterfaceError, broken_connection_error())
+
+
+def broken_connection_error() -> type[BaseException]:
+    """What the driver raises for a connection it can no longer use: the server ended it while it sat idle
+    (a restart, pg_terminate_backend, an idle timeout), and its FATAL message arrived a turn of the event
+    loop before the socket's end, which leaves the connection looking open but refusing every statement."""
+    from asyncpg import exceptions as pg
+
+    return pg.InternalClientError
 
 
 def describe(exc: BaseException) -> str:

@@ -282,3 +282,37 @@ async def test_an_outage_fails_fast_and_recovers_without_loss(pg_cluster: PgClus
     assert claimed is not None and claimed.id == kept.id
     # the outage outlasted the leases' TTL, yet the first bridge back does not take the other's backends
     assert await lease_rounds(a, b) == before
+
+
+async def test_a_connection_cut_while_idle_in_the_pool_fails_as_unavailable(pg_cluster: PgCluster, pg_url: str,
+                                                                            bridges: Bridges) -> None:
+    # The database ends a pooled connection between two calls (a restart, an idle timeout): its FATAL
+    # message arrives one turn of the loop before the socket's end, and a call in between must get the
+    # store's "unavailable" (then recover), never the driver's protocol error.
+    a = await bridges("a", timeout=2.0)
+    dbname = pg_url.rsplit("/", 1)[1]
+    others: list[BaseException] = []
+    unavailable = 0
+    async def call() -> bool:
+        nonlocal unavailable
+        try:
+            await a.queue_length()
+            return True
+        except StoreUnavailable:
+            unavailable += 1
+            await until(lambda: a.available, 10.0)
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            others.append(exc)
+        return False
+
+    for _ in range(10):
+        while not await call():  # until a pooled connection answered and sits idle
+            pass
+        cut = asyncio.create_task(asyncio.to_thread(
+            pg_cluster.sql, f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                            f" WHERE application_name = '{a.instance}'", dbname))
+        while not cut.done():
+            await call()
+            await asyncio.sleep(0)
+        assert await cut == "1"
+    assert unavailable and not others, (unavailable, others[:3])
