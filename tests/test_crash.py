@@ -265,6 +265,10 @@ async def test_results_expire_but_the_log_keeps_the_job(bridge_factory, fakes) -
             await asyncio.sleep(0.05)
     entry = await asyncio.wait_for(expired(), 5)
     assert entry["status"] == "completed" and "result_url" not in entry
-    assert not any(bridge.config.results_dir.iterdir())
+
+    async def files_gone() -> None:  # deleted off the event loop, right after the store forgot them
+        while any(bridge.config.results_dir.iterdir()):
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(files_gone(), 5)
     resp = await bridge.fetch("GET", f"/history?clientId={cid}")
     assert resp.code == 204 and resp.headers["X-Detail"].startswith("No contents")  # still a known client

@@ -263,7 +263,9 @@ async def test_events_are_not_held_back_by_nagle(bridge: Bridge) -> None:
         assert await sse.next() is not None  # the greeting: a second small write after the headers
         delays.append(time.perf_counter() - started)
         await sse.close()
-    assert max(delays) < 0.030, f"median {statistics.median(delays) * 1000:.1f} ms, max {max(delays) * 1000:.1f} ms"
+    # with Nagle on, every greeting waits for the caller's delayed ACK (~40 ms); a busy machine may stall one or two
+    slow = sum(d >= 0.030 for d in delays)
+    assert slow <= 2, f"{slow} of 40 over 30 ms; median {statistics.median(delays) * 1000:.1f} ms"
 
 
 async def test_a_stream_that_stops_reading_skips_progress_and_is_cut_off(bridge: Bridge, monkeypatch) -> None:  # type: ignore[no-untyped-def]
