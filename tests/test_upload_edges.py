@@ -122,7 +122,10 @@ async def test_2000_aborted_uploads_leave_nothing_behind(tmp_path: Path, fake: F
         await asyncio.sleep(1.0)
         grown = bridge.rss_kb() - before
         assert grown < 3 * 1024, f"RSS grew {grown} KiB over 2,000 aborted uploads ({time.monotonic() - start:.1f} s)"
-        assert list((bridge.data_dir / "uploads").iterdir()) == []
+        uploads, deadline = bridge.data_dir / "uploads", time.monotonic() + 10
+        while (left := list(uploads.iterdir())) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # a busy machine may still be noticing the last hang-ups
+        assert left == []
         assert (await http_get(bridge.port, "/health"))[0] == 200
 
 
