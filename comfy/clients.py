@@ -85,6 +85,10 @@ class ClientHub:
         """Open caller sockets and event streams."""
         return sum(len(s) for s in self.sockets.values())
 
+    def streams(self) -> int:
+        """Open event streams (the rest of count are WebSockets)."""
+        return sum(sock.event_stream for socks in self.sockets.values() for sock in socks)
+
     def add(self, sock: ClientSocket, holds: bool = True) -> None:
         """A socket or stream opened: greet it, then tell it where the client's work stands. `holds`: it keeps
         the client's jobs alive as a socket does (False for a stream that only watches one job)."""

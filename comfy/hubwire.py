@@ -41,6 +41,7 @@ class ClientSocket(Protocol):
     """What the hub needs of a caller's WebSocket (the /ws handler) or event stream (comfy/streams.py)."""
 
     client_id: str
+    event_stream: bool  # True for an event stream, False for a WebSocket (the metrics tell them apart)
 
     def send_text(self, text: str, droppable: bool = False, eid: str = "") -> None:
         """Send one encoded message; a droppable one may be skipped for a listener that is not reading.

@@ -144,7 +144,11 @@ class _LiveState(Collector):
         states.add_metric([State.DISPATCHING.value], sum(1 for b in on_backends if b is None))
         states.add_metric([State.RUNNING.value], sum(1 for b in on_backends if b is not None))
         yield states
-        yield GaugeMetricFamily("comfy_bridge_websocket_clients", "Open caller WebSockets", value=self.hub.count)
+        streams = self.hub.streams()
+        yield GaugeMetricFamily("comfy_bridge_websocket_clients", "Open caller WebSockets",
+                                value=self.hub.count - streams)
+        yield GaugeMetricFamily("comfy_bridge_event_streams", "Open event streams (text/event-stream)",
+                                value=streams)
         yield GaugeMetricFamily("comfy_bridge_generation_count", "Jobs run through the API (persistent)",
                                 value=self.generation_count)
         if self.webhooks_pending is not None:

@@ -103,6 +103,8 @@ class EventStream:
     """One event stream as a listener of the hub (a ClientSocket): every message with its id, keep-alives as
     comments. It holds what the hub sends until resume() has told what the store says."""
 
+    event_stream = True
+
     def __init__(self, client_id: str, cursor: Cursor, sink: Sink) -> None:
         self.client_id = client_id
         self.cursor = cursor

@@ -53,6 +53,7 @@ class StatusSocket(websocket.WebSocketHandler):
 
     services: Api
     client_id: str
+    event_stream = False
 
     def initialize(self, services: Api) -> None:
         """Receive the bridge's services."""

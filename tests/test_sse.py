@@ -13,6 +13,7 @@ import pytest
 
 from comfy.config import ApiKey
 from conftest import TIMEOUT, Bridge, new_client_id, read_until_closed, stop_bridge, wait_for, wait_until
+from test_ops import scrape
 
 ALICE, BOB, OPS = "alice-key-0123456789", "bob-key-0123456789ab", "ops-key-0123456789abc"
 
@@ -212,9 +213,17 @@ async def test_streams_and_sockets_share_the_connection_bounds(bridge_factory, f
     other = await stream(bridge, f"/events?clientId={new_client_id()}")
     full = await SSE.open(bridge, f"/events?clientId={new_client_id()}")
     assert full.status == 503 and "try again" in json.loads(await full.body())["detail"]
+    assert await open_connections(bridge) == (1, 2)  # the metrics tell sockets and streams apart
     for s in (first, third, other, full):
         await s.close()
     await wait_for(lambda: bridge.services.hub.count == 1)  # the closed streams gave their places back
+    assert await open_connections(bridge) == (1, 0)
+
+
+async def open_connections(bridge: Bridge) -> tuple[float, float]:
+    """(open WebSockets, open event streams) as /metrics says."""
+    metrics = await scrape(bridge)
+    return metrics[("comfy_bridge_websocket_clients", ())], metrics[("comfy_bridge_event_streams", ())]
 
 
 async def test_another_key_gets_404_and_admin_may_watch(bridge_factory, fake) -> None:  # type: ignore[no-untyped-def]
