@@ -6,14 +6,25 @@ import re
 from dataclasses import dataclass
 
 JSON = "application/json"
-WAIT = re.compile(r"\d{1,12}(\.\d{1,6})?")
-# one preference or media range: a token, or a quoted string (which may hold commas), up to the next comma
-ITEM = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
+WAIT = re.compile(r"[0-9]{1,40}(\.[0-9]{1,40})?")  # ASCII digits only (str.isdigit and float() take others)
+# the pieces of a header value: a quoted string (which may hold commas; one left open runs to the end), other
+# text, or a comma. Each character is read once: no backtracking, however the value is made.
+PIECE = re.compile(r'"(?:[^"\\]|\\.)*"?|[^,"]+|,')
 
 
 def _items(values: list[str]) -> list[str]:
     """The comma-separated elements of every value of a header (RFC 9110 section 5.6.1), empty ones dropped."""
-    return [m.group(0).strip() for v in values for m in ITEM.finditer(v) if m.group(0).strip()]
+    items: list[str] = []
+    for value in values:
+        item: list[str] = []
+        for piece in PIECE.findall(value):
+            if piece == ",":
+                items.append("".join(item).strip())
+                item = []
+            else:
+                item.append(piece)
+        items.append("".join(item).strip())
+    return [i for i in items if i]
 
 
 def _unquote(value: str) -> str:

@@ -147,6 +147,7 @@ PREFERENCES = [
     ({"Prefer": "respond-async, wait=10"}, "wait=10"),
     ({"Prefer": "RESPOND-ASYNC ,  Wait = \"7\" ; foo=bar"}, "wait=7"),
     ({"Prefer": "handling=lenient, wait=100000"}, "wait=300"),  # capped at jobs.max_wait
+    ({"Prefer": "wait=99999999999999999999"}, "wait=300"),  # however long
     ({"Prefer": "wait=5, wait=1"}, "wait=5"),  # the first of a preference counts (RFC 7240)
     ({"Prefer": "wait=2.5"}, "wait=2.5"),
 ]
@@ -171,7 +172,7 @@ async def test_several_prefer_headers_and_the_query_wins(bridge: Bridge) -> None
 
 BAD_WAITS = [({"Prefer": "wait=abc"}, ""), ({"Prefer": "wait=0"}, ""), ({"Prefer": "wait"}, ""),
              ({"Prefer": "wait=-3"}, ""), ({}, "&wait="), ({}, "&wait=0"), ({}, "&wait=1e3"),
-             ({"Prefer": "wait=5"}, "&wait=x")]
+             ({"Prefer": "wait=5"}, "&wait=x"), ({}, "&wait=%D9%A3")]  # an Arabic-Indic 3 is not an ASCII digit
 
 
 async def test_a_bad_wait_is_a_400_and_queues_nothing(bridge: Bridge) -> None:
@@ -180,6 +181,21 @@ async def test_a_bad_wait_is_a_400_and_queues_nothing(bridge: Bridge) -> None:
         resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, headers, query)
         assert resp.code == 400 and "wait" in json.loads(resp.body)["detail"], (headers, query)
         assert not await bridge.services.jobs.known_client(cid)
+
+
+HOSTILE = ['"' + '\\"' * 30_000, '"' * 60_000, ',"' * 30_000, 'wait=1"' * 9_000, "\\" * 60_000]
+
+
+async def test_a_header_made_to_backtrack_costs_the_bridge_nothing(bridge: Bridge) -> None:
+    # quoted strings left open, escapes, quotes after commas: a parser that backtracks takes ~45 s over the first
+    # (the event loop, so the whole bridge, stalled); each is one linear pass now
+    for value in HOSTILE:
+        cid = new_client_id()
+        started = asyncio.get_running_loop().time()
+        for headers in ({"Prefer": value}, {"Prefer": "wait=9", "Accept": value}):
+            resp = await one_call(bridge, cid, {"workflow": "blank-canvas"}, headers)
+            assert resp.code in (200, 400), (resp.code, resp.body[:200])
+        assert asyncio.get_running_loop().time() - started < 5, value[:20]
 
 
 async def test_without_wait_the_spec_answer_is_unchanged(bridge: Bridge) -> None:
