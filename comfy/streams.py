@@ -7,6 +7,7 @@ it rebuilds from the store on (re)connecting and what the hub sends live meanwhi
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from .hubwire import LISTENING, event_id, message
@@ -19,6 +20,7 @@ ENDED_KEPT = 256  # ended jobs a long-lived stream remembers (nothing is told of
 RANKS = {State.QUEUED.value: 0, State.DISPATCHING.value: 1, State.RUNNING.value: 2,
          State.COMPLETED.value: 3, State.FAILED.value: 3, State.CANCELLED.value: 3}
 Key = tuple[int, int, int]
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what a job id may be made of (the bridge's are gen_ and 16 hex digits)
 
 
 def position(eid: str) -> tuple[str, Key] | None:
@@ -28,7 +30,7 @@ def position(eid: str) -> tuple[str, Key] | None:
         return None
     job_id, run, state, steps = parts
     rank = RANKS.get(state)
-    if rank is None or not job_id or not (run.isdigit() and len(run) < 10 and steps.isdigit() and len(steps) < 6):
+    if rank is None or not JOB_ID.fullmatch(job_id) or not (run.isdigit() and len(run) < 10 and steps.isdigit() and len(steps) < 6):
         return None
     return job_id, (FINAL_RUN if rank == 3 else int(run), rank, int(steps))
 

@@ -7,6 +7,7 @@ import json
 import socket
 import statistics
 import time
+import urllib.parse
 from typing import Any, AsyncIterator
 
 import pytest
@@ -303,3 +304,15 @@ async def test_a_stream_that_stops_reading_skips_progress_and_is_cut_off(bridge:
     assert cid not in hub.sockets  # cut off, and its place given back
     assert most <= 2 * len(text)  # what the bridge held for it stayed small: the rest was skipped
     client.close()
+
+
+async def test_a_last_event_id_never_writes_into_the_stream(bridge: Bridge) -> None:
+    # an id the bridge never made (here one carrying an event of its own, as a crafted link would) is not
+    # echoed: the stream starts afresh
+    forged = 'x\ndata: {"status": "closed", "details": "INJECTED"}\n\nid: y:1:queued:0'
+    cid = new_client_id()
+    for query in (f"&lastEventId={urllib.parse.quote(forged)}", f"&lastEventId={urllib.parse.quote('a b:1:queued:0')}"):
+        sse = await stream(bridge, f"/events?clientId={cid}{query}")
+        greeting = await sse.next()
+        assert greeting is not None and greeting["id"] == "0" and greeting["data"]["status"] == "connected"
+        await sse.close()
