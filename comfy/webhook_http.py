@@ -19,6 +19,9 @@ MAX_HEAD = 64 * 1024   # bytes of status line and headers
 KEEP = 200             # bytes of an answer's body kept (for the delivery's last_error)
 DRAIN = 64 * 1024      # bytes of an answer's body read so that its connection can serve the next request
 MAX_IDLE = 4           # idle connections kept per receiver
+MAX_INTERIM = 8        # interim (1xx) heads skipped before an answer
+MAX_LINE = 1024        # bytes of one chunk-size or trailer line
+MAX_FRAMING = 64 * 1024  # bytes of chunk-size lines and trailers of one answer
 
 
 class HTTPError(OSError):
@@ -30,7 +33,7 @@ class _Answer(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.parser = _Parser()
         self.waiter: asyncio.Future[tuple[int, bytes, bool]] | None = None
         self.closed = False
         self.got_bytes = False  # of the current answer (a reused connection that ends at once saw nothing)
@@ -42,7 +45,7 @@ class _Answer(asyncio.Protocol):
     def send(self, request: bytes) -> asyncio.Future[tuple[int, bytes, bool]]:
         """Write a request; the future gets (status, first body bytes, reusable)."""
         assert self.transport is not None
-        self.buffer.clear()
+        self.parser = _Parser()
         self.got_bytes = False
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
@@ -53,16 +56,15 @@ class _Answer(asyncio.Protocol):
             self.close()  # bytes nobody asked for: this connection is not to be trusted with another request
             return
         self.got_bytes = True
-        self.buffer += data
-        self._parse(eof=False)
+        self._parse(data, eof=False)
 
     def eof_received(self) -> bool | None:
-        self._parse(eof=True)
+        self._parse(b"", eof=True)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._parse(eof=True)
+        self._parse(b"", eof=True)
         if self.waiter is not None and not self.waiter.done():
             why = f": {exc}" if exc else ""
             self.waiter.set_exception(HTTPError(f"the connection closed before a whole answer{why}"))
@@ -73,92 +75,148 @@ class _Answer(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _parse(self, eof: bool) -> None:
+    def _parse(self, data: bytes, eof: bool) -> None:
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
         try:
-            answer = _answer(self.buffer, eof)
+            answer = self.parser.feed(data, eof)
         except ValueError as exc:
             waiter.set_exception(HTTPError(f"a malformed answer: {exc}"))
+            self.close()
             return
         if answer is not None:
             waiter.set_result(answer)
+            if not answer[2]:
+                self.close()  # the rest is not worth reading (a long body, an endless one)
 
 
-def _answer(buffer: bytearray, eof: bool) -> tuple[int, bytes, bool] | None:
-    """(status, first body bytes, connection reusable) once enough of the answer is in `buffer`, else None."""
-    start = 0
-    while True:
-        end = buffer.find(b"\r\n\r\n", start)
-        if end < 0:
-            if len(buffer) - start > MAX_HEAD:
-                raise ValueError("its head is too long")
+class _Parser:
+    """One answer, parsed as its bytes arrive. Consumed bytes are dropped and each byte is looked at a bounded
+    number of times, so a receiver that answers slowly, endlessly or in many small pieces costs the bridge
+    little: at most MAX_INTERIM interim heads, MAX_HEAD bytes of head, MAX_LINE bytes of chunk-size line,
+    DRAIN bytes of body and MAX_FRAMING bytes of chunk framing are read, then the answer is given up on."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.scanned = 0  # bytes of the buffer already searched for the end of the head
+        self.interim = 0
+        self.status = 0  # the final status once its head was read
+        self.persistent = False
+        self.length = -1  # Content-Length; -1: chunked or up to the end of the connection
+        self.chunked = False
+        self.left = -1  # bytes left of the current chunk's data; -1: its size line comes next; -2: the trailer
+        self.read = 0  # body bytes (chunk data) read
+        self.framing = 0  # bytes of chunk-size lines and trailers read
+        self.kept = bytearray()
+
+    def feed(self, data: bytes, eof: bool) -> tuple[int, bytes, bool] | None:
+        """(status, first body bytes, connection reusable) once the answer is known, else None; ValueError for
+        an answer that is no answer."""
+        self.buffer += data
+        if not self.status and not self._head():
             return None
-        lines = bytes(buffer[start:end]).decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit() or rest[3:4] not in ("", " "):
-            raise ValueError(f"status line {lines[0][:80]!r}")
-        status = int(code)
-        if status >= 200:
-            break
-        start = end + 4  # 1xx: an interim head, the answer follows
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ValueError(f"header line {line[:80]!r}")
-        name = name.strip().lower()
-        if name in headers and name in ("content-length", "transfer-encoding"):
-            raise ValueError(f"two {name} headers")
-        headers[name] = value.strip()
-    body = end + 4
-    persistent = version != "HTTP/1.0" and "close" not in headers.get("connection", "").lower()
-    if status in (204, 304):
-        return status, b"", persistent
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return _chunked(buffer, body, status, persistent, eof)
-    if "content-length" in headers:
-        length = headers["content-length"]
-        if not length.isdigit():
-            raise ValueError(f"content-length {length[:20]!r}")
-        if int(length) > DRAIN:  # not worth reading: the status is known, the connection goes
-            return status, bytes(buffer[body:body + KEEP]), False
-        if len(buffer) - body < int(length):
-            return None if not eof else (status, bytes(buffer[body:body + KEEP]), False)
-        return status, bytes(buffer[body:body + min(KEEP, int(length))]), persistent
-    # the body ends with the connection: keep what came, but never wait for more than DRAIN
-    if eof or len(buffer) - body > DRAIN:
-        return status, bytes(buffer[body:body + KEEP]), False
-    return None
+        return self._body(eof)
 
+    def _head(self) -> bool:
+        while True:
+            end = self.buffer.find(b"\r\n\r\n", max(0, self.scanned - 3))
+            if end < 0:
+                self.scanned = len(self.buffer)
+                if self.scanned > MAX_HEAD:
+                    raise ValueError("its head is too long")
+                return False
+            lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+            del self.buffer[:end + 4]
+            self.scanned = 0
+            version, _, rest = lines[0].partition(" ")
+            code = rest[:3]
+            if not version.startswith("HTTP/1.") or not code.isdigit() or rest[3:4] not in ("", " "):
+                raise ValueError(f"status line {lines[0][:80]!r}")
+            if int(code) >= 200:
+                break
+            self.interim += 1  # 1xx: an interim head, the answer follows
+            if self.interim > MAX_INTERIM:
+                raise ValueError(f"more than {MAX_INTERIM} interim (1xx) heads")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ValueError(f"header line {line[:80]!r}")
+            name = name.strip().lower()
+            if name in headers and name in ("content-length", "transfer-encoding"):
+                raise ValueError(f"two {name} headers")
+            headers[name] = value.strip()
+        self.status = int(code)
+        self.persistent = version != "HTTP/1.0" and "close" not in headers.get("connection", "").lower()
+        if self.status in (204, 304):
+            self.length = 0
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            self.chunked = True
+        elif "content-length" in headers:
+            length = headers["content-length"]
+            if not length.isdigit():
+                raise ValueError(f"content-length {length[:20]!r}")
+            self.length = int(length)
+        return True
 
-def _chunked(buffer: bytearray, at: int, status: int, persistent: bool, eof: bool) -> tuple[int, bytes, bool] | None:
-    """The answer of a chunked body: complete (reusable), too long (not reusable), or None for more bytes."""
-    kept = bytearray()
-    read = 0
-    while True:
-        line_end = buffer.find(b"\r\n", at)
-        if line_end < 0:
-            break
-        size_text = bytes(buffer[at:line_end]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise ValueError(f"chunk size {size_text[:20]!r}") from None
-        if size == 0:  # the last chunk; complete once its trailer (usually none) has ended
-            if buffer.find(b"\r\n\r\n", line_end) >= 0:
-                return status, bytes(kept), persistent
-            break
-        read += size
-        if read > DRAIN:
-            return status, bytes(kept), False
-        if len(buffer) < line_end + 2 + size + 2:
-            break
-        kept += buffer[line_end + 2:line_end + 2 + size][:KEEP - len(kept)]
-        at = line_end + 2 + size + 2
-    return (status, bytes(kept), False) if eof else None
+    def _body(self, eof: bool) -> tuple[int, bytes, bool] | None:
+        status, buffer = self.status, self.buffer
+        if self.chunked:
+            return self._chunks(eof)
+        if self.length > DRAIN:  # not worth reading: the status is known, the connection goes
+            return status, bytes(buffer[:KEEP]), False
+        if self.length >= 0:
+            if len(buffer) >= self.length:
+                return status, bytes(buffer[:min(KEEP, self.length)]), self.persistent
+            return (status, bytes(buffer[:KEEP]), False) if eof else None
+        # the body ends with the connection: keep what came, but never wait for more than DRAIN
+        if eof or len(buffer) > DRAIN:
+            return status, bytes(buffer[:KEEP]), False
+        return None
+
+    def _chunks(self, eof: bool) -> tuple[int, bytes, bool] | None:
+        buffer = self.buffer
+        while True:
+            if self.left >= 0:  # chunk data, then its CRLF
+                if len(buffer) < self.left + 2:
+                    take = min(len(buffer), self.left)
+                    self._keep(buffer[:take])
+                    del buffer[:take]
+                    self.left -= take
+                    break
+                self._keep(buffer[:self.left])
+                del buffer[:self.left + 2]
+                self.left = -1
+                continue
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                if len(buffer) > MAX_LINE:
+                    raise ValueError("a chunk-size line (or trailer line) is too long")
+                break
+            line = bytes(buffer[:end])
+            del buffer[:end + 2]
+            self.framing += end + 2
+            if self.framing > MAX_FRAMING:
+                return self.status, bytes(self.kept), False
+            if self.left == -2:  # the trailer: header lines up to an empty one
+                if not line:
+                    return self.status, bytes(self.kept), self.persistent
+                continue
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise ValueError(f"chunk size {size_text[:20]!r}") from None
+            self.read += size
+            if self.read > DRAIN:
+                return self.status, bytes(self.kept), False
+            self.left = size if size else -2
+        return (self.status, bytes(self.kept), False) if eof else None
+
+    def _keep(self, data: bytearray) -> None:
+        if len(self.kept) < KEEP:
+            self.kept += data[:KEEP - len(self.kept)]
 
 
 class WebhookClient:

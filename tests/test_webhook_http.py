@@ -166,3 +166,61 @@ async def test_concurrent_posts_use_their_own_connections(script: Script) -> Non
     results: list[Any] = await asyncio.gather(*(post(client) for _ in range(4)))
     assert results == [(200, b"")] * 4 and script.connections == 4
     assert await post(client) == (200, b"") and script.connections == 4  # kept and reused
+
+
+async def flood(head: bytes, unit: bytes) -> tuple[str, list[int]]:
+    """A receiver that reads the request, sends `head`, then `unit` in small writes until the connection goes
+    (as a hostile callback receiver would); the URL and a list that gets how many bytes it managed to send."""
+    sent = [0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(head)
+            while True:
+                writer.write(unit * 16)
+                sent[0] += len(unit) * 16
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    FLOODS.append(server)
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook", sent
+
+
+FLOODS: list[asyncio.base_events.Server] = []
+
+
+@pytest.fixture(autouse=True)
+async def _stop_floods() -> AsyncIterator[None]:
+    yield
+    while FLOODS:
+        server = FLOODS.pop()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(("head", "unit", "why"), [
+    (b"", b"HTTP/1.1 100 Continue\r\n\r\n", "interim"),  # interim heads without end
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;", b"x" * 64, "line .* too long"),  # one endless line
+    (b"HTTP/1.1 200 OK\r\nX-Pad: ", b"y" * 64, "head is too long"),  # one endless header
+])
+async def test_an_endless_answer_is_given_up_on_at_once(head: bytes, unit: bytes, why: str) -> None:
+    # the receiver would go on until the timeout (and, reparsed on every read, kept a core busy and the bytes in
+    # memory): the client stops reading once the answer can no longer be one it uses
+    url, sent = await flood(head, unit)
+    client = WebhookClient(urlsplit(url), 30.0)
+    with pytest.raises(HTTPError, match=why):
+        await post(client)
+    assert sent[0] < 4 * 1024 * 1024  # what the kernel's buffers took, no more
+
+
+async def test_many_small_chunks_end_the_answer_after_a_bounded_read() -> None:
+    url, sent = await flood(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\nz\r\n")
+    client = WebhookClient(urlsplit(url), 30.0)
+    status, kept = await post(client)
+    assert status == 200 and kept == b"z" * 200  # the status counts; the connection is not kept
+    assert sent[0] < 4 * 1024 * 1024
