@@ -17,7 +17,7 @@ from dotenv import dotenv_values
 from .configtypes import KEY_NAME as KEY_NAME, ROLES as ROLES, ApiKey as ApiKey
 from .configtypes import BackendConfig as BackendConfig, ConfigError as ConfigError, known_mapping
 from .configtypes import WebhookEndpoint as WebhookEndpoint
-from .webhook_config import check_secret, parse_allow_hosts, parse_endpoints
+from .webhook_config import AllowedHost, check_secret, parse_allow_hosts, parse_endpoints
 
 HERE = Path(__file__).resolve().parent.parent
 DEFAULT_SETTINGS = HERE / "settings.yaml"
@@ -93,7 +93,7 @@ class Config:
     keys: tuple[ApiKey, ...] = ()
     # webhooks (comfy/webhooks.py)
     webhooks: tuple[WebhookEndpoint, ...] = ()
-    webhook_allow_hosts: tuple[str, ...] = ()  # hosts a caller's per-job callback may name; none: no callbacks
+    webhook_allow_hosts: tuple[AllowedHost, ...] = ()  # hosts a caller's per-job callback may name; none: no callbacks
     webhook_callback_secret: str = field(default="", repr=False)  # signs per-job callbacks
     webhook_retry_for: float = 86400.0   # seconds a delivery is retried before it is marked failed
     webhook_timeout: float = 10.0        # seconds one delivery attempt may take

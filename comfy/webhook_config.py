@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 from urllib.parse import SplitResult, urlsplit
 
 from .configtypes import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, ConfigError, WebhookEndpoint, known_mapping
 from .signing import MIN_KEY_BYTES, secret_key
 
 MAX_URL = 2048
+ANY_PORT = -1  # an allow_hosts entry with :* (any port)
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 _HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
@@ -31,6 +34,8 @@ def check_url(url: Any) -> SplitResult:
         raise ValueError("must not hold a user name or password (the signature authenticates the bridge)")
     if not parts.hostname:
         raise ValueError("names no host")
+    if parts.port == 0:
+        raise ValueError("names port 0")
     if not url.isascii() or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
         raise ValueError("must be ASCII without spaces or control characters (percent-encode the rest, "
                          "write a non-ASCII host name in its xn-- form)")
@@ -96,41 +101,78 @@ def parse_endpoints(key: str, val: Any) -> tuple[WebhookEndpoint, ...]:
     return tuple(out)
 
 
-def parse_allow_hosts(key: str, val: Any) -> tuple[str, ...]:
-    """webhook_delivery.allow_hosts: host names (exact), `*.example.com` (its subdomains) or IP addresses."""
+@dataclass(frozen=True)
+class AllowedHost:
+    """One entry of webhook_delivery.allow_hosts: a host (an exact name, `*.domain`, or an IP address) and the
+    port a callback to it may use: None for the scheme's own (80, 443), a number, or ANY_PORT."""
+
+    host: str
+    port: int | None = None
+
+    def matches(self, host: str, port: int) -> bool:
+        """True if a URL's host (lower case, no trailing dot) and port fall under this entry."""
+        if self.port is None:
+            if port not in (80, 443):
+                return False
+        elif self.port not in (ANY_PORT, port):
+            return False
+        entry = self.host
+        return host == entry or (entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1)
+
+    @property
+    def address(self) -> IPAddress | None:
+        """The entry's IP address, when it names one."""
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+
+def parse_allow_hosts(key: str, val: Any) -> tuple[AllowedHost, ...]:
+    """webhook_delivery.allow_hosts: host names (exact), `*.example.com` (its subdomains) or IP addresses, each
+    optionally with `:port` or `:*` (any port; [brackets] around an IPv6 address then)."""
     if val is None:
         return ()
     if isinstance(val, str):
         val = [v.strip() for v in val.split(",") if v.strip()]
     if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
         raise ConfigError(f"{key}: must be a list of host names")
-    out = []
-    for item in val:
-        host = item.strip().lower().rstrip(".")
-        name = host[2:] if host.startswith("*.") else host
-        try:
-            ipaddress.ip_address(name.strip("[]"))
-            ip = True
-        except ValueError:
-            ip = False
-        wild = name != host
-        if not (ip and not wild) and not (_HOST_NAME.match(name) and (not wild or "." in name)):
-            raise ConfigError(f"{key}: {item!r} is not a host name, *.domain or IP address (no scheme, port or "
-                              "path; a *. entry needs a dot after it)")
-        out.append(host.strip("[]"))
-    return tuple(out)
+    return tuple(_allowed_host(key, item) for item in val)
 
 
-def host_allowed(host: str, allow: tuple[str, ...]) -> bool:
-    """True if a URL's host is in the allow-list: an exact entry (case-insensitive) or under a `*.` entry."""
-    host = host.lower().rstrip(".")
-    for entry in allow:
-        if host == entry or (entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1):
-            return True
-    return False
+def _allowed_host(key: str, item: str) -> AllowedHost:
+    text = item.strip().lower()
+    port: int | None = None
+    head, _, tail = text.rpartition(":")
+    if (tail == "*" or tail.isdigit()) and (head.endswith("]") or (":" not in head and not head.startswith("["))):
+        text = head  # host:port, [v6]:port (a bare IPv6 address has colons of its own)
+        port = ANY_PORT if tail == "*" else int(tail) if tail.isdigit() and 0 < int(tail) < 65536 else 0
+        if not port:
+            raise ConfigError(f"{key}: {item!r} has a bad port (a number 1-65535, or * for any)")
+    host = text.rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    name = host[2:] if host.startswith("*.") else host
+    try:
+        ipaddress.ip_address(name)
+        ip = True
+    except ValueError:
+        ip = False
+    wild = name != host
+    if not (ip and not wild) and not (_HOST_NAME.match(name) and (not wild or "." in name)):
+        raise ConfigError(f"{key}: {item!r} is not a host name, *.domain or IP address, with an optional :port "
+                          "(no scheme or path; a *. entry needs a dot after it)")
+    return AllowedHost(host, port)
 
 
-def callback_of(value: Any, allow: tuple[str, ...]) -> dict[str, Any]:
+def host_allowed(parts: SplitResult, allow: tuple[AllowedHost, ...]) -> AllowedHost | None:
+    """The allow-list entry a URL's host and port fall under (the first), else None."""
+    host = (parts.hostname or "").lower().rstrip(".")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return next((entry for entry in allow if entry.matches(host, port)), None)
+
+
+def callback_of(value: Any, allow: tuple[AllowedHost, ...]) -> dict[str, Any]:
     """A submit's `webhook` ("https://host/path" or {"url", "events"}) as stored with the job; ValueError with
     the reason when it may not be used."""
     if not allow:
@@ -148,8 +190,9 @@ def callback_of(value: Any, allow: tuple[str, ...]) -> dict[str, Any]:
     except ValueError as exc:
         raise ValueError(f"webhook.url: {exc}") from None
     assert parts.hostname is not None
-    if not host_allowed(parts.hostname, allow):
-        raise ValueError(f"webhook.url: the host {parts.hostname!r} is not one this bridge may call "
-                         "(webhook_delivery.allow_hosts)")
+    if host_allowed(parts, allow) is None:
+        port = f" on port {parts.port}" if parts.port else ""
+        raise ValueError(f"webhook.url: the host {parts.hostname!r}{port} is not one this bridge may call "
+                         "(webhook_delivery.allow_hosts; an entry without :port allows ports 80 and 443)")
     events = _events("webhook.events", value.get("events"))
     return {"url": value["url"], "events": [e for e in WEBHOOK_EVENTS if e in events]}

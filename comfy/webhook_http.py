@@ -12,8 +12,12 @@ that the server had closed meanwhile is sent once more on a new one."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 from urllib.parse import SplitResult
+
+from .webhook_config import IPAddress
 
 MAX_HEAD = 64 * 1024   # bytes of status line and headers
 KEEP = 200             # bytes of an answer's body kept (for the delivery's last_error)
@@ -220,10 +224,13 @@ class _Parser:
 
 
 class WebhookClient:
-    """POSTs to one receiver (scheme, host and port of its URL), over kept-alive connections."""
+    """POSTs to one receiver (scheme, host and port of its URL), over kept-alive connections. `vetted`, for a
+    callback a caller named: the host name must resolve to a public address (or one of these), and the
+    connection goes to the address so checked (no second lookup a DNS answer could change)."""
 
-    def __init__(self, parts: SplitResult, timeout: float) -> None:
+    def __init__(self, parts: SplitResult, timeout: float, vetted: frozenset[IPAddress] | None = None) -> None:
         self.host = parts.hostname or ""
+        self.vetted = vetted
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.tls = ssl.create_default_context() if parts.scheme == "https" else None
         self.netloc = parts.netloc.rpartition("@")[2]
@@ -279,11 +286,25 @@ class WebhookClient:
     async def _connect(self) -> _Answer:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(_Answer, self.host, self.port, ssl=self.tls,
+            address = self.host if self.vetted is None else await self._vetted_address()
+            _, conn = await loop.create_connection(_Answer, address, self.port, ssl=self.tls,
                                                    server_hostname=self.host if self.tls else None)
         except OSError as exc:
             raise HTTPError(f"cannot connect to {self.netloc}: {exc.strerror or exc}") from None
         return conn
+
+    async def _vetted_address(self) -> str:
+        """The first address the host resolves to that a caller's callback may reach: a public one, or one the
+        operator listed; HTTPError when there is none (an allowed name pointed at an internal address)."""
+        assert self.vetted is not None
+        infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        found = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+        for address in found:
+            if address.is_global or address in self.vetted:
+                return str(address)
+        shown = ", ".join(sorted({str(a) for a in found}))
+        raise HTTPError(f"{self.host} resolves to no public address ({shown}); a per-job callback reaches an "
+                        "internal address only when webhook_delivery.allow_hosts lists that address")
 
     def close(self) -> None:
         """Close the idle connections (requests under way end with their own)."""

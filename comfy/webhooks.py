@@ -34,7 +34,7 @@ from .jobs import Job, State
 from .jobstore import PROGRESS, REQUEUED, JobEvent, JobStore, StoreUnavailable
 from .metrics import Metrics
 from .outbox import Delivery, Outbox, OutboxRule
-from .webhook_config import host_allowed, shown
+from .webhook_config import IPAddress, host_allowed, shown
 from .webhook_http import WebhookClient
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class WebhookService:
         self._wake = asyncio.Event()
         self._sending: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
         self._busy: Counter[str] = Counter()  # endpoint -> attempts in flight
-        self._clients: OrderedDict[tuple[str, str], WebhookClient] = OrderedDict()  # (scheme, host:port) -> its pool
+        # (scheme, host:port, the addresses it may reach) -> its pool
+        self._clients: OrderedDict[tuple[str, str, frozenset[IPAddress] | None], WebhookClient] = OrderedDict()
         self._done: dict[str, int] = {}  # deliveries answered 2xx, recorded as delivered by the next round
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -237,11 +238,11 @@ class WebhookService:
     async def _deliver(self, delivery: Delivery) -> None:
         """One attempt, and its outcome recorded."""
         try:
-            key = self._key(delivery.endpoint)
+            key, vetted = self._key(delivery.endpoint)
             if key is None:
                 status, error, delay, retry_for = None, "the endpoint is no longer in the settings", 0.0, 0.0
             else:
-                status, error = await self._post(delivery, key)
+                status, error = await self._post(delivery, key, vetted)
                 delay = random.uniform(0, min(MAX_DELAY, self.config.webhook_retry_delay * 2 ** (delivery.attempts - 1)))
                 retry_for = self.config.webhook_retry_for
             if status is not None and 200 <= status < 300:
@@ -264,24 +265,29 @@ class WebhookService:
             self._sending.pop(delivery.id, None)
             self._wake.set()
 
-    def _key(self, url: str) -> bytes | None:
+    def _key(self, url: str) -> tuple[bytes | None, frozenset[IPAddress] | None]:
         """The signing key of a delivery's endpoint: its own secret, or the callback secret for a per-job
-        callback to an allowed host; None when the endpoint may not be called any more."""
+        callback to an allowed host (None when the endpoint may not be called any more); and, for a callback
+        to an allowed host *name*, the non-public addresses it may still resolve to (those allow_hosts lists)."""
         if url in self._keys:
-            return self._keys[url]
-        host = urlsplit(url).hostname or ""
-        if self._callback_key is not None and host_allowed(host, self.config.webhook_allow_hosts):
-            return self._callback_key
-        return None
+            return self._keys[url], None
+        allow = self.config.webhook_allow_hosts
+        entry = host_allowed(urlsplit(url), allow)
+        if self._callback_key is None or entry is None:
+            return None, None
+        if entry.address is not None:
+            return self._callback_key, None  # the operator named this very address
+        return self._callback_key, frozenset(e.address for e in allow if e.address is not None)
 
-    async def _post(self, delivery: Delivery, key: bytes) -> tuple[int | None, str]:
+    async def _post(self, delivery: Delivery, key: bytes, vetted: frozenset[IPAddress] | None
+                    ) -> tuple[int | None, str]:
         """POST the body, signed; (status, why it is not a success). No redirect is followed, a few bytes of
         the answer are kept, and the whole attempt is bounded by the timeout."""
         parts = urlsplit(delivery.endpoint)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         body = delivery.body.encode()
         try:
-            status, head = await self._client(parts).post(
+            status, head = await self._client(parts, vetted).post(
                 target, body, signing.headers(key, delivery.id, int(time.time()), body))
         except OSError as exc:  # no answer: refused, reset, a timeout, TLS, DNS
             return None, str(exc) or type(exc).__name__
@@ -292,12 +298,13 @@ class WebhookService:
             return status, f"HTTP {status}: redirects are not followed"
         return status, f"HTTP {status}: {text}"
 
-    def _client(self, parts: SplitResult) -> WebhookClient:
-        """The connection pool of a receiver; the least recently used idle ones beyond MAX_CLIENTS go."""
-        origin = (parts.scheme, parts.netloc)
+    def _client(self, parts: SplitResult, vetted: frozenset[IPAddress] | None) -> WebhookClient:
+        """The connection pool of a receiver (see WebhookClient for `vetted`); the least recently used idle ones
+        beyond MAX_CLIENTS go."""
+        origin = (parts.scheme, parts.netloc, vetted)
         client = self._clients.pop(origin, None)
         if client is None:
-            client = WebhookClient(parts, self.config.webhook_timeout)
+            client = WebhookClient(parts, self.config.webhook_timeout, vetted)
             idle = [o for o, c in self._clients.items() if c.busy == 0]
             for old in idle[:max(0, len(self._clients) - MAX_CLIENTS + 1)]:
                 self._clients.pop(old).close()

@@ -357,10 +357,13 @@ async def test_a_delivery_never_answered_with_2xx_fails_after_retry_for_and_only
 
 async def test_a_per_job_callback_must_name_an_allowed_host(bridge_factory: MakeBridge, fake: FakeComfy,
                                                             receiver: Receiver) -> None:
-    bridge = await bridge_factory([fake], **hooks(allow_hosts=["127.0.0.1", "*.hooks.example.com"],
+    bridge = await bridge_factory([fake], **hooks(allow_hosts=["127.0.0.1:*", "*.hooks.example.com", "[::1]:8080"],
                                                   callback_secret=CALLBACK_SECRET))
     cid = new_client_id()
     for webhook, why in [("http://evil.example.net/x", "is not one this bridge may call"),
+                         ("http://a.hooks.example.com:6379/x", "on port 6379 is not one"),  # :80 and :443 only
+                         ("http://[::1]:8081/x", "on port 8081 is not one"),
+                         ("http://127.0.0.1:0/x", "names port 0"),
                          ("http://hooks.example.com/x", "is not one this bridge may call"),
                          ("http://10.0.0.1/x", "is not one this bridge may call"),
                          ("ftp://127.0.0.1/x", "http:// or https://"),
@@ -387,6 +390,27 @@ async def test_a_per_job_callback_must_name_an_allowed_host(bridge_factory: Make
     plain = (await bridge.submit(cid, {"workflow": "blank-canvas", "webhook": receiver.url("plain")}))["job_id"]
     [item] = await receiver.wait(1, "plain")  # the default events: completed, failed, cancelled
     assert item.event == "completed" and item.json["data"]["id"] == plain
+
+
+@pytest.mark.parametrize("listed", [False, True])
+async def test_a_callback_to_an_allowed_name_reaches_no_internal_address_unless_listed(
+        bridge_factory: MakeBridge, fake: FakeComfy, receiver: Receiver, listed: bool) -> None:
+    # "localhost" resolves to 127.0.0.1, as a name under an allowed domain may be pointed at an internal address
+    allow = [f"localhost:{receiver.port}", *(["127.0.0.1"] if listed else [])]
+    bridge = await bridge_factory([fake], **hooks(allow_hosts=allow, callback_secret=CALLBACK_SECRET, retry_for=0.3))
+    job_id = (await bridge.submit(new_client_id(), {"workflow": "blank-canvas",
+                                                    "webhook": f"http://localhost:{receiver.port}/named"}))["job_id"]
+    rows: list[dict[str, Any]] = []
+
+    async def settled() -> bool:
+        rows[:] = (await bridge.get_json(f"/webhooks/deliveries?job_id={job_id}"))["deliveries"]
+        return bool(rows) and rows[0]["state"] != "pending"
+    await wait_until(settled)
+    if listed:
+        assert rows[0]["state"] == "delivered" and len(receiver.on("named")) == 1
+    else:
+        assert rows[0]["state"] == "failed" and "resolves to no public address (127.0.0.1" in rows[0]["last_error"]
+        assert receiver.on("named") == []  # never called
 
 
 async def test_without_allow_hosts_per_job_callbacks_are_refused(bridge_factory: MakeBridge, fake: FakeComfy,
