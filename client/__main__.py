@@ -18,10 +18,10 @@ from urllib.parse import quote
 from .api import Bridge, BridgeError, Unreachable
 from .inputs import UsageError, parse_assignments
 from .progress import Progress
-from .run import GaveUp, Run, RunOptions
+from .run import EXIT_FAILED, EXIT_UNREACHABLE, MAX_WAIT, GaveUp, Run, RunOptions, settle_stdout
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 EPILOG = """\
 inputs (run):
@@ -31,8 +31,10 @@ inputs (run):
   key=@PATH     upload the file first (POST /upload) and pass the name the bridge saved it under
 
 exit status:
-  0 completed (outputs saved)   1 the job failed, was cancelled or timed out, or the bridge failed
-  2 bad arguments, unknown workflow or input, refused key   3 the bridge cannot be reached
+  0 completed (outputs saved)   1 the job failed, was cancelled or timed out, the bridge failed, or the
+  outputs could not all be saved (the job's URL is shown; the bridge's copy is not discarded)
+  2 bad arguments, unknown workflow or input, refused key, an --out that cannot hold files
+  3 the bridge cannot be reached (or was lost for a minute while following the job or saving its outputs)
   130 interrupted (Ctrl-C): the job is cancelled on the bridge first
 
 environment: COMFY_BRIDGE_URL (--url), COMFY_BRIDGE_KEY or BRIDGE_API_KEY (--key)
@@ -76,9 +78,12 @@ def parser() -> argparse.ArgumentParser:
                      help="inputs: key=value, key:=JSON, key=@FILE")
     run.add_argument("-o", "--out", type=Path, default=Path("."), metavar="DIR",
                      help="folder for the outputs (default: .)")
-    run.add_argument("--wait", type=int, metavar="N", help="one-call submit (Prefer: wait=N): the bridge answers "
-                     "when the job is done, if within N seconds; else the job is followed as usual")
-    run.add_argument("--timeout", type=float, metavar="SECONDS", help="give up (and cancel the job) after this long")
+    run.add_argument("--wait", type=int, metavar="N", help="one-call submit (Prefer: wait=N, N > 0): the bridge "
+                     "answers when the job is done, if within N seconds (at most its jobs.max_wait, 300 by default; "
+                     f"the client asks for no more than {MAX_WAIT} nor the time --timeout leaves); else the job "
+                     "is followed as usual")
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long: a job still queued "
+                     "or running is cancelled; outputs not saved by then are not discarded on the bridge")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr (errors are still shown)")
     run.add_argument("--keep", action="store_true", help="leave the outputs stored on the bridge after saving them "
                      "(by default they are discarded there once saved)")
@@ -95,8 +100,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.inputs.append(arg)
     if not args.url.startswith(("http://", "https://")):
         p.error(f"--url must start with http:// or https://, got {args.url!r}")
-    if getattr(args, "wait", None) is not None and args.wait < 0:
-        p.error("--wait must be 0 or more seconds")
+    if getattr(args, "wait", None) is not None and args.wait <= 0:
+        p.error("--wait must be more than 0 seconds (leave it out to submit without waiting)")
     if getattr(args, "timeout", None) is not None and args.timeout <= 0:
         p.error("--timeout must be more than 0 seconds")
     return args
@@ -155,6 +160,11 @@ def run_workflow(bridge: Bridge, args: argparse.Namespace, own_id: bool) -> int:
             raise
         progress.end("stopped")
         progress.note(f"client: the bridge answered {exc.status}: {exc.detail}; {job.cancel()}")
+        return EXIT_FAILED
+    except OSError as exc:  # a local file or stdout (Run reports its own cases; this is whatever else)
+        settle_stdout(sys.stdout)
+        progress.end("stopped")
+        progress.note(f"client: {exc}; {job.cancel()}")
         return EXIT_FAILED
 
 

@@ -13,6 +13,9 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 CALL_TIMEOUT = 30.0  # seconds for one ordinary call (the one-call submit adds its wait)
+LOST_AFTER = 60.0  # seconds of failed re-connects (a stream, a download) after which the bridge counts as gone
+RETRY_DELAY = (0.2, 0.5, 1.0, 2.0, 4.0)  # the pauses between those re-connects, the last one repeated
+PASSING = frozenset({502, 503, 504})  # a bridge restarting or draining, or the proxy in front saying so: retried
 
 
 class Unreachable(Exception):

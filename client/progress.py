@@ -38,6 +38,16 @@ class Progress:
         elif status == "progress":
             self.bar(percent_of(msg.get("details")) or 0.0)
 
+    def polled(self, document: dict[str, Any]) -> None:
+        """Show where the job stands by its document (GET /jobs/{id}), read while no event stream is open."""
+        state = document.get("state")
+        if state == "queued":
+            place = document.get("queue_position")
+            self.show(f"queued, position {place}" if place is not None else "queued")
+        elif state == "running":
+            fraction = document.get("progress")
+            self.bar(float(fraction) * 100 if isinstance(fraction, (int, float)) else 0.0)
+
     def show(self, text: str) -> None:
         """A phase (queued, running …): drawn over the bar on a terminal, one line each time it changes."""
         if self.quiet or text == self.shown:
