@@ -30,7 +30,8 @@ def position(eid: str) -> tuple[str, Key] | None:
         return None
     job_id, run, state, steps = parts
     rank = RANKS.get(state)
-    if rank is None or not JOB_ID.fullmatch(job_id) or not (run.isdigit() and len(run) < 10 and steps.isdigit() and len(steps) < 6):
+    if rank is None or not JOB_ID.fullmatch(job_id) or not (run.isdigit() and len(run) < 10
+                                                            and steps.isdigit() and len(steps) < 6):
         return None
     return job_id, (FINAL_RUN if rank == 3 else int(run), rank, int(steps))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl
 from urllib.parse import SplitResult
@@ -26,6 +27,7 @@ MAX_IDLE = 4           # idle connections kept per receiver
 MAX_INTERIM = 8        # interim (1xx) heads skipped before an answer
 MAX_LINE = 1024        # bytes of one chunk-size or trailer line
 MAX_FRAMING = 64 * 1024  # bytes of chunk-size lines and trailers of one answer
+HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class HTTPError(OSError):
@@ -208,10 +210,9 @@ class _Parser:
                     return self.status, bytes(self.kept), self.persistent
                 continue
             size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise ValueError(f"chunk size {size_text[:20]!r}") from None
+            if not HEX.fullmatch(size_text):  # int() alone would take "-5", "0x5", "1_0"
+                raise ValueError(f"chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
             self.read += size
             if self.read > DRAIN:
                 return self.status, bytes(self.kept), False

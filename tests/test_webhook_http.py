@@ -121,7 +121,9 @@ async def test_a_redirect_is_only_a_status(script: Script) -> None:
                                     b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
                                     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nok",
                                     b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"])
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n",
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n"])
 async def test_a_malformed_answer_is_no_answer(script: Script, answer: bytes) -> None:
     script.answers = [(answer, False)]
     client = await client_of(script)
