@@ -286,26 +286,33 @@ class WebhookClient:
 
     async def _connect(self) -> _Answer:
         loop = asyncio.get_running_loop()
+        failed: OSError | None = None
         try:
-            address = self.host if self.vetted is None else await self._vetted_address()
-            _, conn = await loop.create_connection(_Answer, address, self.port, ssl=self.tls,
-                                                   server_hostname=self.host if self.tls else None)
-        except OSError as exc:
-            raise HTTPError(f"cannot connect to {self.netloc}: {exc.strerror or exc}") from None
-        return conn
+            addresses = [self.host] if self.vetted is None else await self._vetted_addresses()
+        except OSError as exc:  # no DNS answer, or none that may be reached
+            addresses, failed = [], exc
+        for address in addresses:  # a vetted name: each address it may reach, in turn
+            try:
+                _, conn = await loop.create_connection(_Answer, address, self.port, ssl=self.tls,
+                                                       server_hostname=self.host if self.tls else None)
+                return conn
+            except OSError as exc:
+                failed = exc
+        assert failed is not None
+        raise HTTPError(f"cannot connect to {self.netloc}: {failed.strerror or failed}")
 
-    async def _vetted_address(self) -> str:
-        """The first address the host resolves to that a caller's callback may reach: a public one, or one the
+    async def _vetted_addresses(self) -> list[str]:
+        """The addresses the host resolves to that a caller's callback may reach: public ones, and those the
         operator listed; HTTPError when there is none (an allowed name pointed at an internal address)."""
         assert self.vetted is not None
         infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        found = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-        for address in found:
-            if address.is_global or address in self.vetted:
-                return str(address)
-        shown = ", ".join(sorted({str(a) for a in found}))
-        raise HTTPError(f"{self.host} resolves to no public address ({shown}); a per-job callback reaches an "
-                        "internal address only when webhook_delivery.allow_hosts lists that address")
+        found = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos))
+        usable = [str(a) for a in found if a.is_global or a in self.vetted]
+        if not usable:
+            shown = ", ".join(sorted(str(a) for a in found))
+            raise HTTPError(f"{self.host} resolves to no public address ({shown}); a per-job callback reaches an "
+                            "internal address only when webhook_delivery.allow_hosts lists that address")
+        return usable
 
     def close(self) -> None:
         """Close the idle connections (requests under way end with their own)."""

@@ -4,6 +4,7 @@ ones, and connections the server drops between requests."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
 
@@ -226,3 +227,24 @@ async def test_many_small_chunks_end_the_answer_after_a_bounded_read() -> None:
     status, kept = await post(client)
     assert status == 200 and kept == b"z" * 200  # the status counts; the connection is not kept
     assert sent[0] < 4 * 1024 * 1024
+
+
+async def test_a_vetted_name_is_tried_at_each_address_it_may_reach(script: Script,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # the name resolves to an address nothing listens on, one it may not reach, then the receiver's (the only
+    # stand-in here is the resolver's answer: this machine's DNS gives one address per name)
+    script.answers = [(b"HTTP/1.1 204 No Content\r\n\r\n", False)]
+    port = urlsplit(await script.start()).port
+    loop = asyncio.get_running_loop()
+
+    async def resolve(host: str, port: int, **_: Any) -> list[Any]:
+        assert host == "hooks.example.com"
+        return [(2, 1, 6, "", (address, port)) for address in ("127.0.0.2", "10.1.2.3", "127.0.0.1")]
+    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    vetted = frozenset(ipaddress.ip_address(a) for a in ("127.0.0.2", "127.0.0.1"))
+    client = WebhookClient(urlsplit(f"http://hooks.example.com:{port}/hook"), 5.0, vetted)
+    assert await post(client) == (204, b"")
+    assert script.requests and b"Host: hooks.example.com:" in script.requests[0]
+    closed = WebhookClient(urlsplit(f"http://hooks.example.com:{port}/hook"), 5.0, frozenset())
+    with pytest.raises(HTTPError, match=r"resolves to no public address \(10.1.2.3, 127.0.0.1, 127.0.0.2\)"):
+        await post(closed)
