@@ -9,13 +9,20 @@ JSON = "application/json"
 WAIT = re.compile(r"[0-9]{1,40}(\.[0-9]{1,40})?")  # ASCII digits only (str.isdigit and float() take others)
 # the pieces of a header value: a quoted string (which may hold commas; one left open runs to the end), other
 # text, or a comma. Each character is read once: no backtracking, however the value is made.
+MAX_PARSED = 4096  # characters of a header's values read; the rest is ignored
 PIECE = re.compile(r'"(?:[^"\\]|\\.)*"?|[^,"]+|,')
 
 
 def _items(values: list[str]) -> list[str]:
-    """The comma-separated elements of every value of a header (RFC 9110 section 5.6.1), empty ones dropped."""
+    """The comma-separated elements of every value of a header (RFC 9110 section 5.6.1), empty ones dropped;
+    only the elements within the first MAX_PARSED characters of the values are read (a real Prefer or Accept
+    is far shorter; one cut short is dropped)."""
     items: list[str] = []
+    budget = MAX_PARSED
     for value in values:
+        if len(value) > budget:
+            value = value[:value.rfind(",", 0, budget) + 1]  # up to the last comma within the budget
+        budget -= len(value)
         item: list[str] = []
         for piece in PIECE.findall(value):
             if piece == ",":

@@ -9,7 +9,7 @@ from comfy.outbox import STATES
 from .base import BaseHandler, api_error
 
 MAX_PAGE = 500
-MAX_OFFSET = 2**62  # SQLite's integers stop at 2**63 - 1; any offset past the outbox is an empty page anyway
+MAX_OFFSET = 10_000  # a page is cut from the newest offset + limit rows of each state: deeper, narrow the query
 
 
 class DeliveriesHandler(BaseHandler):

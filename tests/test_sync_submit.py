@@ -312,3 +312,12 @@ async def test_once_the_bytes_arrived_the_results_are_already_taken(bridge: Brid
     for _ in range(10):
         image, status = await asyncio.to_thread(one_call_then_history, bridge.port, new_client_id())
         assert image.startswith(PNG) and status == 204
+
+
+async def test_only_the_first_4_kb_of_prefer_are_read(bridge: Bridge) -> None:
+    # a real Prefer is a few dozen bytes: what comes after 4 KB of others is not parsed (nor acted on)
+    padding = ", ".join(["x=1"] * 900)
+    resp = await one_call(bridge, new_client_id(), {"workflow": "blank-canvas"}, {"Prefer": padding + ", wait=9"})
+    assert resp.code == 200 and "Preference-Applied" not in resp.headers and "job_id" in json.loads(resp.body)
+    resp = await one_call(bridge, new_client_id(), {"workflow": "blank-canvas"}, {"Prefer": "wait=9, " + padding})
+    assert resp.code == 200 and resp.headers["Preference-Applied"] == "wait=9"

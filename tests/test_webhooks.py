@@ -347,7 +347,7 @@ async def test_a_delivery_never_answered_with_2xx_fails_after_retry_for_and_only
     resp = await bridge.fetch("GET", "/webhooks/deliveries", headers=as_caller)
     assert resp.code == 403 and "admin" in json.loads(resp.body)["detail"]
     assert (await bridge.fetch("GET", "/webhooks/deliveries")).code == 401
-    for query in ("state=lost", "limit=0", "limit=501", "offset=-1", "limit=x"):
+    for query in ("state=lost", "limit=0", "limit=501", "offset=-1", "limit=x", "offset=10001"):
         resp = await bridge.fetch("GET", f"/webhooks/deliveries?{query}", headers=as_admin)
         assert resp.code == 400, (query, resp.body)
     metrics = (await bridge.fetch("GET", "/metrics", headers=as_admin)).body.decode()
