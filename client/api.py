@@ -5,6 +5,7 @@ import http.client
 import json
 import mimetypes
 import socket
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -16,6 +17,42 @@ CALL_TIMEOUT = 30.0  # seconds for one ordinary call (the one-call submit adds i
 LOST_AFTER = 60.0  # seconds of failed re-connects (a stream, a download) after which the bridge counts as gone
 RETRY_DELAY = (0.2, 0.5, 1.0, 2.0, 4.0)  # the pauses between those re-connects, the last one repeated
 PASSING = frozenset({502, 503, 504})  # a bridge restarting or draining, or the proxy in front saying so: retried
+
+
+def bounded(wait: float, remaining: float | None) -> float:
+    """A read's timeout: `wait`, but no longer than the time --timeout leaves (`remaining`, None without one)."""
+    return wait if remaining is None else min(wait, remaining + 0.1)
+
+
+class Reconnects:
+    """Tries again after a loss (a stream, a download): pauses growing along RETRY_DELAY; the bridge counts as gone
+    once LOST_AFTER seconds passed since the first of a run of failures with no progress in between."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.tries = 0
+
+    def reset(self) -> None:
+        """A try made progress: the bridge is there."""
+        self.since, self.tries = None, 0
+
+    def failed(self) -> bool:
+        """Note a failed try; True when it starts a run of failures (tell the user once)."""
+        if self.since is None:
+            self.since = time.monotonic()
+            return True
+        return False
+
+    @property
+    def gone(self) -> bool:
+        """True once the failures have lasted LOST_AFTER seconds."""
+        return self.since is not None and time.monotonic() - self.since > LOST_AFTER
+
+    def pause(self, cap: float | None = None) -> None:
+        """Sleep before the next try (no longer than `cap` seconds, when given)."""
+        delay = RETRY_DELAY[min(self.tries, len(RETRY_DELAY) - 1)]
+        self.tries += 1
+        time.sleep(delay if cap is None else min(delay, cap))
 
 
 class Unreachable(Exception):

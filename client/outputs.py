@@ -7,12 +7,11 @@ import http.client
 import os
 import socket
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from .api import LOST_AFTER, PASSING, RETRY_DELAY, Bridge, BridgeError, Unreachable
+from .api import LOST_AFTER, PASSING, Bridge, BridgeError, Reconnects, Unreachable, bounded
 from .inputs import UsageError
 
 CHUNK = 256 * 1024
@@ -168,14 +167,12 @@ class Saver:
         """Fetch until the whole output is in `fh`. A try that breaks off, or a bridge that cannot be reached or
         says it is passing (502/503/504), is tried again after a pause, from where it stopped, until LOST_AFTER
         seconds went by without a byte gained; another error status ends it at once."""
-        lost_since: float | None = None
-        tries = 0
+        retries = Reconnects()
         while True:
             remaining = self.left()
             before = download.have
             try:
-                fetch(self.bridge, download, fh, DOWNLOAD_SILENCE if remaining is None
-                      else min(DOWNLOAD_SILENCE, remaining + 0.1))
+                fetch(self.bridge, download, fh, bounded(DOWNLOAD_SILENCE, remaining))
                 return
             except BridgeError as err:
                 if err.status not in PASSING:
@@ -184,16 +181,11 @@ class Saver:
                 reason: Exception = err
             except (BrokenOff, Unreachable) as err:
                 reason = err
-            now = time.monotonic()
             if download.have > before:  # that try gained bytes: the bridge is there
-                lost_since, tries = None, 0
-            if lost_since is None:
-                lost_since = now
+                retries.reset()
+            if retries.failed():
                 self.note(f"the download of output {index} broke off ({reason}); retrying")
-            elif now - lost_since > LOST_AFTER:
+            elif retries.gone:
                 raise SaveFailed(f"the download of output {index} broke off ({reason}) and could not be resumed "
                                  f"for {LOST_AFTER:.0f}s", lost=True)
-            remaining = self.left()
-            pause = RETRY_DELAY[min(tries, len(RETRY_DELAY) - 1)]
-            time.sleep(pause if remaining is None else min(pause, remaining))
-            tries += 1
+            retries.pause(self.left())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 from urllib.parse import quote
 
-from .api import CALL_TIMEOUT, LOST_AFTER, PASSING, RETRY_DELAY, Bridge, BridgeError, Unreachable
+from .api import CALL_TIMEOUT, LOST_AFTER, PASSING, Bridge, BridgeError, Reconnects, Unreachable, bounded
 from .inputs import Assignment, value_of
 from .outputs import SaveFailed, Saver, check_folder
 from .progress import Progress
@@ -53,6 +53,12 @@ def retry_after(err: BridgeError) -> float:
     except ValueError:
         seconds = 5.0
     return min(max(seconds, 1.0), 30.0) if math.isfinite(seconds) else 5.0
+
+
+def mark_saved(outputs: list[dict[str, Any]], saved: list[Path]) -> None:
+    """Each output of a job document gets the path it was saved to (those saved, in order)."""
+    for output, path in zip(outputs, saved):
+        output["saved"] = str(path)
 
 
 def stream_socket(stream: http.client.HTTPResponse) -> socket.socket | None:
@@ -159,8 +165,7 @@ class Run:
         bridge refuses (429: the clientId has as many sockets and streams open as it may; 503: the bridge has)
         is asked for again after its Retry-After; meanwhile the job's document is read every POLL_EVERY."""
         last_id: str | None = None
-        lost_since: float | None = None
-        tries = 0
+        retries = Reconnects()
         poll_until = 0.0
         path = self.bridge.mine(f"/jobs/{quote(str(self.job_id), safe='')}/events")
         while True:
@@ -177,20 +182,17 @@ class Run:
                                                "polling the job instead")
                         poll_until = time.monotonic() + retry_after(err)
                 document = self.document()
-                lost_since, tries = None, 0
+                retries.reset()
             except (Unreachable, BridgeError, ConnectionError, socket.timeout, http.client.HTTPException) as err:
                 if isinstance(err, BridgeError) and err.status not in PASSING:
                     raise
                 self.left()
-                now = time.monotonic()
-                if lost_since is None:
-                    lost_since = now
+                if retries.failed():
                     self.progress.note(f"lost the event stream ({err or type(err).__name__}); re-connecting")
-                elif now - lost_since > LOST_AFTER:
+                elif retries.gone:
                     raise Unreachable(f"lost the bridge at {self.bridge.url} for {LOST_AFTER:.0f}s; "
                                       f"job {self.job_id} may still run there") from None
-                time.sleep(RETRY_DELAY[min(tries, len(RETRY_DELAY) - 1)])
-                tries += 1
+                retries.pause()
                 continue
             if document["state"] in FINISHED:
                 return document
@@ -202,8 +204,7 @@ class Run:
     def stream(self, path: str, last_id: str | None, remaining: float | None) -> str | None:
         """Read one event stream of the job until it ends or says the job has; the last event id seen."""
         headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_id} if last_id else {})}
-        silence = STREAM_SILENCE if remaining is None else min(STREAM_SILENCE, remaining + 0.1)
-        with self.bridge.open("GET", path, headers=headers, timeout=silence) as stream:
+        with self.bridge.open("GET", path, headers=headers, timeout=bounded(STREAM_SILENCE, remaining)) as stream:
             for event in events(self.lines(stream)):
                 last_id = event.id or last_id
                 if self.shown(event.data):
@@ -217,7 +218,7 @@ class Run:
         while True:
             remaining = self.left()
             if sock is not None:
-                sock.settimeout(STREAM_SILENCE if remaining is None else min(STREAM_SILENCE, remaining + 0.1))
+                sock.settimeout(bounded(STREAM_SILENCE, remaining))
             line = stream.readline()
             if not line:
                 return
@@ -256,8 +257,7 @@ class Run:
         except (SaveFailed, GaveUp) as err:
             return self.unsaved(document, str(err), EXIT_UNREACHABLE if getattr(err, "lost", False) else EXIT_FAILED)
         self.progress.end(f"completed, {len(saved)} output(s) saved")
-        for output, path in zip(outputs, saved):
-            output["saved"] = str(path)
+        mark_saved(outputs, saved)
         discard = bool(saved) and not self.options.keep
         if discard and self.options.as_json:  # the document printed is the one after the discard
             document = self.discard(document)
@@ -282,8 +282,7 @@ class Run:
                            f"{self.url()}")
         if saved:
             self.progress.note(f"saved before that: {', '.join(map(str, saved))}")
-        for output, path in zip(document.get("outputs") or [], saved):
-            output["saved"] = str(path)
+        mark_saved(document.get("outputs") or [], saved)
         try:
             self.print_result(document, saved)
         except OSError:
