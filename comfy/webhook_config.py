@@ -2,6 +2,7 @@
 callback (the submit body's `webhook` key), each checked with a message that names what is wrong."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -119,9 +120,9 @@ class AllowedHost:
         entry = self.host
         return host == entry or (entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1)
 
-    @property
+    @functools.cached_property
     def address(self) -> IPAddress | None:
-        """The entry's IP address, when it names one."""
+        """The entry's IP address, when it names one (worked out once: every callback delivery asks)."""
         try:
             return ipaddress.ip_address(self.host)
         except ValueError:
